@@ -1,0 +1,72 @@
+"""Frozen, validated configuration for the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"dtype: unknown dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine needs to run one model.
+
+    model: a preset name (``tiny``, ``tiny-qwen2``, ``llama-1b-dummy``...), a local HF directory or a hub id.
+    num_blocks: KV blocks per layer; 0 means derive from ``kv_cache_bytes``.
+    """
+
+    model: str = "tiny"
+    revision: str = "main"
+    device: str = "cpu"
+    dtype: str = "auto"
+    block_size: int = 16
+    num_blocks: int = 0
+    kv_cache_bytes: int = 256 * 1024 * 1024
+    max_model_len: int = 0
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    enable_prefix_caching: bool = True
+    hash_seed: int = 0
+    seed: int = 0
+    load_format: str = "auto"
+    attention_backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: must be a preset name, a local directory or a hub id")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: must be a positive power of two, got {self.block_size}")
+        if self.num_blocks < 0:
+            raise ValueError(f"num_blocks: must be >= 0, got {self.num_blocks}")
+        if self.num_blocks == 0 and self.kv_cache_bytes <= 0:
+            raise ValueError("kv_cache_bytes: must be > 0 when num_blocks is 0")
+        if self.max_model_len < 0:
+            raise ValueError(f"max_model_len: must be >= 0, got {self.max_model_len}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens: must be > 0, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs: must be > 0, got {self.max_num_seqs}")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format: must be 'auto' or 'dummy', got {self.load_format!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return parse_dtype(self.dtype)
+        return torch.float32 if self.device == "cpu" else torch.bfloat16

@@ -1,0 +1,188 @@
+"""One thread owns the engine; services reach it through a command queue.
+
+``call(fn)`` runs ``fn(engine)`` on the engine thread between steps and returns a future. Step outputs are
+delivered to per-request listeners (on the engine thread; asyncio users hop back with
+``loop.call_soon_threadsafe``). A failing step fails only the requests in that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from engine.engine import LLMEngine, StepOutput
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Listener = Callable[[StepOutput | BaseException], None]
+
+
+@dataclass(slots=True)
+class LoadStats:
+    """A snapshot for load reporting, replaced (never mutated) after every step."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_queued_tokens: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_reserved: int = 0
+    step_s: float = 0.0
+    num_steps: int = 0
+    num_preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, name: str = "engine"):
+        self.engine = engine
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._listeners: dict[str, Listener] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.stats = LoadStats(
+            num_total_blocks=engine.pool.num_blocks, num_free_blocks=engine.pool.num_free_blocks
+        )
+        self._prompt_tokens = 0
+        self._hit_tokens = 0
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._cmds.put(None)
+        self._thread.join(timeout)
+
+    # ---- API for services (any thread) ------------------------------------------------------------
+    def call(self, fn: Callable[[LLMEngine], T]) -> concurrent.futures.Future[T]:
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._cmds.put((fn, fut))
+        return fut
+
+    async def acall(self, fn: Callable[[LLMEngine], T]) -> T:
+        return await asyncio.wrap_future(self.call(fn))
+
+    def listen(self, request_id: str, listener: Listener) -> None:
+        """Register before adding the request (from the engine thread, inside a ``call``)."""
+        self._listeners[request_id] = listener
+
+    async def stream(self, request_id: str, add: Callable[[LLMEngine], object]) -> AsyncIterator[StepOutput]:
+        """Add a request with ``add(engine)`` and yield its outputs until it finishes.
+
+        If the consumer stops early (cancel, deadline), the request is aborted and its blocks freed.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item: StepOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+        def start(engine: LLMEngine) -> object:
+            self._listeners[request_id] = deliver
+            try:
+                return add(engine)
+            except BaseException:
+                self._listeners.pop(request_id, None)
+                raise
+
+        await self.acall(start)
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.call(lambda e: self._abort(e, request_id))
+
+    def _abort(self, engine: LLMEngine, request_id: str) -> bool:
+        self._listeners.pop(request_id, None)
+        return engine.abort(request_id)
+
+    # ---- the engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            idle = not self.engine.has_unfinished()
+            try:
+                cmd = self._cmds.get(timeout=0.05) if idle else self._cmds.get_nowait()
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                fn, fut = cmd
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(self.engine))
+                    except BaseException as e:  # noqa: BLE001 - handed to the caller
+                        fut.set_exception(e)
+                try:
+                    cmd = self._cmds.get_nowait()
+                except queue.Empty:
+                    cmd = None
+                if self._stop.is_set():
+                    return
+            if self.engine.has_unfinished():
+                self._step()
+            self._publish_stats()
+
+    def _step(self) -> None:
+        running = [s.request_id for s in self.engine.scheduler.running]
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+            logger.exception("engine step failed; failing %d requests", len(running))
+            for rid in running:
+                self.engine.abort(rid)
+                listener = self._listeners.pop(rid, None)
+                if listener:
+                    listener(e)
+            return
+        for out in outputs:
+            listener = self._listeners.get(out.request_id)
+            if out.finished:
+                self._listeners.pop(out.request_id, None)
+                self._prompt_tokens += out.num_prompt_tokens
+                self._hit_tokens += out.num_cached_tokens
+            if listener:
+                listener(out)
+
+    def _publish_stats(self) -> None:
+        e = self.engine
+        self.stats = LoadStats(
+            num_running=len(e.scheduler.running),
+            num_waiting=e.scheduler.num_waiting,
+            num_queued_tokens=e.scheduler.num_queued_tokens(),
+            num_free_blocks=e.pool.num_free_blocks,
+            num_total_blocks=e.pool.num_blocks,
+            num_reserved=len(e.reservations),
+            step_s=e.last_step_s,
+            num_steps=e.num_steps,
+            num_preemptions=e.scheduler.num_preemptions,
+            prefix_hit_tokens=self._hit_tokens,
+            prompt_tokens=self._prompt_tokens,
+        )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -1,0 +1,141 @@
+"""Paged KV cache tensors, the layout fingerprint, and block hand-off views for the transfer layer.
+
+Layout: one contiguous tensor per layer, shaped [num_blocks, 2, block_size, num_kv_heads, head_dim]
+(2 = K, V). Block ``b`` of layer ``l`` is ``caches[l][b]``: one contiguous region holding both K and V,
+so a list of block ids maps to views (a run of consecutive ids is a single slice) with no repacking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutFingerprint:
+    """What two workers must agree on before KV moves between them."""
+
+    model_id: str
+    revision: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+    hash_seed: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LayoutFingerprint:
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"fingerprint: malformed layout fingerprint: {e}") from None
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def block_bytes(self) -> int:
+        """Bytes of one block of one layer (K and V)."""
+        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    def diff(self, other: LayoutFingerprint) -> list[str]:
+        a, b = asdict(self), asdict(other)
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: str
+
+    def layer_shape(self) -> tuple[int, ...]:
+        return (self.num_blocks, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    def layer_bytes(self) -> int:
+        n = 1
+        for d in self.layer_shape():
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class KVCache:
+    """Owns the per-layer cache tensors.
+
+    ``shared=True`` (CPU only) backs all layers with one file in /dev/shm so a transfer peer on the same
+    host can map it and write blocks directly (the host analogue of CUDA IPC).
+    """
+
+    def __init__(self, spec: KVCacheSpec, shared: bool = False):
+        self.spec = spec
+        self.shm_path: str | None = None
+        if shared:
+            if spec.device != "cpu":
+                raise ValueError("shared: shared-memory KV caches are CPU only")
+            self.shm_path = f"/dev/shm/pdserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            numel = spec.layer_bytes() // torch.empty((), dtype=spec.dtype).element_size()
+            flat = torch.from_file(self.shm_path, shared=True, size=numel * spec.num_layers, dtype=spec.dtype)
+            flat.zero_()
+            self.layers = [
+                flat[i * numel : (i + 1) * numel].view(spec.layer_shape()) for i in range(spec.num_layers)
+            ]
+        else:
+            self.layers = [
+                torch.zeros(spec.layer_shape(), dtype=spec.dtype, device=spec.device)
+                for _ in range(spec.num_layers)
+            ]
+
+    def close(self) -> None:
+        if self.shm_path:
+            try:
+                os.unlink(self.shm_path)
+            except FileNotFoundError:
+                pass
+            self.shm_path = None
+
+    def __del__(self) -> None:  # best effort; close() is the contract
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def block_runs(block_ids: list[int]) -> list[tuple[int, int]]:
+    """Split block ids into (start, length) runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for b in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
+def export_block_views(layer_cache: torch.Tensor, block_ids: list[int]) -> list[torch.Tensor]:
+    """Views (no copies) of ``block_ids`` in one layer, one contiguous view per run of consecutive ids."""
+    return [layer_cache[start : start + n] for start, n in block_runs(block_ids)]
+
+
+def import_blocks(layer_cache: torch.Tensor, block_ids: list[int], data: torch.Tensor) -> None:
+    """Write ``data`` ([len(block_ids), 2, bs, heads, dim]) into ``block_ids`` of one layer."""
+    if data.shape[0] != len(block_ids) or tuple(data.shape[1:]) != tuple(layer_cache.shape[1:]):
+        raise ValueError(
+            f"import_blocks: data shape {tuple(data.shape)} does not fit {len(block_ids)} blocks"
+        )
+    offset = 0
+    for start, n in block_runs(block_ids):
+        layer_cache[start : start + n].copy_(data[offset : offset + n])
+        offset += n

@@ -1,0 +1,71 @@
+"""Offline API in the style of vLLM: ``LLM(model=...).generate(prompts, SamplingParams)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+class LLM:
+    def __init__(self, model: str = "tiny", **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._next_id = 0
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[int] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        priorities: list[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion, batched together; outputs keep the input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        per = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per) != len(prompts):
+            raise ValueError("sampling_params: list length must match prompts")
+        outputs: dict[str, RequestOutput] = {}
+        order: list[str] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                rid = f"offline-{self._next_id}"
+                self._next_id += 1
+                seq = self.engine.add_request(
+                    rid, prompt, replace(per[i]), priority=(priorities or [0] * len(prompts))[i]
+                )
+                outputs[rid] = RequestOutput(rid, list(seq.prompt_token_ids))
+                order.append(rid)
+            while self.engine.has_unfinished():
+                for step in self.engine.step():
+                    out = outputs.get(step.request_id)
+                    if out is None:
+                        continue
+                    out.token_ids += step.new_token_ids
+                    out.text += step.text_delta
+                    out.logprobs += step.logprobs
+                    out.num_cached_tokens = step.num_cached_tokens
+                    if step.finished:
+                        out.finish_reason = step.finish_reason.value if step.finish_reason else None
+        except BaseException:
+            for rid in order:
+                self.engine.abort(rid)
+            raise
+        return [outputs[rid] for rid in order]

@@ -1,0 +1,135 @@
+"""Model resolution: presets built locally (no download) and plain HF directories or hub ids.
+
+Presets are written once in HF format (config.json, tokenizer files and, unless dummy, model.safetensors)
+to ``<cache>/models/<name>-v<version>`` and loaded through the same from_pretrained path as any checkpoint.
+Dummy presets (like vLLM's ``--load-format dummy``) hold no weights; the runner random-inits them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine import env
+
+PRESET_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    architecture: str  # "llama" | "qwen2" | "qwen3" | "mistral"
+    config: dict
+    dummy: bool = False  # no weights on disk: random init at load time
+    seed: int = 0
+
+
+_TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    vocab_size=320,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("llama", dict(_TINY)),
+    "tiny-qwen2": Preset("qwen2", dict(_TINY, rope_theta=1000000.0), seed=1),
+    "tiny-qwen3": Preset("qwen3", dict(_TINY, head_dim=32), seed=2),
+    "tiny-mistral": Preset("mistral", dict(_TINY, sliding_window=96), seed=3),
+    # Llama-3.2-1B shapes with a 32k vocab: ~1.1B parameters, the GPU benchmark model
+    "llama-1b-dummy": Preset(
+        "llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=8192,
+            vocab_size=32000,
+            initializer_range=0.02,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        dummy=True,
+    ),
+}
+
+
+def _config_class(architecture: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[
+        architecture
+    ]
+
+
+def _model_class(architecture: str):
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+    return {
+        "llama": LlamaForCausalLM,
+        "qwen2": Qwen2ForCausalLM,
+        "qwen3": Qwen3ForCausalLM,
+        "mistral": MistralForCausalLM,
+    }[architecture]
+
+
+def build_preset(name: str, out_dir: Path) -> None:
+    """Write preset ``name`` to ``out_dir`` in HF format. Deterministic for a given torch version."""
+    import torch
+
+    from engine.tokenizer import build_byte_tokenizer
+
+    preset = PRESETS[name]
+    hf_config = _config_class(preset.architecture)(**preset.config)
+    hf_config.save_pretrained(str(out_dir))
+    build_byte_tokenizer(out_dir, vocab_size=preset.config["vocab_size"])
+    if preset.dummy:
+        (out_dir / "pdserve_dummy.json").write_text(json.dumps({"seed": preset.seed}))
+        return
+    torch.manual_seed(preset.seed)
+    model = _model_class(preset.architecture)(hf_config)
+    model.save_pretrained(str(out_dir))
+
+
+def resolve_model(model: str) -> tuple[str, bool]:
+    """Return (path or hub id, is_dummy). Builds presets on first use; checks local paths exist."""
+    if model in PRESETS:
+        out = env.cache_dir() / "models" / f"{model}-v{PRESET_VERSION}"
+        if not (out / "config.json").exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{model}-", dir=out.parent))
+            try:
+                build_preset(model, tmp)
+                try:
+                    os.rename(tmp, out)  # atomic: concurrent builders race safely
+                except OSError:
+                    if not (out / "config.json").exists():
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(out), PRESETS[model].dummy
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model: {model!r} is a path but holds no config.json")
+        return str(path), (path / "pdserve_dummy.json").exists()
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise ValueError(f"model: no such model directory {model!r}")
+    return model, False  # a hub id: from_pretrained resolves it (from the local HF cache when offline)

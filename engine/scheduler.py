@@ -1,0 +1,158 @@
+"""Continuous batching with chunked prefill under a per-step token budget.
+
+Each step: running sequences first (highest priority, then earliest arrival), each getting up to the rest
+of the budget (a decode takes one token, a prefill a chunk); then waiting sequences in the same order.
+When blocks run out, the lowest-priority, latest-arrived running sequence is preempted by recompute: its
+blocks are freed and it returns to the waiting queue keeping its place. A waiting sequence of higher
+priority than some running one may preempt it; one of equal or lower priority waits.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from engine.block_pool import BlockPool
+from engine.hashing import block_hashes
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True if this step reaches the end of the sequence's known tokens (a token gets sampled)."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+def _order(seq: Sequence) -> tuple[int, int]:
+    return (-seq.priority, seq.arrival_seq)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: BlockPool,
+        block_size: int,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        hash_seed: int = 0,
+    ):
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.hash_seed = hash_seed
+        self.waiting: list[tuple[tuple[int, int], Sequence]] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- queue management -----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        heapq.heappush(self.waiting, (_order(seq), seq))
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence (finished or aborted) from the queues; the caller frees its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting = [(k, s) for k, s in self.waiting if s is not seq]
+            heapq.heapify(self.waiting)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def num_queued_tokens(self) -> int:
+        return sum(s.num_tokens - s.num_computed_tokens for _, s in self.waiting) + sum(
+            s.num_tokens - s.num_computed_tokens for s in self.running if s.in_prefill
+        )
+
+    # ---- blocks ---------------------------------------------------------------------------------
+    def _blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def update_hashes(self, seq: Sequence) -> None:
+        """Extend the sequence's hash chain and cache every full, computed block."""
+        seq.block_hashes = block_hashes(
+            seq.all_token_ids, self.block_size, self.hash_seed, start=seq.block_hashes
+        )
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes), len(seq.block_ids))
+        for i in range(num_full):
+            self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i])
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def _prefix_hit(self, seq: Sequence) -> list[int]:
+        """Cached blocks for a fresh sequence, capped so at least one token is computed."""
+        seq.block_hashes = block_hashes(
+            seq.all_token_ids, self.block_size, self.hash_seed, start=seq.block_hashes
+        )
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        return self.pool.find_cached_prefix(seq.block_hashes[:max_blocks])
+
+    # ---- the step -------------------------------------------------------------------------------
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        self.running.sort(key=_order)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self._blocks_for(seq.num_computed_tokens + n) - len(seq.block_ids)
+            while need > 0 and not self.pool.can_allocate(need) and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+            if need > 0 and not self.pool.can_allocate(need):
+                self._preempt(seq)  # nothing left to take from: wait for blocks
+                continue
+            if need > 0:
+                seq.block_ids += self.pool.allocate(need)
+            out.append(ScheduledSeq(seq, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0][1]
+            hit: list[int] = []
+            if seq.num_computed_tokens == 0 and not seq.block_ids:
+                hit = self._prefix_hit(seq)
+            computed = seq.num_computed_tokens or len(hit) * self.block_size
+            n = min(seq.num_tokens - computed, budget)
+            need = self._blocks_for(computed + n) - len(seq.block_ids) - len(hit)
+            revived = sum(1 for b in hit if self.pool.ref_cnt[b] == 0)
+            while (
+                not self.pool.can_allocate(need + revived)
+                and self.running
+                and _order(self.running[-1]) > _order(seq)
+                and self.running[-1].priority < seq.priority
+            ):
+                victim = self.running[-1]
+                out = [s for s in out if s.seq is not victim]
+                budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in out)
+                self._preempt(victim)
+            if not self.pool.can_allocate(need + revived):
+                break
+            heapq.heappop(self.waiting)
+            if hit:
+                self.pool.touch(hit)
+                seq.block_ids = hit
+                seq.num_computed_tokens = computed
+                if seq.num_preemptions == 0:
+                    seq.num_cached_tokens = computed
+            seq.block_ids += self.pool.allocate(need)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out

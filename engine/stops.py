@@ -1,0 +1,50 @@
+"""Stop strings over streamed text: finds the first stop string and holds back text that might start one."""
+
+from __future__ import annotations
+
+
+class StopChecker:
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.text = ""
+        self.emitted = 0
+        self.hit = False
+
+    def push(self, delta: str) -> str:
+        """Add decoded text; return the part now safe to stream."""
+        if self.hit:
+            return ""
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += delta
+        if not self.stop:
+            return self._emit(len(self.text))
+        first = -1
+        for s in self.stop:
+            i = self.text.find(s, start)
+            if i != -1 and (first == -1 or i < first):
+                first = i
+        if first != -1:
+            self.hit = True
+            self.text = self.text[:first]
+            return self._emit(len(self.text))
+        return self._emit(len(self.text) - self._partial_len())
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _partial_len(self) -> int:
+        """Length of the longest suffix of text that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def _emit(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out
