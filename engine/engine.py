@@ -155,27 +155,32 @@ class LLMEngine:
         first_token_id: int,
         params: SamplingParams,
         priority: int = 0,
-    ) -> Sequence:
-        """Decode side: the prompt's KV already sits in the reserved blocks; continue from its first token."""
+        first_logprobs: dict[int, float] | None = None,
+        num_cached_tokens: int = 0,
+    ) -> StepOutput:
+        """Decode side: the prompt's KV already sits in the reserved blocks; continue from its first token.
+
+        Returns the output for the first token (it may already finish the request).
+        """
         block_ids = self.reservations.get(request_id)
         if block_ids is None:
             raise RequestNotFoundError(f"request_id: no reservation for {request_id!r}")
         self.validate(prompt_token_ids, params)
+        if not 0 <= first_token_id < self.vocab_size:
+            raise InvalidRequestError(f"first_token_id: {first_token_id} is outside the vocabulary")
         del self.reservations[request_id]
-        seq = Sequence(
-            request_id, list(prompt_token_ids), params, priority=priority, arrival_seq=next(self._arrivals)
-        )
+        seq = Sequence(request_id, list(prompt_token_ids), params, priority=priority, arrival_seq=next(self._arrivals))
         seq.block_ids = block_ids
         seq.num_computed_tokens = len(prompt_token_ids)
-        seq.first_token_time = time.monotonic()
+        seq.num_cached_tokens = num_cached_tokens
         self._track(seq)
         self.scheduler.update_hashes(seq)
-        out = self._append_token(seq, first_token_id, None)
+        out = self._append_token(seq, first_token_id, first_logprobs)
         if out.finished:
             self._finish(seq, out.finish_reason)
         else:
             self.scheduler.add(seq)
-        return seq
+        return out
 
     def abort(self, request_id: str) -> bool:
         """Abort a request or drop a reservation; frees its blocks at once. False if unknown."""

@@ -79,6 +79,8 @@ class EngineLoop:
     async def stream(self, request_id: str, add: Callable[[LLMEngine], object]) -> AsyncIterator[StepOutput]:
         """Add a request with ``add(engine)`` and yield its outputs until it finishes.
 
+        If ``add`` returns a StepOutput (a prefilled request's first token), it is yielded first.
+
         If the consumer stops early (cancel, deadline), the request is aborted and its blocks freed.
         """
         loop = asyncio.get_running_loop()
@@ -95,9 +97,14 @@ class EngineLoop:
                 self._listeners.pop(request_id, None)
                 raise
 
-        await self.acall(start)
+        initial = await self.acall(start)
         finished = False
         try:
+            if isinstance(initial, StepOutput):
+                finished = initial.finished
+                yield initial
+                if finished:
+                    return
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):

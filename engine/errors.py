@@ -8,10 +8,16 @@ class EngineError(Exception):
 class InvalidRequestError(EngineError, ValueError):
     """The request itself is malformed (bad prompt, bad sampling params)."""
 
+    grpc_code = "INVALID_ARGUMENT"
+
 
 class CapacityError(EngineError):
     """The engine cannot hold the request now (no KV blocks, queue full)."""
 
+    grpc_code = "RESOURCE_EXHAUSTED"
+
 
 class RequestNotFoundError(EngineError, KeyError):
     """An operation named a request id the engine does not know."""
+
+    grpc_code = "NOT_FOUND"

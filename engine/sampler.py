@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.hashing import hash_block
 from engine.sequence import Sequence
 
 
@@ -41,11 +42,14 @@ class Sampler:
         self.device = device
 
     def _generator_for(self, seq: Sequence) -> torch.Generator:
+        """Seeded requests draw token i from a generator seeded by (seed, i): stateless, so the same
+        tokens come out whatever the batch, and whichever worker samples (prefill, decode, migration)."""
         if seq.params.seed is None:
             return self.generator
         if seq.generator is None:
             seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(seq.params.seed)
+        step_seed = hash_block(seq.params.seed & 0xFFFFFFFFFFFFFFFF, [len(seq.output_token_ids)])
+        seq.generator.manual_seed(step_seed & 0x7FFFFFFFFFFFFFFF)
         return seq.generator
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:

@@ -23,13 +23,19 @@ BACKENDS = ("tcp", "ucx", "nccl")
 class TransferError(Exception):
     """A transfer failed (peer died, connection cut, bad frame)."""
 
+    grpc_code = "UNAVAILABLE"
+
 
 class FingerprintMismatchError(TransferError):
     """The two sides disagree on the KV layout; no KV is accepted."""
 
+    grpc_code = "FAILED_PRECONDITION"
+
 
 class TransferAuthError(TransferError):
     """The peer did not prove knowledge of the cluster secret."""
+
+    grpc_code = "PERMISSION_DENIED"
 
 
 class TransferTimeoutError(TransferError, TimeoutError):

@@ -1,0 +1,1 @@
+"""Decode worker: reserves KV blocks, receives the prompt's KV, continuous-batches decode and streams tokens."""

@@ -1,0 +1,62 @@
+"""Run a decode worker: engine thread + KV receiver + gRPC server, until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from decode.service import DecodeServicer, WorkerIdentity
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.engine_loop import EngineLoop
+from kvtransfer import make_receiver
+from kvtransfer.base import TransferConfig
+from protos import pdserve_pb2_grpc as pb_grpc
+from protos.rpc import create_server, install_sigterm, set_serving
+
+logger = logging.getLogger(__name__)
+SERVICES = ["Decode"]
+
+
+async def serve(
+    engine_config: EngineConfig,
+    transfer_config: TransferConfig,
+    addr: str = "127.0.0.1:0",
+    grace_s: float = 30.0,
+    ready: asyncio.Future | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    shared = transfer_config.backend == "tcp" and transfer_config.allow_shm and engine_config.device == "cpu"
+    engine = await asyncio.to_thread(LLMEngine, engine_config, shared)
+    receiver = make_receiver(transfer_config, engine.runner.kv.layers, engine.fingerprint, engine.runner.kv.shm_path)
+    kv_endpoint = receiver.start()
+    loop = EngineLoop(engine, name="decode-engine").start()
+    server, port, health = create_server(addr, SERVICES)
+    host = addr.rsplit(":", 1)[0]
+    identity = WorkerIdentity(f"decode-{uuid.uuid4().hex[:6]}", f"{host}:{port}", transfer_config.backend)
+    servicer = DecodeServicer(loop, receiver, kv_endpoint, identity, transfer_config.timeout_s)
+    pb_grpc.add_DecodeServicer_to_server(servicer, server)
+    await server.start()
+    await set_serving(health, SERVICES, True)
+    sweeper = asyncio.create_task(servicer.sweep_expired())
+    print(f"PDSERVE_READY decode {identity.address} kv={kv_endpoint}", flush=True)
+    logger.info("decode worker %s serving on %s, KV endpoint %s", identity.worker_id, identity.address, kv_endpoint)
+    if ready is not None:
+        ready.set_result(identity.address)
+    stop = stop or asyncio.Event()
+    install_sigterm(stop)
+    await stop.wait()
+    # graceful: NOT_SERVING, refuse new work, let in-flight streams finish, then exit
+    logger.info("draining decode worker (%d in flight)", servicer.in_flight)
+    servicer.draining = True
+    await set_serving(health, SERVICES, False)
+    deadline = time.monotonic() + grace_s
+    while (servicer.in_flight or servicer.deadlines) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    sweeper.cancel()
+    await server.stop(1.0)
+    loop.stop()
+    receiver.close()
+    engine.runner.kv.close()

@@ -1,0 +1,1 @@
+"""Launchers and deployment: the pdserve CLI, the local cluster, Dockerfiles and manifests."""

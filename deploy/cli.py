@@ -1,0 +1,230 @@
+"""The ``pdserve`` command: up | router | prefill | decode | generate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+
+from engine import env
+
+EPILOG = "Workers bind 127.0.0.1 unless --host says otherwise. Port 0 picks a free port."
+
+
+def _setup_logging(role: str) -> None:
+    logging.basicConfig(
+        level=env.log_level(),
+        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="preset name, local HF directory or hub id (default: tiny)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=0, help="KV blocks per layer (0: from --kv-cache-mib)")
+    p.add_argument("--kv-cache-mib", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"], help="KV transfer backend")
+    p.add_argument("--transfer-timeout", type=float, default=30.0)
+    p.add_argument("--transfer-checksum", action="store_true")
+    p.add_argument("--no-shm", action="store_true", help="tcp: disable the same-host shared-memory path")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+
+
+def _configs(a: argparse.Namespace):
+    from engine.config import EngineConfig
+    from kvtransfer.base import TransferConfig
+
+    engine = EngineConfig(
+        model=a.model,
+        device=a.device,
+        dtype=a.dtype,
+        block_size=a.block_size,
+        num_blocks=a.num_blocks,
+        kv_cache_bytes=a.kv_cache_mib * 1024 * 1024,
+        max_model_len=a.max_model_len,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        max_num_seqs=a.max_num_seqs,
+        enable_prefix_caching=not a.no_prefix_caching,
+        load_format=a.load_format,
+    )
+    transfer = TransferConfig(
+        backend=a.transfer,
+        host=a.host,
+        timeout_s=a.transfer_timeout,
+        checksum=a.transfer_checksum,
+        secret=env.cluster_secret(),
+        allow_shm=not a.no_shm,
+    )
+    return engine, transfer
+
+
+def _run(coro) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    _setup_logging(a.cmd)
+    engine, transfer = _configs(a)
+    if a.cmd == "prefill":
+        from prefill.server import serve
+    else:
+        from decode.server import serve
+    _run(serve(engine, transfer, f"{a.host}:{a.port}"))
+    return 0
+
+
+def cmd_router(a: argparse.Namespace) -> int:
+    _setup_logging("router")
+    from router.server import load_worker_config, serve
+
+    prefill, decode = load_worker_config(a.config, a.prefill, a.decode)
+    if not decode:
+        print("pdserve router: at least one --decode worker is required", file=sys.stderr)
+        return 2
+    _run(serve(a.model, prefill, decode, f"{a.host}:{a.port}", a.policy))
+    return 0
+
+
+async def _generate(address: str, prompt: str, max_tokens: int, temperature: float, out=sys.stdout) -> dict:
+    import grpc
+
+    from protos import pdserve_pb2 as pb
+    from protos import pdserve_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        req = pb.GenerateRequest(
+            prompt=prompt, sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        )
+        last = None
+        async for resp in stub.Generate(req, timeout=120):
+            out.write(resp.text)
+            out.flush()
+            last = resp
+        out.write("\n")
+        return {
+            "finish_reason": last.finish_reason,
+            "usage": (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.cached_prompt_tokens),
+            "prefill_worker": last.prefill_worker,
+            "decode_worker": last.decode_worker,
+            "ttft_s": last.timings.first_token_s,
+        }
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import grpc
+
+    try:
+        info = asyncio.run(_generate(a.router, a.prompt, a.max_tokens, a.temperature))
+    except grpc.aio.AioRpcError as e:
+        print(f"pdserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(f"[{info}]", file=sys.stderr)
+    return 0
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    _setup_logging("up")
+    from deploy.local import LocalCluster
+
+    extra = []
+    if a.no_shm:
+        extra.append("--no-shm")
+    cluster = LocalCluster(
+        a.prefill, a.decode, a.model, a.device, a.transfer, a.policy, extra_worker_args=extra, echo=a.verbose
+    )
+    t0 = time.monotonic()
+    with cluster:
+        print(f"pdserve cluster up in {time.monotonic() - t0:.1f}s: router at {cluster.router_address} "
+              f"({a.prefill} prefill, {a.decode} decode, transfer {a.transfer}, model {a.model})", flush=True)
+        if a.generate is not None:
+            info = asyncio.run(_generate(cluster.router_address, a.generate, a.max_tokens, a.temperature))
+            print(f"[{info}]", flush=True)
+            return 0
+        print("Ctrl-C to stop. Try: pdserve generate --router " + cluster.router_address + ' "Hello"', flush=True)
+        try:
+            while all(p.popen.poll() is None for p in cluster.procs):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="start router + prefill + decode workers locally")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers (0: decode workers prefill locally)")
+    up.add_argument("--decode", type=int, default=1)
+    up.add_argument("--model", default="tiny")
+    up.add_argument("--device", default="cpu")
+    up.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"])
+    up.add_argument("--no-shm", action="store_true")
+    up.add_argument("--policy", default="round_robin")
+    up.add_argument("--generate", metavar="PROMPT", help="send one request, print it, then shut down")
+    up.add_argument("--max-tokens", type=int, default=32)
+    up.add_argument("--temperature", type=float, default=0.0)
+    up.add_argument("-v", "--verbose", action="store_true", help="echo worker logs")
+    up.set_defaults(fn=cmd_up)
+
+    for role in ("prefill", "decode"):
+        w = sub.add_parser(role, help=f"run one {role} worker")
+        _engine_args(w)
+        w.set_defaults(fn=cmd_worker)
+
+    r = sub.add_parser("router", help="run the router")
+    r.add_argument("--model", default="tiny", help="for the tokenizer")
+    r.add_argument("--prefill", action="append", default=[], help="prefill worker host:port (repeatable)")
+    r.add_argument("--decode", action="append", default=[], help="decode worker host:port (repeatable)")
+    r.add_argument("--config", help='JSON file {"prefill": [...], "decode": [...]}')
+    r.add_argument("--policy", default="round_robin")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=0)
+    r.set_defaults(fn=cmd_router)
+
+    g = sub.add_parser("generate", help="stream a completion from a running cluster")
+    g.add_argument("prompt")
+    g.add_argument("--router", default="127.0.0.1:50051")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.set_defaults(fn=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ValueError as e:
+        print(f"pdserve {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

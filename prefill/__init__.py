@@ -1,0 +1,1 @@
+"""Prefill worker: chunked prefill with prefix caching, pushing each layer's KV to the decode worker."""

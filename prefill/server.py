@@ -1,0 +1,57 @@
+"""Run a prefill worker: engine thread + KV sender + gRPC server, until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.engine_loop import EngineLoop
+from kvtransfer import make_sender
+from kvtransfer.base import TransferConfig
+from prefill.service import PrefillIdentity, PrefillServicer
+from protos import pdserve_pb2_grpc as pb_grpc
+from protos.rpc import create_server, install_sigterm, set_serving
+
+logger = logging.getLogger(__name__)
+SERVICES = ["Prefill"]
+
+
+async def serve(
+    engine_config: EngineConfig,
+    transfer_config: TransferConfig,
+    addr: str = "127.0.0.1:0",
+    grace_s: float = 30.0,
+    ready: asyncio.Future | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    engine = await asyncio.to_thread(LLMEngine, engine_config, False, False)
+    sender = make_sender(transfer_config, engine.runner.kv.layers, engine.fingerprint)
+    loop = EngineLoop(engine, name="prefill-engine")
+    server, port, health = create_server(addr, SERVICES)
+    host = addr.rsplit(":", 1)[0]
+    identity = PrefillIdentity(f"prefill-{uuid.uuid4().hex[:6]}", f"{host}:{port}", transfer_config.backend)
+    servicer = PrefillServicer(loop, sender, identity, transfer_config.timeout_s)
+    loop.start()
+    pb_grpc.add_PrefillServicer_to_server(servicer, server)
+    await server.start()
+    await set_serving(health, SERVICES, True)
+    print(f"PDSERVE_READY prefill {identity.address}", flush=True)
+    logger.info("prefill worker %s serving on %s", identity.worker_id, identity.address)
+    if ready is not None:
+        ready.set_result(identity.address)
+    stop = stop or asyncio.Event()
+    install_sigterm(stop)
+    await stop.wait()
+    logger.info("draining prefill worker (%d in flight)", servicer.in_flight)
+    servicer.draining = True
+    await set_serving(health, SERVICES, False)
+    deadline = time.monotonic() + grace_s
+    while servicer.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(1.0)
+    loop.stop()
+    sender.close()

@@ -1,0 +1,66 @@
+"""Proto <-> domain conversions used by the servicers (the only place they happen)."""
+
+from __future__ import annotations
+
+import math
+
+from engine.engine_loop import LoadStats
+from engine.sampling_params import SamplingParams
+from protos import pdserve_pb2 as pb
+
+DEFAULT_MAX_TOKENS = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 256
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Build validated SamplingParams; raises ValueError naming the bad field."""
+    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    temperature = msg.temperature if msg.HasField("temperature") else 1.0
+    top_p = msg.top_p if msg.HasField("top_p") else 1.0
+    if math.isnan(temperature):
+        raise ValueError("temperature: must be a number >= 0, got nan")
+    if len(msg.stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings")
+    for s in msg.stop:
+        if len(s) > MAX_STOP_LEN:
+            raise ValueError(f"stop: stop strings must be at most {MAX_STOP_LEN} characters")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=msg.top_k if msg.HasField("top_k") else 0,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+    )
+
+
+def logprob_to_proto(token_id: int, lp: dict[int, float] | None) -> pb.TokenLogprob | None:
+    if lp is None:
+        return None
+    return pb.TokenLogprob(token_id=token_id, logprob=lp.get(token_id, 0.0), top=dict(lp))
+
+
+def logprob_from_proto(msg: pb.TokenLogprob) -> dict[int, float]:
+    out = {msg.token_id: msg.logprob}
+    out.update(dict(msg.top))
+    return out
+
+
+def load_to_proto(stats: LoadStats, **fields) -> pb.WorkerLoad:
+    return pb.WorkerLoad(
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        num_queued_tokens=stats.num_queued_tokens,
+        num_free_blocks=stats.num_free_blocks,
+        num_total_blocks=stats.num_total_blocks,
+        num_reserved=stats.num_reserved,
+        step_s=stats.step_s,
+        num_steps=stats.num_steps,
+        prefix_hit_tokens=stats.prefix_hit_tokens,
+        prompt_tokens=stats.prompt_tokens,
+        **fields,
+    )

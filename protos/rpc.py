@@ -1,0 +1,104 @@
+"""gRPC helpers shared by every pdserve server: creation, health, reflection, error mapping, shutdown.
+
+Domain errors map to status codes here and nowhere else: an exception class may declare
+``grpc_code = "RESOURCE_EXHAUSTED"`` (a plain string, so inner packages need not import grpc); otherwise
+ValueError -> INVALID_ARGUMENT, KeyError -> NOT_FOUND, TimeoutError -> DEADLINE_EXCEEDED,
+ConnectionError -> UNAVAILABLE, anything else -> INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import pdserve_pb2
+
+logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    code = getattr(exc, "grpc_code", None)
+    if isinstance(code, str) and hasattr(grpc.StatusCode, code):
+        return getattr(grpc.StatusCode, code)
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, KeyError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, ConnectionError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+def message_for(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc) or type(exc).__name__
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Abort the RPC with the status that ``exc`` maps to (raises AbortError, as grpc.aio does)."""
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        logger.error("internal error: %r", exc, exc_info=exc)
+    await context.abort(code, message_for(exc))
+
+
+def create_server(
+    addr: str,
+    service_names: list[str],
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+    """A grpc.aio server with health and reflection; returns (server, bound port, health servicer).
+
+    Call ``server.start()`` after adding servicers. ``addr`` may use port 0 for an ephemeral port.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [pdserve_pb2.DESCRIPTOR.services_by_name[n].full_name for n in service_names]
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"could not bind {addr}")
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer, service_names: list[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *(pdserve_pb2.DESCRIPTOR.services_by_name[n].full_name for n in service_names)]:
+        result = health_servicer.set(name, status)
+        if asyncio.iscoroutine(result):
+            await result
+
+
+def install_sigterm(stop_event: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop_event.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)

@@ -1,0 +1,1 @@
+"""Router: membership, pair choice, the public Generation API and the Admin API."""

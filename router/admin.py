@@ -1,0 +1,31 @@
+"""The Admin servicer: list workers with their load, drain and undrain."""
+
+from __future__ import annotations
+
+import grpc
+
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
+from router.membership import Membership
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, membership: Membership):
+        self.membership = membership
+
+    async def ListWorkers(self, request, context) -> pb.ListWorkersResponse:
+        workers = sorted(self.membership.workers.values(), key=lambda w: (w.role, w.address))
+        return pb.ListWorkersResponse(workers=[w.status() for w in workers])
+
+    async def Drain(self, request: pb.DrainRequest, context) -> pb.DrainResponse:
+        return await self._set(request, context, True)
+
+    async def Undrain(self, request: pb.DrainRequest, context) -> pb.DrainResponse:
+        return await self._set(request, context, False)
+
+    async def _set(self, request: pb.DrainRequest, context, draining: bool) -> pb.DrainResponse:
+        worker = self.membership.workers.get(request.address)
+        if worker is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"address: no worker {request.address!r}")
+        worker.draining = draining
+        return pb.DrainResponse(worker=worker.status())
