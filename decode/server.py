@@ -14,7 +14,7 @@ from engine.engine_loop import EngineLoop
 from kvtransfer import make_receiver
 from kvtransfer.base import TransferConfig
 from protos import pdserve_pb2_grpc as pb_grpc
-from protos.rpc import create_server, install_sigterm, set_serving
+from protos.rpc import create_server, heartbeat, install_sigterm, set_serving
 
 logger = logging.getLogger(__name__)
 SERVICES = ["Decode"]
@@ -27,9 +27,10 @@ async def serve(
     grace_s: float = 30.0,
     ready: asyncio.Future | None = None,
     stop: asyncio.Event | None = None,
+    routers: tuple[str, ...] = (),
 ) -> None:
     shared = transfer_config.backend == "tcp" and transfer_config.allow_shm and engine_config.device == "cpu"
-    engine = await asyncio.to_thread(LLMEngine, engine_config, shared)
+    engine = await asyncio.to_thread(LLMEngine, engine_config, shared, True)
     receiver = make_receiver(transfer_config, engine.runner.kv.layers, engine.fingerprint, engine.runner.kv.shm_path)
     kv_endpoint = receiver.start()
     loop = EngineLoop(engine, name="decode-engine").start()
@@ -47,7 +48,10 @@ async def serve(
         ready.set_result(identity.address)
     stop = stop or asyncio.Event()
     install_sigterm(stop)
+    registration = asyncio.create_task(heartbeat(list(routers), identity.address, "decode", stop)) if routers else None
     await stop.wait()
+    if registration is not None:
+        await registration  # says goodbye: routers stop sending new work at once
     # graceful: NOT_SERVING, refuse new work, let in-flight streams finish, then exit
     logger.info("draining decode worker (%d in flight)", servicer.in_flight)
     servicer.draining = True

@@ -15,7 +15,13 @@ from engine.kv_cache import LayoutFingerprint
 from kvtransfer.base import FingerprintMismatchError, KVReceiver
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
-from protos.convert import load_to_proto, logprob_from_proto, logprob_to_proto, sampling_from_proto
+from protos.convert import (
+    kv_event_stream,
+    load_to_proto,
+    logprob_from_proto,
+    logprob_to_proto,
+    sampling_from_proto,
+)
 from protos.rpc import abort_with
 
 logger = logging.getLogger(__name__)
@@ -118,14 +124,15 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
                 def add(engine):
                     return engine.add_prefilled_request(
-                        rid, tokens, request.first_token_id, params, request.priority, first_lp, request.num_cached_tokens
+                        rid, tokens, request.first_token_id, params, request.priority, first_lp,
+                        request.num_cached_tokens, request.num_prior_tokens,
                     )
             else:
                 if self.draining:
                     raise CapacityError("worker is draining")
 
                 def add(engine):
-                    return engine.add_request(rid, tokens, params, request.priority)
+                    return engine.add_request(rid, tokens, params, request.priority, sample_offset=request.num_prior_tokens)
 
             first = True
             async for out in self.loop.stream(rid, add):
@@ -165,6 +172,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.WorkerLoad:
         return self.load()
 
+    async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext):
+        async for batch in kv_event_stream(self.loop, self.identity.worker_id):
+            yield batch
+
     def load(self) -> pb.WorkerLoad:
         e = self.loop.engine
         return load_to_proto(
@@ -179,4 +190,5 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             max_model_len=e.max_model_len,
             vocab_size=e.vocab_size,
             num_aborted=self.num_aborted,
+            device=e.config.device,
         )

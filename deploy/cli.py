@@ -48,6 +48,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shm", action="store_true", help="tcp: disable the same-host shared-memory path")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--router", action="append", default=[], help="router host:port to register with (repeatable)")
 
 
 def _configs(a: argparse.Namespace):
@@ -94,19 +95,33 @@ def cmd_worker(a: argparse.Namespace) -> int:
         from prefill.server import serve
     else:
         from decode.server import serve
-    _run(serve(engine, transfer, f"{a.host}:{a.port}"))
+    _run(serve(engine, transfer, f"{a.host}:{a.port}", routers=tuple(a.router)))
     return 0
 
 
 def cmd_router(a: argparse.Namespace) -> int:
     _setup_logging("router")
-    from router.server import load_worker_config, serve
+    from router.admission import parse_tenant_rates
+    from router.server import RouterConfig, load_worker_config, serve
 
     prefill, decode = load_worker_config(a.config, a.prefill, a.decode)
-    if not decode:
-        print("pdserve router: at least one --decode worker is required", file=sys.stderr)
-        return 2
-    _run(serve(a.model, prefill, decode, f"{a.host}:{a.port}", a.policy))
+    default_rate = None
+    if a.default_rate:
+        default_rate = parse_tenant_rates([f"*={a.default_rate}"])["*"]
+    cfg = RouterConfig(
+        model=a.model,
+        prefill=tuple(prefill),
+        decode=tuple(decode),
+        addr=f"{a.host}:{a.port}",
+        policy=a.policy,
+        local_prefill_tokens=a.local_prefill_tokens,
+        saturation_s=a.saturation_ms / 1000,
+        shed_ttft_s=a.shed_ttft_ms / 1000,
+        tenant_rates=parse_tenant_rates(a.tenant_rate),
+        default_rate=default_rate,
+        max_retries=a.max_retries,
+    )
+    _run(serve(cfg))
     return 0
 
 
@@ -155,8 +170,18 @@ def cmd_up(a: argparse.Namespace) -> int:
     extra = []
     if a.no_shm:
         extra.append("--no-shm")
+    router_args = ["--local-prefill-tokens", str(a.local_prefill_tokens), "--max-retries", str(a.max_retries)]
+    if a.shed_ttft_ms:
+        router_args += ["--shed-ttft-ms", str(a.shed_ttft_ms)]
+    if a.saturation_ms:
+        router_args += ["--saturation-ms", str(a.saturation_ms)]
+    for t in a.tenant_rate:
+        router_args += ["--tenant-rate", t]
+    if a.default_rate:
+        router_args += ["--default-rate", a.default_rate]
     cluster = LocalCluster(
-        a.prefill, a.decode, a.model, a.device, a.transfer, a.policy, extra_worker_args=extra, echo=a.verbose
+        a.prefill, a.decode, a.model, a.device, a.transfer, a.policy,
+        extra_worker_args=extra, router_args=router_args, echo=a.verbose,
     )
     t0 = time.monotonic()
     with cluster:
@@ -175,6 +200,21 @@ def cmd_up(a: argparse.Namespace) -> int:
     return 0
 
 
+def _router_policy_args(p: argparse.ArgumentParser) -> None:
+    from router.policy import POLICIES
+
+    p.add_argument("--policy", default="cache_aware", choices=POLICIES)
+    p.add_argument(
+        "--local-prefill-tokens", type=int, default=16,
+        help="decode workers prefill locally when the uncached prompt is at most this long (0: never)",
+    )
+    p.add_argument("--saturation-ms", type=float, default=0.0, help="prefill locally when the prefill queue exceeds this")
+    p.add_argument("--shed-ttft-ms", type=float, default=0.0, help="refuse requests whose predicted TTFT exceeds this")
+    p.add_argument("--tenant-rate", action="append", default=[], help="NAME=RATE[:BURST] requests/s (repeatable)")
+    p.add_argument("--default-rate", default="", help="RATE[:BURST] for tenants without their own limit")
+    p.add_argument("--max-retries", type=int, default=3)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving", epilog=EPILOG)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -186,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", default="cpu")
     up.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"])
     up.add_argument("--no-shm", action="store_true")
-    up.add_argument("--policy", default="round_robin")
+    _router_policy_args(up)
     up.add_argument("--generate", metavar="PROMPT", help="send one request, print it, then shut down")
     up.add_argument("--max-tokens", type=int, default=32)
     up.add_argument("--temperature", type=float, default=0.0)
@@ -203,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prefill", action="append", default=[], help="prefill worker host:port (repeatable)")
     r.add_argument("--decode", action="append", default=[], help="decode worker host:port (repeatable)")
     r.add_argument("--config", help='JSON file {"prefill": [...], "decode": [...]}')
-    r.add_argument("--policy", default="round_robin")
+    _router_policy_args(r)
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=0)
     r.set_defaults(fn=cmd_router)

@@ -72,8 +72,9 @@ class LocalCluster:
         model: str = "tiny",
         device: str = "cpu",
         transfer: str = "tcp",
-        policy: str = "round_robin",
+        policy: str = "cache_aware",
         extra_worker_args: list[str] | None = None,
+        router_args: list[str] | None = None,
         echo: bool = False,
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 180.0,
@@ -89,6 +90,7 @@ class LocalCluster:
         self.transfer = transfer
         self.policy = policy
         self.extra = list(extra_worker_args or [])
+        self.router_args = list(router_args or [])
         self.echo = echo
         self.env = {**os.environ, **(env or {})}
         self.ready_timeout_s = ready_timeout_s
@@ -105,7 +107,7 @@ class LocalCluster:
             self.procs += workers
             for p in workers:
                 _await_ready(p, self.ready_timeout_s, self.echo)
-            args = ["--model", self.model, "--policy", self.policy]
+            args = ["--model", self.model, "--policy", self.policy, *self.router_args]
             for p in workers:
                 args += [f"--{p.role}", p.address]
             router = _spawn("router", args, self.env, self.echo)

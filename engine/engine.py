@@ -114,6 +114,7 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         prefill_only: bool = False,
+        sample_offset: int = 0,
     ) -> Sequence:
         if request_id in self.seqs or request_id in self.reservations:
             raise InvalidRequestError(f"request_id: {request_id!r} is already in use")
@@ -122,6 +123,7 @@ class LLMEngine:
         seq = Sequence(request_id, token_ids, params, priority=priority, arrival_seq=next(self._arrivals))
         seq.prefill_only = prefill_only
         seq.hold_blocks = prefill_only
+        seq.sample_offset = sample_offset
         self._track(seq)
         self.scheduler.add(seq)
         return seq
@@ -157,6 +159,7 @@ class LLMEngine:
         priority: int = 0,
         first_logprobs: dict[int, float] | None = None,
         num_cached_tokens: int = 0,
+        sample_offset: int = 0,
     ) -> StepOutput:
         """Decode side: the prompt's KV already sits in the reserved blocks; continue from its first token.
 
@@ -173,6 +176,7 @@ class LLMEngine:
         seq.block_ids = block_ids
         seq.num_computed_tokens = len(prompt_token_ids)
         seq.num_cached_tokens = num_cached_tokens
+        seq.sample_offset = sample_offset
         self._track(seq)
         self.scheduler.update_hashes(seq)
         out = self._append_token(seq, first_token_id, first_logprobs)

@@ -53,6 +53,7 @@ class EngineLoop:
         )
         self._prompt_tokens = 0
         self._hit_tokens = 0
+        self._event_subs: list[Callable[[list], None]] = []
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -119,6 +120,33 @@ class EngineLoop:
             if not finished:
                 self.call(lambda e: self._abort(e, request_id))
 
+    async def kv_events(self) -> AsyncIterator[tuple[bool, list]]:
+        """Yield (is_snapshot, events): first a snapshot of every cached block hash, then deltas in order."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def deliver(events: list) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, events)
+
+        def subscribe(engine: LLMEngine) -> list[int]:
+            self._flush_events()  # earlier events belong to the snapshot
+            self._event_subs.append(deliver)
+            return list(engine.pool.cached)
+
+        snapshot = await self.acall(subscribe)
+        try:
+            yield True, snapshot
+            while True:
+                yield False, await q.get()
+        finally:
+            self.call(lambda e: self._event_subs.remove(deliver) if deliver in self._event_subs else None)
+
+    def _flush_events(self) -> None:
+        events = self.engine.pool.drain_events()
+        if events:
+            for sub in self._event_subs:
+                sub(events)
+
     def _abort(self, engine: LLMEngine, request_id: str) -> bool:
         self._listeners.pop(request_id, None)
         return engine.abort(request_id)
@@ -146,6 +174,7 @@ class EngineLoop:
                     return
             if self.engine.has_unfinished():
                 self._step()
+            self._flush_events()
             self._publish_stats()
 
     def _step(self) -> None:

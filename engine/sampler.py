@@ -48,7 +48,7 @@ class Sampler:
             return self.generator
         if seq.generator is None:
             seq.generator = torch.Generator(device=self.device)
-        step_seed = hash_block(seq.params.seed & 0xFFFFFFFFFFFFFFFF, [len(seq.output_token_ids)])
+        step_seed = hash_block(seq.params.seed & 0xFFFFFFFFFFFFFFFF, [seq.sample_offset + len(seq.output_token_ids)])
         seq.generator.manual_seed(step_seed & 0x7FFFFFFFFFFFFFFF)
         return seq.generator
 

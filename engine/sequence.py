@@ -40,6 +40,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    sample_offset: int = 0  # tokens generated before this sequence existed (migration): seeds stay aligned
     generator: torch.Generator | None = None
     # prefill-only requests stop after the first token and hold their blocks until released
     prefill_only: bool = False

@@ -14,7 +14,7 @@ from kvtransfer import make_sender
 from kvtransfer.base import TransferConfig
 from prefill.service import PrefillIdentity, PrefillServicer
 from protos import pdserve_pb2_grpc as pb_grpc
-from protos.rpc import create_server, install_sigterm, set_serving
+from protos.rpc import create_server, heartbeat, install_sigterm, set_serving
 
 logger = logging.getLogger(__name__)
 SERVICES = ["Prefill"]
@@ -27,8 +27,9 @@ async def serve(
     grace_s: float = 30.0,
     ready: asyncio.Future | None = None,
     stop: asyncio.Event | None = None,
+    routers: tuple[str, ...] = (),
 ) -> None:
-    engine = await asyncio.to_thread(LLMEngine, engine_config, False, False)
+    engine = await asyncio.to_thread(LLMEngine, engine_config, False, True)
     sender = make_sender(transfer_config, engine.runner.kv.layers, engine.fingerprint)
     loop = EngineLoop(engine, name="prefill-engine")
     server, port, health = create_server(addr, SERVICES)
@@ -45,7 +46,10 @@ async def serve(
         ready.set_result(identity.address)
     stop = stop or asyncio.Event()
     install_sigterm(stop)
+    registration = asyncio.create_task(heartbeat(list(routers), identity.address, "prefill", stop)) if routers else None
     await stop.wait()
+    if registration is not None:
+        await registration  # says goodbye: routers stop sending new work at once
     logger.info("draining prefill worker (%d in flight)", servicer.in_flight)
     servicer.draining = True
     await set_serving(health, SERVICES, False)

@@ -16,7 +16,7 @@ from engine.scheduler import ScheduledSeq
 from kvtransfer.base import KVSender, TransferHandle
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
-from protos.convert import load_to_proto, logprob_to_proto, sampling_from_proto
+from protos.convert import kv_event_stream, load_to_proto, logprob_to_proto, sampling_from_proto
 from protos.rpc import abort_with
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             def add(engine):
                 engine.validate(tokens, params)
                 self.pusher.plans[rid] = plan
-                return engine.add_request(rid, tokens, params, request.priority, prefill_only=True)
+                return engine.add_request(
+                    rid, tokens, params, request.priority, prefill_only=True, sample_offset=request.num_prior_tokens
+                )
 
             first = None
             async for out in self.loop.stream(rid, add):
@@ -129,7 +131,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
                 num_cached_tokens=first.num_cached_tokens,
                 queue_s=t_start - t_arrive,
                 prefill_s=t_computed - t_start,
-                transfer_s=t_done - t_start,
+                transfer_s=t_done - t_computed,
+                transfer_wall_s=t_done - t_start,
                 transfer_bytes=stats.num_bytes,
                 worker_id=self.identity.worker_id,
                 transfer_path=stats.path,
@@ -160,6 +163,10 @@ class PrefillServicer(pb_grpc.PrefillServicer):
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.WorkerLoad:
         return self.load()
 
+    async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext):
+        async for batch in kv_event_stream(self.loop, self.identity.worker_id):
+            yield batch
+
     def load(self) -> pb.WorkerLoad:
         e = self.loop.engine
         return load_to_proto(
@@ -173,4 +180,5 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             max_model_len=e.max_model_len,
             vocab_size=e.vocab_size,
             num_aborted=self.num_aborted,
+            device=e.config.device,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 
 from engine.engine_loop import LoadStats
 from engine.sampling_params import SamplingParams
@@ -50,6 +51,32 @@ def logprob_from_proto(msg: pb.TokenLogprob) -> dict[int, float]:
     return out
 
 
+def kv_batch_to_proto(worker_id: str, seq: int, is_snapshot: bool, payload: list) -> pb.KVEventBatch:
+    """``payload`` is a list of block hashes for a snapshot, else a list of engine KVEvents."""
+    batch = pb.KVEventBatch(worker_id=worker_id, snapshot=is_snapshot, seq=seq)
+    if is_snapshot:
+        batch.stored.extend(payload)
+        return batch
+    for ev in payload:
+        if ev.kind == "stored":
+            batch.stored.extend(ev.block_hashes)
+        elif ev.kind == "evicted":
+            batch.evicted.extend(ev.block_hashes)
+        elif ev.kind == "cleared":
+            batch.cleared = True
+            batch.stored[:] = []
+            batch.evicted[:] = []
+    return batch
+
+
+async def kv_event_stream(loop, worker_id: str):
+    """The KVEvents RPC body shared by prefill and decode servicers."""
+    seq = 0
+    async for is_snapshot, payload in loop.kv_events():
+        seq += 1
+        yield kv_batch_to_proto(worker_id, seq, is_snapshot, payload)
+
+
 def load_to_proto(stats: LoadStats, **fields) -> pb.WorkerLoad:
     return pb.WorkerLoad(
         num_running=stats.num_running,
@@ -62,5 +89,6 @@ def load_to_proto(stats: LoadStats, **fields) -> pb.WorkerLoad:
         num_steps=stats.num_steps,
         prefix_hit_tokens=stats.prefix_hit_tokens,
         prompt_tokens=stats.prompt_tokens,
+        host=socket.gethostname(),
         **fields,
     )

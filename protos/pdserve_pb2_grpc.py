@@ -159,6 +159,11 @@ class PrefillStub:
                 request_serializer=protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve__pb2.WorkerLoad.FromString,
                 _registered_method=True)
+        self.KVEvents = channel.unary_stream(
+                '/pdserve.v1.Prefill/KVEvents',
+                request_serializer=protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve__pb2.KVEventBatch.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -176,6 +181,12 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KVEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +199,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=protos_dot_pdserve__pb2.LoadRequest.FromString,
                     response_serializer=protos_dot_pdserve__pb2.WorkerLoad.SerializeToString,
+            ),
+            'KVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.KVEvents,
+                    request_deserializer=protos_dot_pdserve__pb2.KVEventsRequest.FromString,
+                    response_serializer=protos_dot_pdserve__pb2.KVEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -254,6 +270,33 @@ class Prefill:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def KVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.Prefill/KVEvents',
+            protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
+            protos_dot_pdserve__pb2.KVEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeStub:
     """Missing associated documentation comment in .proto file."""
@@ -284,6 +327,11 @@ class DecodeStub:
                 request_serializer=protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve__pb2.WorkerLoad.FromString,
                 _registered_method=True)
+        self.KVEvents = channel.unary_stream(
+                '/pdserve.v1.Decode/KVEvents',
+                request_serializer=protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve__pb2.KVEventBatch.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -313,6 +361,12 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KVEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -335,6 +389,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=protos_dot_pdserve__pb2.LoadRequest.FromString,
                     response_serializer=protos_dot_pdserve__pb2.WorkerLoad.SerializeToString,
+            ),
+            'KVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.KVEvents,
+                    request_deserializer=protos_dot_pdserve__pb2.KVEventsRequest.FromString,
+                    response_serializer=protos_dot_pdserve__pb2.KVEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -455,6 +514,33 @@ class Decode:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def KVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.Decode/KVEvents',
+            protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
+            protos_dot_pdserve__pb2.KVEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -480,6 +566,11 @@ class AdminStub:
                 request_serializer=protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Register = channel.unary_unary(
+                '/pdserve.v1.Admin/Register',
+                request_serializer=protos_dot_pdserve__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve__pb2.RegisterResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -503,6 +594,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Register(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -520,6 +617,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Undrain,
                     request_deserializer=protos_dot_pdserve__pb2.DrainRequest.FromString,
                     response_serializer=protos_dot_pdserve__pb2.DrainResponse.SerializeToString,
+            ),
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=protos_dot_pdserve__pb2.RegisterRequest.FromString,
+                    response_serializer=protos_dot_pdserve__pb2.RegisterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -603,6 +705,33 @@ class Admin:
             '/pdserve.v1.Admin/Undrain',
             protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
             protos_dot_pdserve__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/Register',
+            protos_dot_pdserve__pb2.RegisterRequest.SerializeToString,
+            protos_dot_pdserve__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -102,3 +102,32 @@ def install_sigterm(stop_event: asyncio.Event) -> None:
 
 def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+async def heartbeat(routers: list[str], address: str, role: str, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+    """Register with every router and keep re-registering until ``stop``; then say goodbye."""
+    from protos import pdserve_pb2_grpc
+
+    channels = {r: channel(r) for r in routers}
+    stubs = {r: pdserve_pb2_grpc.AdminStub(ch) for r, ch in channels.items()}
+    req = pdserve_pb2.RegisterRequest(address=address, role=role, ttl_s=interval_s * 3)
+    try:
+        while not stop.is_set():
+            for r, stub in stubs.items():
+                try:
+                    await stub.Register(req, timeout=interval_s)
+                except grpc.aio.AioRpcError as e:
+                    logger.debug("register with router %s failed: %s", r, e.code().name)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            except TimeoutError:
+                pass
+        bye = pdserve_pb2.RegisterRequest(address=address, role=role, leaving=True)
+        for stub in stubs.values():
+            try:
+                await stub.Register(bye, timeout=1.0)
+            except grpc.aio.AioRpcError:
+                pass
+    finally:
+        for ch in channels.values():
+            await ch.close()

@@ -1,4 +1,4 @@
-"""The Admin servicer: list workers with their load, drain and undrain."""
+"""The Admin servicer: list workers with their load, drain and undrain, worker self-registration."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import grpc
 
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
-from router.membership import Membership
+from router.membership import ROLES, Membership
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -29,3 +29,17 @@ class AdminServicer(pb_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"address: no worker {request.address!r}")
         worker.draining = draining
         return pb.DrainResponse(worker=worker.status())
+
+    async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
+        if request.role not in ROLES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role: must be one of {ROLES}")
+        if request.leaving:
+            await self.membership.remove(request.address)
+            return pb.RegisterResponse(accepted=True)
+        try:
+            worker = self.membership.register(request.address, request.role, request.ttl_s or 5.0)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not worker.healthy:
+            await self.membership._poll(worker)
+        return pb.RegisterResponse(accepted=True)

@@ -30,10 +30,13 @@ class Worker:
     in_flight: int = 0
     consecutive_failures: int = 0
     last_seen: float = 0.0
+    open_until: float = 0.0  # circuit breaker: no traffic before this time
+    registered_ttl_s: float = 0.0  # > 0: dynamic member, dropped when heartbeats stop
+    heartbeat: float = 0.0
 
     @property
     def available(self) -> bool:
-        return self.healthy and not self.draining and not self.load.draining
+        return self.healthy and not self.draining and not self.load.draining and time.monotonic() >= self.open_until
 
     def status(self) -> pb.WorkerStatus:
         return pb.WorkerStatus(
@@ -47,10 +50,11 @@ class Worker:
 
 
 class Membership:
-    def __init__(self, poll_interval_s: float = 0.5, failure_threshold: int = 2):
+    def __init__(self, poll_interval_s: float = 0.5, failure_threshold: int = 2, on_change=None):
         self.workers: dict[str, Worker] = {}
         self.poll_interval_s = poll_interval_s
         self.failure_threshold = failure_threshold
+        self.on_change = on_change  # called with (worker, added: bool)
         self._task: asyncio.Task | None = None
 
     def add(self, address: str, role: str) -> Worker:
@@ -63,12 +67,36 @@ class Membership:
         worker = Worker(address, role, ch, stub)
         self.workers[address] = worker
         logger.info("added %s worker %s", role, address)
+        if self.on_change:
+            self.on_change(worker, True)
+        return worker
+
+    def register(self, address: str, role: str, ttl_s: float) -> Worker:
+        """A heartbeat from a self-registering worker."""
+        if not address or ":" not in address:
+            raise ValueError(f"address: expected host:port, got {address!r}")
+        existing = self.workers.get(address)
+        if existing is not None and existing.role != role:
+            raise ValueError(f"role: {address} is registered as {existing.role}, not {role}")
+        worker = existing or self.add(address, role)
+        worker.registered_ttl_s = max(ttl_s, self.poll_interval_s * 2)
+        worker.heartbeat = time.monotonic()
         return worker
 
     async def remove(self, address: str) -> None:
         worker = self.workers.pop(address, None)
         if worker is not None:
+            logger.info("removed %s worker %s", worker.role, address)
+            if self.on_change:
+                self.on_change(worker, False)
             await worker.channel.close()
+
+    async def expire(self) -> None:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            if w.registered_ttl_s and now - w.heartbeat > w.registered_ttl_s:
+                logger.warning("%s worker %s stopped heartbeating; removing it", w.role, w.address)
+                await self.remove(w.address)
 
     def pool(self, role: str, available_only: bool = True) -> list[Worker]:
         return [w for w in self.workers.values() if w.role == role and (w.available or not available_only)]
@@ -87,8 +115,9 @@ class Membership:
             worker.load = await worker.stub.GetLoad(pb.LoadRequest(), timeout=max(1.0, self.poll_interval_s * 2))
             if not worker.healthy:
                 logger.info("%s worker %s is healthy", worker.role, worker.address)
-            worker.healthy = True
-            worker.consecutive_failures = 0
+            if time.monotonic() >= worker.open_until:
+                worker.healthy = True
+                worker.consecutive_failures = 0
             worker.last_seen = time.monotonic()
         except grpc.aio.AioRpcError as e:
             worker.consecutive_failures += 1
@@ -97,12 +126,17 @@ class Membership:
                 worker.healthy = False
 
     def mark_failed(self, worker: Worker) -> None:
-        """A request saw this worker fail: stop routing to it until a poll succeeds."""
+        """Circuit breaker: a request saw this worker fail. Open the circuit with exponential backoff
+        (0.5 s, 1 s, 2 s ... up to 30 s); it closes on the first successful poll after that."""
         worker.healthy = False
-        worker.consecutive_failures = max(worker.consecutive_failures, self.failure_threshold)
+        worker.consecutive_failures = max(worker.consecutive_failures + 1, self.failure_threshold)
+        backoff = min(30.0, 0.5 * 2 ** (worker.consecutive_failures - self.failure_threshold))
+        worker.open_until = time.monotonic() + backoff
+        logger.warning("%s worker %s failed a request; circuit open for %.1fs", worker.role, worker.address, backoff)
 
     async def _run(self) -> None:
         while True:
+            await self.expire()
             await self.poll_once()
             await asyncio.sleep(self.poll_interval_s)
 

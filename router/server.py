@@ -1,10 +1,11 @@
-"""Run the router: membership polling + Generation and Admin services, until SIGTERM."""
+"""Run the router: membership, KV-event index, Generation and Admin services, until SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.models import resolve_model
@@ -12,12 +13,38 @@ from engine.tokenizer import load_tokenizer
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.rpc import create_server, install_sigterm, set_serving
 from router.admin import AdminServicer
-from router.membership import Membership
+from router.admission import Admission
+from router.membership import Membership, Worker
 from router.policy import PairPolicy
+from router.prefix_index import PrefixIndex, follow
 from router.service import GenerationServicer
 
 logger = logging.getLogger(__name__)
 SERVICES = ["Generation", "Admin"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    model: str = "tiny"
+    prefill: tuple[str, ...] = ()
+    decode: tuple[str, ...] = ()
+    addr: str = "127.0.0.1:0"
+    policy: str = "cache_aware"
+    local_prefill_tokens: int = 0
+    saturation_s: float = 0.0
+    shed_ttft_s: float = 0.0
+    tenant_rates: dict = field(default_factory=dict)
+    default_rate: tuple[float, float] | None = None
+    max_retries: int = 3
+    poll_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.local_prefill_tokens < 0:
+            raise ValueError("local_prefill_tokens: must be >= 0")
+        if self.shed_ttft_s < 0 or self.saturation_s < 0:
+            raise ValueError("shed_ttft_s / saturation_s: must be >= 0")
+        if self.max_retries < 0:
+            raise ValueError("max_retries: must be >= 0")
 
 
 def load_worker_config(path: str | None, prefill: list[str], decode: list[str]) -> tuple[list[str], list[str]]:
@@ -32,33 +59,54 @@ def load_worker_config(path: str | None, prefill: list[str], decode: list[str]) 
     return prefill, decode
 
 
-async def serve(
-    model: str,
-    prefill: list[str],
-    decode: list[str],
-    addr: str = "127.0.0.1:0",
-    policy: str = "round_robin",
-    ready: asyncio.Future | None = None,
-    stop: asyncio.Event | None = None,
-) -> None:
-    path, _ = resolve_model(model)
+class IndexFeeds:
+    """One KV-event subscription per worker, started and stopped with membership."""
+
+    def __init__(self, index: PrefixIndex):
+        self.index = index
+        self.stop = asyncio.Event()
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    def on_change(self, worker: Worker, added: bool) -> None:
+        if added:
+            self.tasks[worker.address] = asyncio.ensure_future(
+                follow(self.index, worker.address, worker.stub, self.stop)
+            )
+        else:
+            task = self.tasks.pop(worker.address, None)
+            if task:
+                task.cancel()
+            self.index.remove_worker(worker.address)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.tasks.values():
+            t.cancel()
+
+
+async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: asyncio.Event | None = None) -> None:
+    path, _ = resolve_model(cfg.model)
     tokenizer = await asyncio.to_thread(load_tokenizer, path)
-    membership = Membership()
-    for a in prefill:
+    index = PrefixIndex()
+    feeds = IndexFeeds(index)
+    membership = Membership(poll_interval_s=cfg.poll_interval_s, on_change=feeds.on_change)
+    for a in cfg.prefill:
         membership.add(a, "prefill")
-    for a in decode:
+    for a in cfg.decode:
         membership.add(a, "decode")
     await membership.poll_once()
     membership.start()
-    server, port, health = create_server(addr, SERVICES)
-    generation = GenerationServicer(membership, PairPolicy(policy), tokenizer)
+    server, port, health = create_server(cfg.addr, SERVICES)
+    policy = PairPolicy(cfg.policy, index, local_prefill_tokens=cfg.local_prefill_tokens, saturation_s=cfg.saturation_s)
+    admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s)
+    generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries)
     pb_grpc.add_GenerationServicer_to_server(generation, server)
     pb_grpc.add_AdminServicer_to_server(AdminServicer(membership), server)
     await server.start()
     await set_serving(health, SERVICES, True)
-    address = f"{addr.rsplit(':', 1)[0]}:{port}"
+    address = f"{cfg.addr.rsplit(':', 1)[0]}:{port}"
     print(f"PDSERVE_READY router {address}", flush=True)
-    logger.info("router serving on %s (%d prefill, %d decode, policy %s)", address, len(prefill), len(decode), policy)
+    logger.info("router on %s: %d prefill, %d decode, policy %s", address, len(cfg.prefill), len(cfg.decode), cfg.policy)
     if ready is not None:
         ready.set_result(address)
     stop = stop or asyncio.Event()
@@ -66,4 +114,5 @@ async def serve(
     await stop.wait()
     await set_serving(health, SERVICES, False)
     await server.stop(5.0)
+    feeds.close()
     await membership.close()

@@ -1,8 +1,15 @@
-"""The public Generation servicer: validate, tokenize, pick a pair, orchestrate reserve -> prefill -> decode."""
+"""The public Generation servicer: validate, admit, route, orchestrate reserve -> prefill -> decode.
+
+Failover: a failed prefill is retried on another prefill worker (or recomputed on the decode worker when
+none is left); a decode worker that dies mid-stream is replaced and the request migrates, re-prefilled
+with prompt + the tokens already sent, so the client's stream continues with no duplicated or missing
+tokens. Attempts are bounded (``max_retries``) with exponential backoff.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -10,47 +17,88 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from engine.hashing import block_hashes
 from protos import pdserve_pb2 as pb
 from protos.convert import sampling_from_proto
-from protos.rpc import status_for
+from router.admission import Admission, AdmissionError
+from router.costs import topology
 from router.membership import Membership, Worker
-from router.policy import PairPolicy
+from router.policy import Decision, PairPolicy, RouteRequest
 
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 MAX_REQUEST_ID_LEN = 256
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 
 
 class RouteError(Exception):
-    """A leg of the request failed; carries the status to return."""
+    """The request failed for good; carries the status to return."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float = 0.0):
         super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+
+class LegFailure(Exception):
+    """One attempt failed in a way another worker may fix."""
+
+    def __init__(self, worker: Worker, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.worker = worker
         self.code = code
 
 
 @dataclass(slots=True)
-class Leg:
-    """Per-request accounting reported in the last response."""
-
+class RequestState:
+    rid: str
+    prompt: list[int]
+    request: pb.GenerateRequest
+    max_tokens: int
+    sent: list[int] = field(default_factory=list)
     t_start: float = field(default_factory=time.monotonic)
     t_prefill_start: float = 0.0
+    t_first_token: float = 0.0
     prefill_s: float = 0.0
     transfer_s: float = 0.0
-    t_first_token: float = 0.0
     num_cached_tokens: int = 0
     prefill_worker: str = ""
     decode_worker: str = ""
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class RouterCounters:
+    requests: int = 0
+    retries: int = 0
+    migrations: int = 0
+    cancelled: int = 0
+    local_prefills: int = 0
+    failed: int = 0
 
 
 class GenerationServicer:
-    def __init__(self, membership: Membership, policy: PairPolicy, tokenizer, rpc_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        membership: Membership,
+        policy: PairPolicy,
+        tokenizer,
+        admission: Admission | None = None,
+        rpc_timeout_s: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.05,
+    ):
         self.membership = membership
         self.policy = policy
         self.tokenizer = tokenizer
+        self.admission = admission or Admission()
         self.rpc_timeout_s = rpc_timeout_s
-        self.num_requests = 0
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.counters = RouterCounters()
+        self._bg: set[asyncio.Task] = set()
 
     # ---- validation -------------------------------------------------------------------------------
     def parse(self, request: pb.GenerateRequest):
@@ -59,7 +107,8 @@ class GenerationServicer:
             raise ValueError(f"request_id: at most {MAX_REQUEST_ID_LEN} characters")
         has_prompt, has_ids = bool(request.prompt), bool(request.token_ids)
         if has_prompt == has_ids:
-            raise ValueError("prompt: set exactly one of prompt or token_ids" + (" (both set)" if has_prompt else ""))
+            what = "both are set" if has_prompt else "prompt is empty and no token_ids were given"
+            raise ValueError(f"prompt: set exactly one of prompt or token_ids ({what})")
         if has_prompt:
             if len(request.prompt) > MAX_PROMPT_CHARS:
                 raise ValueError(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
@@ -69,8 +118,7 @@ class GenerationServicer:
         else:
             token_ids = list(request.token_ids)
         params = sampling_from_proto(request.sampling)
-        decodes = self.membership.pool("decode", available_only=False)
-        limits = [w.load for w in decodes if w.load.vocab_size]
+        limits = [w.load for w in self.membership.pool("decode", available_only=False) if w.load.vocab_size]
         if limits:
             vocab, max_len = limits[0].vocab_size, limits[0].max_model_len
             bad = next((t for t in token_ids if not 0 <= t < vocab), None)
@@ -81,141 +129,203 @@ class GenerationServicer:
         rid = request.request_id or f"req-{uuid.uuid4().hex[:12]}"
         return rid, token_ids, params
 
-    # ---- orchestration ----------------------------------------------------------------------------
+    # ---- routing ----------------------------------------------------------------------------------
+    def _decide(self, st: RequestState, excluded: set[str]) -> Decision:
+        tokens = st.prompt + st.sent
+        fp = next((w.load for w in self.membership.pool("decode") if w.load.fingerprint), None)
+        hashes = []
+        if fp is not None:
+            layout = json.loads(fp.fingerprint)
+            self.policy.block_size = layout["block_size"]
+            hashes = block_hashes(tokens, layout["block_size"], layout["hash_seed"])
+        prefills = [w for w in self.membership.pool("prefill") if w.address not in excluded]
+        decodes = [w for w in self.membership.pool("decode") if w.address not in excluded]
+        session = st.request.session_id or st.request.tenant
+        return self.policy.choose(RouteRequest(len(tokens), hashes, session), prefills, decodes)
+
     async def _run(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        """Yield GenerateResponse messages; raise RouteError on failure."""
         try:
             rid, token_ids, params = self.parse(request)
+            self.admission.check_rate(request.tenant)
         except ValueError as e:
             raise RouteError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        self.num_requests += 1
-        leg = Leg()
-        try:
-            prefill, decode = self.policy.choose(self.membership.pool("prefill"), self.membership.pool("decode"))
-        except LookupError as e:
-            raise RouteError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except AdmissionError as e:
+            raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s) from None
+        self.counters.requests += 1
+        st = RequestState(rid, token_ids, request, params.max_tokens)
+        excluded: set[str] = set()
+        while True:
+            try:
+                decision = self._decide(st, excluded)
+            except LookupError as e:
+                raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{e} (after {st.attempts} attempts)") from None
+            if st.attempts == 0:
+                try:
+                    self.admission.check_slo(decision.predicted_ttft_s, request.priority)
+                except AdmissionError as e:
+                    raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s) from None
+            st.attempts += 1
+            try:
+                async for resp in self._attempt(st, decision, context):
+                    yield resp
+                return
+            except LegFailure as f:
+                if f.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.membership.mark_failed(f.worker)
+                excluded.add(f.worker.address)
+                if st.attempts > self.max_retries:
+                    self.counters.failed += 1
+                    raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{f} (gave up after {st.attempts} attempts)") from None
+                if st.sent:
+                    self.counters.migrations += 1
+                    logger.warning("[%s] migrating after %d tokens: %s", rid, len(st.sent), f)
+                else:
+                    self.counters.retries += 1
+                    logger.warning("[%s] retrying: %s", rid, f)
+                await asyncio.sleep(self.backoff_s * 2 ** (st.attempts - 1))
+
+    async def _attempt(self, st: RequestState, d: Decision, context):
+        """One try on one pair. Yields client responses; raises LegFailure or RouteError."""
+        remaining = st.max_tokens - len(st.sent)
+        tokens = st.prompt + st.sent
+        sampling = pb.SamplingParams()
+        sampling.CopyFrom(st.request.sampling)
+        sampling.max_tokens = remaining
+        if remaining <= 0:  # everything was sent before the failure; only the ending was lost
+            yield self._final(st, pb.GenerateResponse(request_id=st.rid), "length")
+            return
+        decode = d.decode
         decode_req = pb.DecodeRequest(
-            request_id=rid, token_ids=token_ids, sampling=request.sampling, priority=request.priority
+            request_id=f"{st.rid}#{st.attempts}" if st.attempts > 1 else st.rid,
+            token_ids=tokens, sampling=sampling, priority=st.request.priority, num_prior_tokens=len(st.sent),
         )
         decode.in_flight += 1
-        reserved = False
-        finished = False
+        cleanup = True
         try:
-            leg.decode_worker = decode.address
-            if prefill is not None:
-                reserved = await self._prefill(rid, token_ids, request, prefill, decode, decode_req, leg)
-            leg.t_prefill_start = leg.t_prefill_start or time.monotonic()
+            if d.prefill is not None:
+                await self._prefill(st, d.prefill, decode, decode_req)
+            else:
+                self.counters.local_prefills += 1
+                st.prefill_worker = ""
+                st.t_prefill_start = st.t_prefill_start or time.monotonic()
+            st.decode_worker = decode.address
             call = decode.stub.Decode(decode_req, timeout=self._remaining(context))
-            num_out = 0
             try:
                 async for chunk in call:
-                    reserved = False
-                    if not leg.t_first_token and chunk.token_ids:
-                        leg.t_first_token = time.monotonic()
-                    num_out += len(chunk.token_ids)
-                    leg.num_cached_tokens = max(leg.num_cached_tokens, chunk.num_cached_tokens)
+                    if chunk.token_ids and not st.t_first_token:
+                        st.t_first_token = time.monotonic()
+                    st.sent.extend(chunk.token_ids)
+                    st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
                     resp = pb.GenerateResponse(
-                        request_id=rid, token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs
+                        request_id=st.rid, token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs
                     )
                     if chunk.finish_reason:
-                        finished = True
-                        self._finalize(resp, chunk.finish_reason, len(token_ids), num_out, leg)
+                        cleanup = False
+                        self._final(st, resp, chunk.finish_reason)
                     yield resp
+            except grpc.aio.AioRpcError as e:
+                raise self._failure(decode, e) from None
             finally:
-                if not finished:
+                if cleanup:
                     call.cancel()
-        except grpc.aio.AioRpcError as e:
-            code = e.code()
-            if code in (grpc.StatusCode.UNAVAILABLE,) and not finished:
-                self.membership.mark_failed(decode)
-            raise RouteError(code, f"decode worker {decode.address}: {e.details()}") from None
         finally:
             decode.in_flight -= 1
-            if reserved or not finished:
-                # free the decode reservation / request at once: fire and forget, never block the client
-                asyncio.ensure_future(self._release(decode, rid))
+            if cleanup:
+                self._spawn(self._release(decode, decode_req.request_id))
 
-    async def _prefill(self, rid, token_ids, request, prefill: Worker, decode: Worker, decode_req, leg: Leg) -> bool:
-        fp = prefill.load.fingerprint
+    async def _prefill(self, st: RequestState, prefill: Worker, decode: Worker, decode_req: pb.DecodeRequest) -> None:
+        rid = decode_req.request_id
         try:
             res = await decode.stub.Reserve(
                 pb.ReserveRequest(
-                    request_id=rid, token_ids=token_ids, sampling=request.sampling, fingerprint=fp, ttl_s=30.0
+                    request_id=rid, token_ids=decode_req.token_ids, sampling=decode_req.sampling,
+                    fingerprint=prefill.load.fingerprint, ttl_s=30.0,
                 ),
                 timeout=10.0,
             )
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.membership.mark_failed(decode)
-            raise RouteError(e.code(), f"decode worker {decode.address}: {e.details()}") from None
-        leg.t_prefill_start = time.monotonic()
+            raise self._failure(decode, e) from None
+        st.t_prefill_start = st.t_prefill_start or time.monotonic()
         prefill.in_flight += 1
         try:
             out = await prefill.stub.Prefill(
                 pb.PrefillRequest(
-                    request_id=rid,
-                    token_ids=token_ids,
-                    sampling=request.sampling,
-                    priority=request.priority,
+                    request_id=rid, token_ids=decode_req.token_ids, sampling=decode_req.sampling,
+                    priority=decode_req.priority, num_prior_tokens=decode_req.num_prior_tokens,
                     target=pb.KVTarget(endpoint=res.kv_endpoint, block_ids=res.block_ids, transfer_id=res.transfer_id),
                 ),
                 timeout=self.rpc_timeout_s,
             )
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self.membership.mark_failed(prefill)
-            raise RouteError(e.code(), f"prefill worker {prefill.address}: {e.details()}") from None
+            raise self._failure(prefill, e) from None
         finally:
             prefill.in_flight -= 1
-        leg.prefill_worker = prefill.address
-        leg.prefill_s = out.prefill_s
-        leg.transfer_s = out.transfer_s
-        leg.num_cached_tokens = out.num_cached_tokens
+        st.prefill_worker = prefill.address
+        st.prefill_s += out.prefill_s
+        st.transfer_s += out.transfer_s
+        st.num_cached_tokens = max(st.num_cached_tokens, out.num_cached_tokens)
+        uncached = len(decode_req.token_ids) - out.num_cached_tokens
+        self.policy.costs.observe_prefill(prefill.address, uncached, out.prefill_s)
+        self.policy.costs.observe_transfer(topology(prefill.load, decode.load), out.transfer_bytes, out.transfer_wall_s)
         decode_req.prefilled = True
         decode_req.first_token_id = out.first_token_id
         decode_req.num_cached_tokens = out.num_cached_tokens
         if out.HasField("first_logprob"):
             decode_req.first_logprob.CopyFrom(out.first_logprob)
-        return True
+
+    def _failure(self, worker: Worker, e: grpc.aio.AioRpcError) -> Exception:
+        msg = f"{worker.role} worker {worker.address}: {e.code().name}: {e.details()}"
+        if e.code() in RETRYABLE:
+            return LegFailure(worker, e.code(), msg)
+        return RouteError(e.code(), msg)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     async def _release(self, decode: Worker, rid: str) -> None:
         try:
             await decode.stub.Release(pb.ReleaseRequest(request_id=rid), timeout=5.0)
         except grpc.aio.AioRpcError as e:
-            logger.warning("[%s] release on %s failed: %s", rid, decode.address, e.code().name)
+            logger.debug("[%s] release on %s failed: %s", rid, decode.address, e.code().name)
 
-    def _remaining(self, context: grpc.aio.ServicerContext) -> float:
+    def _remaining(self, context) -> float:
         left = context.time_remaining() if context is not None else None
         return min(left, self.rpc_timeout_s * 10) if left is not None else self.rpc_timeout_s * 10
 
-    @staticmethod
-    def _finalize(resp: pb.GenerateResponse, reason: str, num_prompt: int, num_out: int, leg: Leg) -> None:
+    def _final(self, st: RequestState, resp: pb.GenerateResponse, reason: str) -> pb.GenerateResponse:
         now = time.monotonic()
         resp.finish_reason = reason
-        resp.usage.CopyFrom(
-            pb.Usage(prompt_tokens=num_prompt, completion_tokens=num_out, cached_prompt_tokens=leg.num_cached_tokens)
-        )
-        resp.prefill_worker = leg.prefill_worker
-        resp.decode_worker = leg.decode_worker
-        resp.timings.CopyFrom(
-            pb.Timings(
-                queue_s=max(0.0, leg.t_prefill_start - leg.t_start),
-                prefill_s=leg.prefill_s,
-                transfer_s=leg.transfer_s,
-                first_token_s=(leg.t_first_token or now) - leg.t_start,
-                total_s=now - leg.t_start,
-            )
-        )
+        resp.usage.CopyFrom(pb.Usage(
+            prompt_tokens=len(st.prompt), completion_tokens=len(st.sent), cached_prompt_tokens=st.num_cached_tokens
+        ))
+        resp.prefill_worker = st.prefill_worker
+        resp.decode_worker = st.decode_worker
+        resp.timings.CopyFrom(pb.Timings(
+            queue_s=max(0.0, (st.t_prefill_start or now) - st.t_start),
+            prefill_s=st.prefill_s,
+            transfer_s=st.transfer_s,
+            first_token_s=(st.t_first_token or now) - st.t_start,
+            total_s=now - st.t_start,
+        ))
+        return resp
 
     # ---- RPCs -------------------------------------------------------------------------------------
+    async def _abort(self, context, e: RouteError) -> None:
+        if e.retry_after_s:
+            context.set_trailing_metadata((("retry-after-ms", str(int(e.retry_after_s * 1000))),))
+        await context.abort(e.code, str(e))
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
             async for resp in self._run(request, context):
                 yield resp
         except RouteError as e:
-            await context.abort(e.code, str(e))
-        except (ValueError, KeyError) as e:
-            await context.abort(status_for(e), str(e))
+            await self._abort(context, e)
+        except asyncio.CancelledError:
+            self.counters.cancelled += 1
+            raise
 
     async def Complete(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         total = pb.GenerateResponse()
@@ -232,5 +342,8 @@ class GenerationServicer:
                     total.prefill_worker = resp.prefill_worker
                     total.decode_worker = resp.decode_worker
         except RouteError as e:
-            await context.abort(e.code, str(e))
+            await self._abort(context, e)
+        except asyncio.CancelledError:
+            self.counters.cancelled += 1
+            raise
         return total
