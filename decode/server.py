@@ -14,6 +14,7 @@ from engine.engine_loop import EngineLoop
 from kvtransfer import make_receiver
 from kvtransfer.base import TransferConfig
 from protos import pdserve_pb2_grpc as pb_grpc
+from protos.observability import STEP_SECONDS, register_worker_collector, serve_metrics
 from protos.rpc import create_server, heartbeat, install_sigterm, set_serving
 
 logger = logging.getLogger(__name__)
@@ -28,17 +29,22 @@ async def serve(
     ready: asyncio.Future | None = None,
     stop: asyncio.Event | None = None,
     routers: tuple[str, ...] = (),
+    step_delay_s: float = 0.0,
+    metrics_port: int = 0,
 ) -> None:
     shared = transfer_config.backend == "tcp" and transfer_config.allow_shm and engine_config.device == "cpu"
     engine = await asyncio.to_thread(LLMEngine, engine_config, shared, True)
     receiver = make_receiver(transfer_config, engine.runner.kv.layers, engine.fingerprint, engine.runner.kv.shm_path)
     kv_endpoint = receiver.start()
-    loop = EngineLoop(engine, name="decode-engine").start()
+    loop = EngineLoop(engine, name="decode-engine", step_delay_s=step_delay_s).start()
     server, port, health = create_server(addr, SERVICES)
     host = addr.rsplit(":", 1)[0]
     identity = WorkerIdentity(f"decode-{uuid.uuid4().hex[:6]}", f"{host}:{port}", transfer_config.backend)
     servicer = DecodeServicer(loop, receiver, kv_endpoint, identity, transfer_config.timeout_s)
     pb_grpc.add_DecodeServicer_to_server(servicer, server)
+    loop.on_step = STEP_SECONDS.labels("decode").observe
+    register_worker_collector("decode", servicer.load, lambda: servicer.in_flight)
+    serve_metrics(metrics_port, host)
     await server.start()
     await set_serving(health, SERVICES, True)
     sweeper = asyncio.create_task(servicer.sweep_expired())

@@ -22,9 +22,19 @@ from protos.convert import (
     logprob_to_proto,
     sampling_from_proto,
 )
-from protos.rpc import abort_with
+from protos.rpc import abort_with, channel
 
 logger = logging.getLogger(__name__)
+
+
+class PrefillLegError(Exception):
+    """The prefill worker this request was sent to failed; the router should blame it, not us."""
+
+    trailing_metadata = (("pdserve-failed-role", "prefill"),)
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.grpc_code = code.name
 
 
 @dataclass(slots=True)
@@ -56,6 +66,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.num_aborted = 0
         self.num_expired = 0
         self.in_flight = 0
+        self.prefill_stubs: dict[str, pb_grpc.PrefillStub] = {}
 
     # ---- reservations -----------------------------------------------------------------------------
     async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.ReserveResponse:
@@ -116,10 +127,24 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         try:
             params = sampling_from_proto(request.sampling)
             tokens = list(request.token_ids)
-            wait_s = 0.0
+            head = pb.DecodeChunk()  # extra fields for the first chunk
+            if self.draining and not request.prefilled:
+                raise CapacityError("worker is draining")
+            if request.prefill_address:
+                leg = await self._remote_prefill(rid, tokens, params, request)
+                head = pb.DecodeChunk(
+                    prefill_worker=request.prefill_address, prefill_s=leg.prefill_s, transfer_s=leg.transfer_s,
+                    transfer_bytes=leg.transfer_bytes, transfer_wall_s=leg.transfer_wall_s,
+                    transfer_path=leg.transfer_path,
+                )
+                request.prefilled = True
+                request.first_token_id = leg.first_token_id
+                request.num_cached_tokens = leg.num_cached_tokens
+                if leg.HasField("first_logprob"):
+                    request.first_logprob.CopyFrom(leg.first_logprob)
             if request.prefilled:
                 self.deadlines.pop(rid, None)
-                wait_s = await self._wait_transfer(rid)
+                head.transfer_wait_s = await self._wait_transfer(rid)
                 first_lp = logprob_from_proto(request.first_logprob) if request.HasField("first_logprob") else None
 
                 def add(engine):
@@ -128,13 +153,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                         request.num_cached_tokens, request.num_prior_tokens,
                     )
             else:
-                if self.draining:
-                    raise CapacityError("worker is draining")
 
                 def add(engine):
                     return engine.add_request(rid, tokens, params, request.priority, sample_offset=request.num_prior_tokens)
 
-            first = True
             async for out in self.loop.stream(rid, add):
                 chunk = pb.DecodeChunk(
                     token_ids=out.new_token_ids,
@@ -144,16 +166,16 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 )
                 for tok, lp in zip(out.new_token_ids, out.logprobs, strict=False):
                     chunk.logprobs.append(logprob_to_proto(tok, lp))
-                if first:
-                    chunk.transfer_wait_s = wait_s
-                    first = False
+                if head is not None:
+                    head.MergeFrom(chunk)
+                    chunk, head = head, None
                 yield chunk
         except asyncio.CancelledError:
             logger.info("[%s] cancelled (client cancel or deadline); freeing its blocks", rid)
             self.deadlines.pop(rid, None)
             if self.receiver is not None:
                 self.receiver.cancel(rid)
-            self.loop.call(lambda e: e.abort(rid))
+            self.loop.abort(rid, time.monotonic())
             self.num_aborted += 1
             raise
         except Exception as e:  # noqa: BLE001 - mapped to a status
@@ -161,6 +183,36 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             await abort_with(context, e)
         finally:
             self.in_flight -= 1
+
+    async def _remote_prefill(self, rid: str, tokens: list[int], params, request: pb.DecodeRequest):
+        """Decode-driven disaggregation: reserve blocks here, have the prefill worker fill them."""
+        if self.receiver is None:
+            raise FingerprintMismatchError("this decode worker has no KV receiver")
+
+        def reserve(engine):
+            engine.validate(tokens, params)
+            return engine.reserve(rid, len(tokens))
+
+        block_ids = await self.loop.acall(reserve)
+        self.receiver.expect(rid, block_ids)
+        stub = self._prefill_stub(request.prefill_address)
+        try:
+            return await stub.Prefill(
+                pb.PrefillRequest(
+                    request_id=rid, token_ids=tokens, sampling=request.sampling, priority=request.priority,
+                    num_prior_tokens=request.num_prior_tokens,
+                    target=pb.KVTarget(endpoint=self.kv_endpoint, block_ids=block_ids, transfer_id=rid),
+                ),
+                timeout=self.transfer_timeout_s * 4,
+            )
+        except grpc.aio.AioRpcError as e:
+            raise PrefillLegError(e.code(), f"prefill worker {request.prefill_address}: {e.details()}") from None
+
+    def _prefill_stub(self, address: str):
+        stub = self.prefill_stubs.get(address)
+        if stub is None:
+            stub = self.prefill_stubs[address] = pb_grpc.PrefillStub(channel(address))
+        return stub
 
     async def _wait_transfer(self, rid: str) -> float:
         t0 = time.monotonic()
@@ -191,4 +243,5 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             vocab_size=e.vocab_size,
             num_aborted=self.num_aborted,
             device=e.config.device,
+            last_abort_latency_s=self.loop.last_abort_latency_s,
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import time
 
@@ -13,14 +12,10 @@ from engine import env
 EPILOG = "Workers bind 127.0.0.1 unless --host says otherwise. Port 0 picks a free port."
 
 
-def _setup_logging(role: str) -> None:
-    logging.basicConfig(
-        level=env.log_level(),
-        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("transformers", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _setup_logging(role: str, fmt: str = "text") -> None:
+    from protos.observability import setup_logging
+
+    setup_logging(role, env.log_level(), fmt)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -49,6 +44,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--router", action="append", default=[], help="router host:port to register with (repeatable)")
+    p.add_argument("--debug-step-delay-ms", type=float, default=0.0, help="fault injection: sleep after each step")
+    _ops_args(p)
 
 
 def _configs(a: argparse.Namespace):
@@ -89,18 +86,19 @@ def _run(coro) -> None:
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
-    _setup_logging(a.cmd)
+    _setup_logging(a.cmd, a.log_format)
     engine, transfer = _configs(a)
     if a.cmd == "prefill":
         from prefill.server import serve
     else:
         from decode.server import serve
-    _run(serve(engine, transfer, f"{a.host}:{a.port}", routers=tuple(a.router)))
+    _run(serve(engine, transfer, f"{a.host}:{a.port}", routers=tuple(a.router), step_delay_s=a.debug_step_delay_ms / 1000,
+                 metrics_port=a.metrics_port))
     return 0
 
 
 def cmd_router(a: argparse.Namespace) -> int:
-    _setup_logging("router")
+    _setup_logging("router", a.log_format)
     from router.admission import parse_tenant_rates
     from router.server import RouterConfig, load_worker_config, serve
 
@@ -120,6 +118,7 @@ def cmd_router(a: argparse.Namespace) -> int:
         tenant_rates=parse_tenant_rates(a.tenant_rate),
         default_rate=default_rate,
         max_retries=a.max_retries,
+        metrics_port=a.metrics_port,
     )
     _run(serve(cfg))
     return 0
@@ -200,6 +199,11 @@ def cmd_up(a: argparse.Namespace) -> int:
     return 0
 
 
+def _ops_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+
+
 def _router_policy_args(p: argparse.ArgumentParser) -> None:
     from router.policy import POLICIES
 
@@ -244,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--decode", action="append", default=[], help="decode worker host:port (repeatable)")
     r.add_argument("--config", help='JSON file {"prefill": [...], "decode": [...]}')
     _router_policy_args(r)
+    _ops_args(r)
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=0)
     r.set_defaults(fn=cmd_router)

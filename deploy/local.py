@@ -119,6 +119,17 @@ class LocalCluster:
             raise
         return self
 
+    def add_router(self, router_args: list[str] | None = None) -> Proc:
+        """Start another router replica over the same workers (stateless routers share a pool)."""
+        args = ["--model", self.model, "--policy", self.policy, *(router_args or self.router_args)]
+        for p in self.procs:
+            if p.role in ("prefill", "decode"):
+                args += [f"--{p.role}", p.address]
+        router = _spawn("router", args, self.env, self.echo)
+        self.procs.append(router)
+        _await_ready(router, self.ready_timeout_s, self.echo)
+        return router
+
     def workers(self, role: str) -> list[Proc]:
         return [p for p in self.procs if p.role == role]
 

@@ -42,8 +42,9 @@ class LoadStats:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, name: str = "engine"):
+    def __init__(self, engine: LLMEngine, name: str = "engine", step_delay_s: float = 0.0):
         self.engine = engine
+        self.step_delay_s = step_delay_s  # fault injection / tests: slow every step down
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: dict[str, Listener] = {}
         self._stop = threading.Event()
@@ -54,6 +55,8 @@ class EngineLoop:
         self._prompt_tokens = 0
         self._hit_tokens = 0
         self._event_subs: list[Callable[[list], None]] = []
+        self.last_abort_latency_s = 0.0
+        self.on_step: Callable[[float], None] | None = None  # e.g. a metrics histogram
 
     def start(self) -> EngineLoop:
         self._thread.start()
@@ -118,7 +121,7 @@ class EngineLoop:
                     return
         finally:
             if not finished:
-                self.call(lambda e: self._abort(e, request_id))
+                self.abort(request_id, time.monotonic())
 
     async def kv_events(self) -> AsyncIterator[tuple[bool, list]]:
         """Yield (is_snapshot, events): first a snapshot of every cached block hash, then deltas in order."""
@@ -151,6 +154,17 @@ class EngineLoop:
         self._listeners.pop(request_id, None)
         return engine.abort(request_id)
 
+    def abort(self, request_id: str, since: float | None = None) -> concurrent.futures.Future[bool]:
+        """Abort from any thread; records how long the blocks took to come free (cancel latency)."""
+
+        def run(engine: LLMEngine) -> bool:
+            freed = self._abort(engine, request_id)
+            if freed and since is not None:
+                self.last_abort_latency_s = time.monotonic() - since
+            return freed
+
+        return self.call(run)
+
     # ---- the engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -174,13 +188,18 @@ class EngineLoop:
                     return
             if self.engine.has_unfinished():
                 self._step()
+                if self.step_delay_s:
+                    time.sleep(self.step_delay_s)
             self._flush_events()
             self._publish_stats()
 
     def _step(self) -> None:
         running = [s.request_id for s in self.engine.scheduler.running]
+        t0 = time.perf_counter()
         try:
             outputs = self.engine.step()
+            if self.on_step is not None:
+                self.on_step(time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
             logger.exception("engine step failed; failing %d requests", len(running))
             for rid in running:

@@ -14,6 +14,7 @@ from kvtransfer import make_sender
 from kvtransfer.base import TransferConfig
 from prefill.service import PrefillIdentity, PrefillServicer
 from protos import pdserve_pb2_grpc as pb_grpc
+from protos.observability import STEP_SECONDS, register_worker_collector, serve_metrics
 from protos.rpc import create_server, heartbeat, install_sigterm, set_serving
 
 logger = logging.getLogger(__name__)
@@ -28,16 +29,21 @@ async def serve(
     ready: asyncio.Future | None = None,
     stop: asyncio.Event | None = None,
     routers: tuple[str, ...] = (),
+    step_delay_s: float = 0.0,
+    metrics_port: int = 0,
 ) -> None:
     engine = await asyncio.to_thread(LLMEngine, engine_config, False, True)
     sender = make_sender(transfer_config, engine.runner.kv.layers, engine.fingerprint)
-    loop = EngineLoop(engine, name="prefill-engine")
+    loop = EngineLoop(engine, name="prefill-engine", step_delay_s=step_delay_s)
     server, port, health = create_server(addr, SERVICES)
     host = addr.rsplit(":", 1)[0]
     identity = PrefillIdentity(f"prefill-{uuid.uuid4().hex[:6]}", f"{host}:{port}", transfer_config.backend)
     servicer = PrefillServicer(loop, sender, identity, transfer_config.timeout_s)
     loop.start()
     pb_grpc.add_PrefillServicer_to_server(servicer, server)
+    loop.on_step = STEP_SECONDS.labels("prefill").observe
+    register_worker_collector("prefill", servicer.load, lambda: servicer.in_flight)
+    serve_metrics(metrics_port, host)
     await server.start()
     await set_serving(health, SERVICES, True)
     print(f"PDSERVE_READY prefill {identity.address}", flush=True)

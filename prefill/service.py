@@ -17,6 +17,7 @@ from kvtransfer.base import KVSender, TransferHandle
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.convert import kv_event_stream, load_to_proto, logprob_to_proto, sampling_from_proto
+from protos.observability import record_transfer, record_transfer_failure
 from protos.rpc import abort_with
 
 logger = logging.getLogger(__name__)
@@ -122,10 +123,15 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             async for out in self.loop.stream(rid, add):
                 first = out
             t_computed = time.monotonic()
-            stats = await asyncio.to_thread(handle.finish, self.transfer_timeout_s)
+            try:
+                stats = await asyncio.to_thread(handle.finish, self.transfer_timeout_s)
+            except Exception:
+                record_transfer_failure(target.endpoint)
+                raise
             handle = None
             t_done = time.monotonic()
             t_start = plan.t_first_push or t_arrive
+            record_transfer(target.endpoint, stats.path, stats.num_bytes, t_done - t_start)
             resp = pb.PrefillResponse(
                 first_token_id=first.new_token_ids[0],
                 num_cached_tokens=first.num_cached_tokens,
@@ -181,4 +187,5 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             vocab_size=e.vocab_size,
             num_aborted=self.num_aborted,
             device=e.config.device,
+            last_abort_latency_s=self.loop.last_abort_latency_s,
         )

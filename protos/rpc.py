@@ -58,6 +58,9 @@ def message_for(exc: BaseException) -> str:
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """Abort the RPC with the status that ``exc`` maps to (raises AbortError, as grpc.aio does)."""
     code = status_for(exc)
+    trailing = getattr(exc, "trailing_metadata", None)
+    if trailing:
+        context.set_trailing_metadata(trailing)
     if code is grpc.StatusCode.INTERNAL:
         logger.error("internal error: %r", exc, exc_info=exc)
     await context.abort(code, message_for(exc))

@@ -7,15 +7,31 @@ import grpc
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from router.membership import ROLES, Membership
+from router.prefix_index import PrefixIndex
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, membership: Membership):
+    def __init__(self, membership: Membership, index: PrefixIndex | None = None, generation=None):
         self.membership = membership
+        self.index = index or PrefixIndex()
+        self.generation = generation
 
-    async def ListWorkers(self, request, context) -> pb.ListWorkersResponse:
-        workers = sorted(self.membership.workers.values(), key=lambda w: (w.role, w.address))
-        return pb.ListWorkersResponse(workers=[w.status() for w in workers])
+    async def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
+        out = pb.ListWorkersResponse()
+        for w in sorted(self.membership.workers.values(), key=lambda w: (w.role, w.address)):
+            status = w.status()
+            held = self.index.hashes_of(w.address)
+            status.num_indexed_blocks = len(held)
+            if request.include_index:
+                status.indexed_block_hashes.extend(sorted(held))
+            out.workers.append(status)
+        if self.generation is not None:
+            c, a = self.generation.counters, self.generation.admission
+            out.router.CopyFrom(pb.RouterStats(
+                requests=c.requests, retries=c.retries, migrations=c.migrations, cancelled=c.cancelled,
+                local_prefills=c.local_prefills, failed=c.failed, rate_limited=a.num_rate_limited, shed=a.num_shed,
+            ))
+        return out
 
     async def Drain(self, request: pb.DrainRequest, context) -> pb.DrainResponse:
         return await self._set(request, context, True)

@@ -46,6 +46,7 @@ class Worker:
             draining=self.draining or self.load.draining,
             load=self.load,
             in_flight=self.in_flight,
+            circuit_open=time.monotonic() < self.open_until,
         )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from engine.models import resolve_model
 from engine.tokenizer import load_tokenizer
 from protos import pdserve_pb2_grpc as pb_grpc
+from protos.observability import serve_metrics
 from protos.rpc import create_server, install_sigterm, set_serving
 from router.admin import AdminServicer
 from router.admission import Admission
@@ -37,6 +38,7 @@ class RouterConfig:
     default_rate: tuple[float, float] | None = None
     max_retries: int = 3
     poll_interval_s: float = 0.5
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         if self.local_prefill_tokens < 0:
@@ -101,7 +103,8 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s)
     generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries)
     pb_grpc.add_GenerationServicer_to_server(generation, server)
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(membership), server)
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(membership, index, generation), server)
+    serve_metrics(cfg.metrics_port, cfg.addr.rsplit(":", 1)[0])
     await server.start()
     await set_serving(health, SERVICES, True)
     address = f"{cfg.addr.rsplit(':', 1)[0]}:{port}"

@@ -20,6 +20,7 @@ import grpc
 from engine.hashing import block_hashes
 from protos import pdserve_pb2 as pb
 from protos.convert import sampling_from_proto
+from router import metrics
 from router.admission import Admission, AdmissionError
 from router.costs import topology
 from router.membership import Membership, Worker
@@ -98,7 +99,6 @@ class GenerationServicer:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.counters = RouterCounters()
-        self._bg: set[asyncio.Task] = set()
 
     # ---- validation -------------------------------------------------------------------------------
     def parse(self, request: pb.GenerateRequest):
@@ -150,6 +150,7 @@ class GenerationServicer:
         except ValueError as e:
             raise RouteError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except AdmissionError as e:
+            metrics.SHED.labels("rate_limit").inc()
             raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s) from None
         self.counters.requests += 1
         st = RequestState(rid, token_ids, request, params.max_tokens)
@@ -163,7 +164,10 @@ class GenerationServicer:
                 try:
                     self.admission.check_slo(decision.predicted_ttft_s, request.priority)
                 except AdmissionError as e:
+                    metrics.SHED.labels("slo").inc()
                     raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s) from None
+            outcome = "disaggregated" if decision.prefill is not None else f"local: {decision.reason}"
+            metrics.ROUTING.labels(self.policy.name, outcome).inc()
             st.attempts += 1
             try:
                 async for resp in self._attempt(st, decision, context):
@@ -178,9 +182,11 @@ class GenerationServicer:
                     raise RouteError(grpc.StatusCode.UNAVAILABLE, f"{f} (gave up after {st.attempts} attempts)") from None
                 if st.sent:
                     self.counters.migrations += 1
+                    metrics.MIGRATIONS.inc()
                     logger.warning("[%s] migrating after %d tokens: %s", rid, len(st.sent), f)
                 else:
                     self.counters.retries += 1
+                    metrics.RETRIES.inc()
                     logger.warning("[%s] retrying: %s", rid, f)
                 await asyncio.sleep(self.backoff_s * 2 ** (st.attempts - 1))
 
@@ -199,96 +205,61 @@ class GenerationServicer:
             request_id=f"{st.rid}#{st.attempts}" if st.attempts > 1 else st.rid,
             token_ids=tokens, sampling=sampling, priority=st.request.priority, num_prior_tokens=len(st.sent),
         )
+        prefill = d.prefill
+        if prefill is not None:
+            decode_req.prefill_address = prefill.address
+        else:
+            self.counters.local_prefills += 1
+        st.t_prefill_start = st.t_prefill_start or time.monotonic()
+        st.prefill_worker = prefill.address if prefill is not None else ""
+        st.decode_worker = decode.address
         decode.in_flight += 1
-        cleanup = True
+        if prefill is not None:
+            prefill.in_flight += 1
+        first = True
+        call = decode.stub.Decode(decode_req, timeout=self._remaining(context))
         try:
-            if d.prefill is not None:
-                await self._prefill(st, d.prefill, decode, decode_req)
-            else:
-                self.counters.local_prefills += 1
-                st.prefill_worker = ""
-                st.t_prefill_start = st.t_prefill_start or time.monotonic()
-            st.decode_worker = decode.address
-            call = decode.stub.Decode(decode_req, timeout=self._remaining(context))
-            try:
-                async for chunk in call:
-                    if chunk.token_ids and not st.t_first_token:
-                        st.t_first_token = time.monotonic()
-                    st.sent.extend(chunk.token_ids)
-                    st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
-                    resp = pb.GenerateResponse(
-                        request_id=st.rid, token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs
-                    )
-                    if chunk.finish_reason:
-                        cleanup = False
-                        self._final(st, resp, chunk.finish_reason)
-                    yield resp
-            except grpc.aio.AioRpcError as e:
-                raise self._failure(decode, e) from None
-            finally:
-                if cleanup:
-                    call.cancel()
+            async for chunk in call:
+                if first:
+                    first = False
+                    if prefill is not None:
+                        prefill.in_flight -= 1
+                        self._observe(st, prefill, decode, decode_req, chunk)
+                if chunk.token_ids and not st.t_first_token:
+                    st.t_first_token = time.monotonic()
+                st.sent.extend(chunk.token_ids)
+                st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
+                resp = pb.GenerateResponse(
+                    request_id=st.rid, token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs
+                )
+                if chunk.finish_reason:
+                    self._final(st, resp, chunk.finish_reason)
+                yield resp
+        except grpc.aio.AioRpcError as e:
+            trailers = dict(await call.trailing_metadata() or ())
+            blamed = prefill if trailers.get("pdserve-failed-role") == "prefill" and prefill else decode
+            raise self._failure(blamed, e) from None
         finally:
             decode.in_flight -= 1
-            if cleanup:
-                self._spawn(self._release(decode, decode_req.request_id))
+            if first and prefill is not None:
+                prefill.in_flight -= 1
+            call.cancel()
 
-    async def _prefill(self, st: RequestState, prefill: Worker, decode: Worker, decode_req: pb.DecodeRequest) -> None:
-        rid = decode_req.request_id
-        try:
-            res = await decode.stub.Reserve(
-                pb.ReserveRequest(
-                    request_id=rid, token_ids=decode_req.token_ids, sampling=decode_req.sampling,
-                    fingerprint=prefill.load.fingerprint, ttl_s=30.0,
-                ),
-                timeout=10.0,
-            )
-        except grpc.aio.AioRpcError as e:
-            raise self._failure(decode, e) from None
-        st.t_prefill_start = st.t_prefill_start or time.monotonic()
-        prefill.in_flight += 1
-        try:
-            out = await prefill.stub.Prefill(
-                pb.PrefillRequest(
-                    request_id=rid, token_ids=decode_req.token_ids, sampling=decode_req.sampling,
-                    priority=decode_req.priority, num_prior_tokens=decode_req.num_prior_tokens,
-                    target=pb.KVTarget(endpoint=res.kv_endpoint, block_ids=res.block_ids, transfer_id=res.transfer_id),
-                ),
-                timeout=self.rpc_timeout_s,
-            )
-        except grpc.aio.AioRpcError as e:
-            raise self._failure(prefill, e) from None
-        finally:
-            prefill.in_flight -= 1
-        st.prefill_worker = prefill.address
-        st.prefill_s += out.prefill_s
-        st.transfer_s += out.transfer_s
-        st.num_cached_tokens = max(st.num_cached_tokens, out.num_cached_tokens)
-        uncached = len(decode_req.token_ids) - out.num_cached_tokens
-        self.policy.costs.observe_prefill(prefill.address, uncached, out.prefill_s)
-        self.policy.costs.observe_transfer(topology(prefill.load, decode.load), out.transfer_bytes, out.transfer_wall_s)
-        decode_req.prefilled = True
-        decode_req.first_token_id = out.first_token_id
-        decode_req.num_cached_tokens = out.num_cached_tokens
-        if out.HasField("first_logprob"):
-            decode_req.first_logprob.CopyFrom(out.first_logprob)
+    def _observe(self, st: RequestState, prefill: Worker, decode: Worker, req: pb.DecodeRequest, chunk) -> None:
+        """Feed the prefill leg's measurements to the cost model and the request's timings."""
+        st.prefill_s += chunk.prefill_s
+        st.transfer_s += chunk.transfer_s
+        st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
+        self.policy.costs.observe_prefill(prefill.address, len(req.token_ids) - chunk.num_cached_tokens, chunk.prefill_s)
+        self.policy.costs.observe_transfer(
+            topology(prefill.load, decode.load), chunk.transfer_bytes, chunk.transfer_wall_s
+        )
 
     def _failure(self, worker: Worker, e: grpc.aio.AioRpcError) -> Exception:
         msg = f"{worker.role} worker {worker.address}: {e.code().name}: {e.details()}"
         if e.code() in RETRYABLE:
             return LegFailure(worker, e.code(), msg)
         return RouteError(e.code(), msg)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
-    async def _release(self, decode: Worker, rid: str) -> None:
-        try:
-            await decode.stub.Release(pb.ReleaseRequest(request_id=rid), timeout=5.0)
-        except grpc.aio.AioRpcError as e:
-            logger.debug("[%s] release on %s failed: %s", rid, decode.address, e.code().name)
 
     def _remaining(self, context) -> float:
         left = context.time_remaining() if context is not None else None
@@ -309,6 +280,9 @@ class GenerationServicer:
             first_token_s=(st.t_first_token or now) - st.t_start,
             total_s=now - st.t_start,
         ))
+        metrics.observe_finished(
+            resp.timings.first_token_s, resp.timings.total_s, len(st.sent), len(st.prompt), st.num_cached_tokens
+        )
         return resp
 
     # ---- RPCs -------------------------------------------------------------------------------------
@@ -321,10 +295,14 @@ class GenerationServicer:
         try:
             async for resp in self._run(request, context):
                 yield resp
+            metrics.REQUESTS.labels("OK").inc()
         except RouteError as e:
+            metrics.REQUESTS.labels(e.code.name).inc()
             await self._abort(context, e)
         except asyncio.CancelledError:
             self.counters.cancelled += 1
+            metrics.CANCELLED.inc()
+            metrics.REQUESTS.labels("CANCELLED").inc()
             raise
 
     async def Complete(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
@@ -342,8 +320,12 @@ class GenerationServicer:
                     total.prefill_worker = resp.prefill_worker
                     total.decode_worker = resp.decode_worker
         except RouteError as e:
+            metrics.REQUESTS.labels(e.code.name).inc()
             await self._abort(context, e)
         except asyncio.CancelledError:
             self.counters.cancelled += 1
+            metrics.CANCELLED.inc()
+            metrics.REQUESTS.labels("CANCELLED").inc()
             raise
+        metrics.REQUESTS.labels("OK").inc()
         return total

@@ -1,0 +1,28 @@
+"""The router's Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from protos.observability import LATENCY_BUCKETS
+
+REQUESTS = Counter("pdserve_router_requests_total", "Requests by final gRPC status", ["status"])
+TTFT = Histogram("pdserve_router_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS)
+TPOT = Histogram("pdserve_router_tpot_seconds", "Time per output token after the first", buckets=LATENCY_BUCKETS)
+E2E = Histogram("pdserve_router_e2e_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS)
+ROUTING = Counter("pdserve_router_routing_decisions_total", "Routing decisions", ["policy", "outcome"])
+PROMPT_TOKENS = Counter("pdserve_router_prompt_tokens_total", "Prompt tokens of finished requests")
+CACHED_PROMPT_TOKENS = Counter("pdserve_router_cached_prompt_tokens_total", "Prompt tokens served from a prefix cache")
+RETRIES = Counter("pdserve_router_retries_total", "Attempts retried on another worker before any token was sent")
+MIGRATIONS = Counter("pdserve_router_migrations_total", "Requests migrated to another decode worker mid-stream")
+SHED = Counter("pdserve_router_shed_total", "Requests refused by admission control", ["reason"])
+CANCELLED = Counter("pdserve_router_cancelled_total", "Requests cancelled by the client or its deadline")
+
+
+def observe_finished(ttft_s: float, total_s: float, num_out: int, num_prompt: int, num_cached: int) -> None:
+    TTFT.observe(ttft_s)
+    E2E.observe(total_s)
+    if num_out > 1:
+        TPOT.observe((total_s - ttft_s) / (num_out - 1))
+    PROMPT_TOKENS.inc(num_prompt)
+    CACHED_PROMPT_TOKENS.inc(num_cached)
