@@ -13,6 +13,7 @@ from tests.cluster.conftest import direct_load, generate_many
 
 NUM_REQUESTS = 16
 MAX_TOKENS = 12
+ALL_DISAGG = ["--local-prefill-tokens", "0"]  # no conditional disaggregation: every request crosses
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,9 @@ def _requests(prompts):
 
 
 def _check(cluster: LocalCluster, prompts, expected, disaggregated: bool = True):
-    results = generate_many(cluster.router_address, _requests(prompts))
+    reqs = _requests(prompts)
+    # the first request warms the prefix cache for the two that share its prefix; the rest go concurrently
+    results = generate_many(cluster.router_address, reqs[:1]) + generate_many(cluster.router_address, reqs[1:])
     prefill_workers, decode_workers = set(), set()
     for i, res in enumerate(results):
         assert not isinstance(res, Exception), f"request {i} failed: {res}"
@@ -68,7 +71,7 @@ def _check(cluster: LocalCluster, prompts, expected, disaggregated: bool = True)
 )
 def test_1p1d_matches_offline(workload, transfer, extra):
     prompts, expected = workload
-    with LocalCluster(1, 1, transfer=transfer, extra_worker_args=extra) as c:
+    with LocalCluster(1, 1, transfer=transfer, extra_worker_args=extra, router_args=ALL_DISAGG) as c:
         results = _check(c, prompts, expected)
     cached = [r[-1].usage.cached_prompt_tokens for r in results]
     assert sum(cached) > 0, "shared prefixes should hit the prefill worker's prefix cache"
@@ -76,7 +79,7 @@ def test_1p1d_matches_offline(workload, transfer, extra):
 
 def test_2p2d_matches_offline(workload):
     prompts, expected = workload
-    with LocalCluster(2, 2, transfer="tcp") as c:
+    with LocalCluster(2, 2, transfer="tcp", policy="round_robin", router_args=ALL_DISAGG) as c:
         _check(c, prompts, expected)
 
 
@@ -85,3 +88,16 @@ def test_colocated_matches_offline(workload):
     prompts, expected = workload
     with LocalCluster(0, 1, transfer="tcp") as c:
         _check(c, prompts, expected, disaggregated=False)
+
+
+def test_conditional_disaggregation_mixes_paths(workload):
+    """Default router: short prompts prefill on the decode worker, long ones go through the prefill pool."""
+    prompts, expected = workload
+    with LocalCluster(1, 1, transfer="tcp") as c:
+        results = generate_many(c.router_address, _requests(prompts))
+        paths = {}
+        for i, res in enumerate(results):
+            assert [t for r in res for t in r.token_ids] == expected[i]
+            paths[i] = res[-1].prefill_worker
+        assert all(paths[i] == "" for i, p in enumerate(prompts) if len(p) <= 16)
+        assert all(paths[i] != "" for i, p in enumerate(prompts) if len(p) > 16 and i > 2)

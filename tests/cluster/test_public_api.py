@@ -62,7 +62,7 @@ def test_cancel_frees_blocks_on_both_workers(cluster_1p1d):
                 got += len(resp.token_ids)
                 if got >= 3:
                     break
-            busy = _free(c, "decode")[0]
+            busy = (await asyncio.to_thread(_free, c, "decode"))[0]
             call.cancel()
             return busy
 
