@@ -39,7 +39,9 @@ from kvtransfer.base import (
 logger = logging.getLogger(__name__)
 
 
-def readable(sock: socket.socket, timeout: float) -> bool:
+def readable(sock, timeout: float) -> bool:
+    if hasattr(sock, "readable"):
+        return sock.readable(timeout)
     try:
         r, _, _ = select.select([sock], [], [], timeout)
     except (OSError, ValueError):
@@ -79,6 +81,7 @@ class _Rx:
 
 class SocketReceiver(KVReceiver):
     scheme = "tcp"
+    data_path = "tcp"
 
     def __init__(self, layers, fingerprint, config, shm_path=None):
         super().__init__(layers, fingerprint, config, shm_path)
@@ -153,17 +156,18 @@ class SocketReceiver(KVReceiver):
             extra["shm_path"] = self.shm_path
         return extra
 
-    def on_connected(self, sock: socket.socket, hello: dict) -> dict:
-        """Hook: set up a data plane; returns the HELLO_OK body."""
-        return {}
+    def on_connected(self, sock: socket.socket, hello: dict) -> None:
+        """Hook: set up another data plane once the handshake succeeded (the HELLO_OK is sent)."""
 
     def _serve(self, sock: socket.socket) -> None:
         self._conns.add(sock)
         touched: set[str] = set()
         try:
             sock.settimeout(self.config.timeout_s)
-            hello = control.server_handshake(sock, self.fingerprint, self.config.secret, self.challenge_extra())
-            control.send_json(sock, wire.HELLO_OK, self.on_connected(sock, hello))
+            extra = self.challenge_extra()
+            hello = control.server_handshake(sock, self.fingerprint, self.config.secret, extra)
+            control.send_json(sock, wire.HELLO_OK, {})
+            self.on_connected(sock, {**hello, **extra})
             while not self._closed.is_set():
                 if not readable(sock, 0.5):
                     continue  # idle is fine; a stall inside a frame times out below
@@ -176,10 +180,14 @@ class SocketReceiver(KVReceiver):
             self._fail(touched, f"connection lost: {e}")
         finally:
             self._conns.discard(sock)
+            self.on_disconnected(sock)
             try:
                 sock.close()
             except OSError:
                 pass
+
+    def on_disconnected(self, sock: socket.socket) -> None:
+        """Hook: tear down what on_connected set up."""
 
     def _fail(self, transfer_ids, reason: str) -> None:
         with self._lock:
@@ -213,7 +221,7 @@ class SocketReceiver(KVReceiver):
                 self.drop_payload(sock, frame)
                 return
             self.receive_payload(sock, frame)
-            self._account(rx, frame, "tcp" if self.scheme == "tcp" else self.scheme)
+            self._account(rx, frame, self.data_path)
         elif frame.type == wire.NOTIFY:
             rx = self._lookup(frame)
             if rx is not None:
@@ -290,10 +298,9 @@ class _Conn:
         host, port = control.parse_endpoint(endpoint, sender.scheme)
         cfg = sender.config
         try:
-            self.sock = socket.create_connection((host, port), timeout=cfg.timeout_s)
+            self.sock = sender.connect(host, port)
         except OSError as e:
             raise TransferError(f"cannot connect to KV receiver {endpoint}: {e}") from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self.challenge, self.hello_ok = control.client_handshake(self.sock, sender.fingerprint, cfg.secret)
         except (OSError, ConnectionError, wire.WireError) as e:
@@ -429,6 +436,11 @@ class SocketSender(KVSender):
             conn.pending[transfer_id] = tx
         return _Handle(tx)
 
+    def connect(self, host: str, port: int):
+        sock = socket.create_connection((host, port), timeout=self.config.timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
     def forget(self, conn: _Conn) -> None:
         with self._lock:
             if self._conns.get(conn.endpoint) is conn:
@@ -475,15 +487,22 @@ class SocketSender(KVSender):
                 crc = wire.crc32(byte_view(dst_layer[s : s + n]) for s, n in block_runs(dst))
             frame = wire.Frame(wire.NOTIFY, tx.transfer_id, layer, dst, 0, crc, wire.F_CHECKSUM if checksum else 0)
             conn.sock.sendall(wire.encode_header(frame))
+            tx.num_frames += 1
         else:
-            views = [src_layer[s : s + n] for s, n in block_runs(src)]
-            views = [byte_view(v.cpu() if v.is_cuda else v) for v in views]
-            crc = wire.crc32(views) if checksum else 0
-            nbytes = len(src) * self.block_bytes
-            frame = wire.Frame(wire.DATA, tx.transfer_id, layer, dst, nbytes, crc, wire.F_CHECKSUM if checksum else 0)
-            self.send_payload(conn, frame, views)
-        tx.num_frames += 1
+            self.send_data(conn, tx, layer, src, dst)
         tx.num_bytes += len(src) * self.block_bytes
+
+    def send_data(self, conn: _Conn, tx: _Tx, layer: int, src: list[int], dst: list[int]) -> None:
+        """Stream the blocks as one DATA frame (payload straight from the source views)."""
+        src_layer = self.layers[layer]
+        views = [src_layer[s : s + n] for s, n in block_runs(src)]
+        views = [byte_view(v.cpu() if v.is_cuda else v) for v in views]
+        checksum = self.config.checksum
+        crc = wire.crc32(views) if checksum else 0
+        nbytes = len(src) * self.block_bytes
+        frame = wire.Frame(wire.DATA, tx.transfer_id, layer, dst, nbytes, crc, wire.F_CHECKSUM if checksum else 0)
+        self.send_payload(conn, frame, views)
+        tx.num_frames += 1
 
     def send_payload(self, conn: _Conn, frame: wire.Frame, views: list[memoryview]) -> None:
         if self.fault_injector is not None:
