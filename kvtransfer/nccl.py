@@ -36,7 +36,11 @@ def _new_group(store, rank: int, device_type: str, timeout_s: float):
 
 
 def _wait(work, timeout_s: float) -> None:
-    if not work.wait(datetime.timedelta(seconds=timeout_s)):
+    try:
+        ok = work.wait(datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # gloo/NCCL report a dead peer this way
+        raise TransferError(f"process-group transfer failed: {e}") from None
+    if not ok:
         raise TransferError("process-group transfer timed out")
 
 
