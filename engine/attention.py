@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 ATTN_IMPL = "pdserve"
 
@@ -48,29 +49,36 @@ def write_kv(cache: torch.Tensor, meta: AttentionMetadata, k: torch.Tensor, v: t
 
 
 def _attend(q, k, v, q_pos, k_pos, k_valid, scaling, sliding_window, softcap):
-    """q: [B, L, H, D]; k, v: [B, C, H, D]; q_pos [B, L]; k_pos [C]; k_valid [B, C] -> [B, L, H, D]."""
-    scores = torch.einsum("blhd,bchd->bhlc", q.float(), k.float()) * scaling
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
+    """q: [B, L, H, D]; k, v: [B, C, Hkv, D]; q_pos [B, L]; k_pos [C]; k_valid [B, C] -> [B, L, H, D].
+
+    GQA is handled by grouping query heads, never by copying K/V per head.
+    """
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
     if sliding_window:
         mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-    scores = scores.masked_fill(~mask[:, None, :, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhlc,bchd->blhd", probs, v.float())
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D], [B, Hkv, C, D]
+    if not softcap:
+        out = F.scaled_dot_product_attention(
+            qh, kh.to(qh.dtype), vh.to(qh.dtype), attn_mask=mask[:, None], scale=scaling,
+            enable_gqa=qh.shape[1] != kh.shape[1],
+        )
+        return out.transpose(1, 2)
+    b, h, length, d = qh.shape
+    hkv = kh.shape[1]
+    qg = qh.reshape(b, hkv, (h // hkv) * length, d).float()
+    scores = (qg @ kh.float().transpose(-1, -2)) * scaling
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.view(b, hkv, h // hkv, length, -1).masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(b, hkv, (h // hkv) * length, -1)
+    return (probs @ vh.float()).view(b, h, length, d).transpose(1, 2).to(q.dtype)
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, num_heads: int):
-    """Context K, V for a block table: [..., C, H, D], GQA heads expanded."""
-    kv = cache[block_table]  # [..., nblk, 2, bs, hkv, d]
-    shape = kv.shape
-    k = kv.select(-4, 0).reshape(*shape[:-5], shape[-5] * shape[-3], shape[-2], shape[-1])
-    v = kv.select(-4, 1).reshape(*shape[:-5], shape[-5] * shape[-3], shape[-2], shape[-1])
-    group = num_heads // shape[-2]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=-2)
-        v = v.repeat_interleave(group, dim=-2)
-    return k, v
+def _gather(cache: torch.Tensor, block_table: torch.Tensor):
+    """Context K, V for a block table: [..., C, Hkv, D] (KV heads not expanded)."""
+    k = cache[:, 0][block_table]  # one gather copy each: [..., nblk, bs, hkv, d], contiguous
+    v = cache[:, 1][block_table]
+    shape = k.shape
+    return k.view(*shape[:-4], shape[-4] * shape[-3], *shape[-2:]), v.view(*shape[:-4], shape[-4] * shape[-3], *shape[-2:])
 
 
 def torch_paged_attention(
@@ -83,12 +91,11 @@ def torch_paged_attention(
 ) -> torch.Tensor:
     """Reference paged attention. q: [T, H, D] -> [T, H, D] in q's dtype."""
     out = torch.empty_like(q)
-    num_heads = q.shape[1]
     device = q.device
     if meta.decode_indices:
         idx = [meta.seqs[i].query_start for i in meta.decode_indices]
         qd = q[idx].unsqueeze(1)  # [B, 1, H, D]
-        k, v = _gather(cache, meta.decode_block_tables, num_heads)  # [B, C, H, D]
+        k, v = _gather(cache, meta.decode_block_tables)  # [B, C, Hkv, D]
         ctx = meta.decode_context_lens
         k_pos = torch.arange(k.shape[1], device=device)
         valid = k_pos[None, :] < ctx[:, None]
@@ -97,7 +104,7 @@ def torch_paged_attention(
     for i in meta.prefill_indices:
         s = meta.seqs[i]
         qs = q[s.query_start : s.query_start + s.query_len].unsqueeze(0)
-        k, v = _gather(cache, s.block_table, num_heads)
+        k, v = _gather(cache, s.block_table)
         k, v = k[: s.context_len].unsqueeze(0), v[: s.context_len].unsqueeze(0)
         k_pos = torch.arange(s.context_len, device=device)
         q_pos = torch.arange(s.context_len - s.query_len, s.context_len, device=device)[None, :]

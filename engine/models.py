@@ -48,6 +48,26 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen2": Preset("qwen2", dict(_TINY, rope_theta=1000000.0), seed=1),
     "tiny-qwen3": Preset("qwen3", dict(_TINY, head_dim=32), seed=2),
     "tiny-mistral": Preset("mistral", dict(_TINY, sliding_window=96), seed=3),
+    # a ~110M Llama for CPU benchmarks where per-token compute, not Python overhead, dominates
+    "llama-110m-dummy": Preset(
+        "llama",
+        dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            vocab_size=32000,
+            initializer_range=0.02,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        dummy=True,
+    ),
     # Llama-3.2-1B shapes with a 32k vocab: ~1.1B parameters, the GPU benchmark model
     "llama-1b-dummy": Preset(
         "llama",
