@@ -136,9 +136,8 @@ class UcxReceiver(SocketReceiver):
         self._listener_ucx = None
 
     def start(self) -> str:
+        loop = ucx_loop()  # sets the UCX environment before ucxx is imported
         import ucxx
-
-        loop = ucx_loop()
 
         async def on_connect(ep) -> None:
             stream = UcxStream(ep, loop, self.config.timeout_s)
@@ -183,9 +182,8 @@ class UcxSender(SocketSender):
         return None
 
     def connect(self, host: str, port: int) -> UcxStream:
-        import ucxx
-
         loop = ucx_loop()
+        import ucxx
         fut = asyncio.run_coroutine_threadsafe(
             ucxx.create_endpoint(host, port, connect_timeout=self.config.timeout_s), loop
         )
