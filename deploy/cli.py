@@ -162,6 +162,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from bench.run import main as bench_main
+
+    return bench_main(args=a)
+
+
 def cmd_up(a: argparse.Namespace) -> int:
     _setup_logging("up")
     from deploy.local import LocalCluster
@@ -252,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=0)
     r.set_defaults(fn=cmd_router)
+
+    b = sub.add_parser("bench", help="load-test a cluster over the public API (see bench/run.py)")
+    from bench.run import build_parser as bench_parser
+
+    bench_parser(b)
+    b.set_defaults(fn=cmd_bench)
 
     g = sub.add_parser("generate", help="stream a completion from a running cluster")
     g.add_argument("prompt")
