@@ -15,7 +15,7 @@ from kvtransfer import make_receiver
 from kvtransfer.base import TransferConfig
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.observability import STEP_SECONDS, register_worker_collector, serve_metrics
-from protos.rpc import create_server, heartbeat, install_sigterm, set_serving
+from protos.rpc import TlsConfig, create_server, heartbeat, install_sigterm, set_serving
 
 logger = logging.getLogger(__name__)
 SERVICES = ["Decode"]
@@ -31,30 +31,31 @@ async def serve(
     routers: tuple[str, ...] = (),
     step_delay_s: float = 0.0,
     metrics_port: int = 0,
+    tls: TlsConfig | None = None,
 ) -> None:
     shared = transfer_config.backend == "tcp" and transfer_config.allow_shm and engine_config.device == "cpu"
     engine = await asyncio.to_thread(LLMEngine, engine_config, shared, True)
     receiver = make_receiver(transfer_config, engine.runner.kv.layers, engine.fingerprint, engine.runner.kv.shm_path)
     kv_endpoint = receiver.start()
     loop = EngineLoop(engine, name="decode-engine", step_delay_s=step_delay_s).start()
-    server, port, health = create_server(addr, SERVICES)
+    server, port, health = create_server(addr, SERVICES, tls)
     host = addr.rsplit(":", 1)[0]
     identity = WorkerIdentity(f"decode-{uuid.uuid4().hex[:6]}", f"{host}:{port}", transfer_config.backend)
-    servicer = DecodeServicer(loop, receiver, kv_endpoint, identity, transfer_config.timeout_s)
+    servicer = DecodeServicer(loop, receiver, kv_endpoint, identity, transfer_config.timeout_s, tls=tls)
     pb_grpc.add_DecodeServicer_to_server(servicer, server)
     loop.on_step = STEP_SECONDS.labels("decode").observe
     register_worker_collector("decode", servicer.load, lambda: servicer.in_flight)
-    serve_metrics(metrics_port, host)
+    bound_metrics = serve_metrics(metrics_port, host)
     await server.start()
     await set_serving(health, SERVICES, True)
     sweeper = asyncio.create_task(servicer.sweep_expired())
-    print(f"PDSERVE_READY decode {identity.address} kv={kv_endpoint}", flush=True)
+    print(f"PDSERVE_READY decode {identity.address} kv={kv_endpoint} metrics={bound_metrics}", flush=True)
     logger.info("decode worker %s serving on %s, KV endpoint %s", identity.worker_id, identity.address, kv_endpoint)
     if ready is not None:
         ready.set_result(identity.address)
     stop = stop or asyncio.Event()
     install_sigterm(stop)
-    registration = asyncio.create_task(heartbeat(list(routers), identity.address, "decode", stop)) if routers else None
+    registration = asyncio.create_task(heartbeat(list(routers), identity.address, "decode", stop, tls=tls)) if routers else None
     await stop.wait()
     if registration is not None:
         await registration  # says goodbye: routers stop sending new work at once

@@ -22,7 +22,7 @@ from protos.convert import (
     logprob_to_proto,
     sampling_from_proto,
 )
-from protos.rpc import abort_with, channel
+from protos.rpc import TlsConfig, abort_with, channel
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         identity: WorkerIdentity,
         transfer_timeout_s: float = 30.0,
         max_reservation_ttl_s: float = 60.0,
+        tls: TlsConfig | None = None,
     ):
+        self.tls = tls
         self.loop = loop
         self.receiver = receiver
         self.kv_endpoint = kv_endpoint
@@ -211,7 +213,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
     def _prefill_stub(self, address: str):
         stub = self.prefill_stubs.get(address)
         if stub is None:
-            stub = self.prefill_stubs[address] = pb_grpc.PrefillStub(channel(address))
+            stub = self.prefill_stubs[address] = pb_grpc.PrefillStub(channel(address, self.tls))
         return stub
 
     async def _wait_transfer(self, rid: str) -> float:

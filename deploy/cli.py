@@ -93,13 +93,14 @@ def cmd_worker(a: argparse.Namespace) -> int:
     else:
         from decode.server import serve
     _run(serve(engine, transfer, f"{a.host}:{a.port}", routers=tuple(a.router), step_delay_s=a.debug_step_delay_ms / 1000,
-                 metrics_port=a.metrics_port))
+                 metrics_port=a.metrics_port, tls=_tls(a)))
     return 0
 
 
 def cmd_router(a: argparse.Namespace) -> int:
     _setup_logging("router", a.log_format)
     from router.admission import parse_tenant_rates
+    from router.auth import load_api_keys
     from router.server import RouterConfig, load_worker_config, serve
 
     prefill, decode = load_worker_config(a.config, a.prefill, a.decode)
@@ -119,24 +120,27 @@ def cmd_router(a: argparse.Namespace) -> int:
         default_rate=default_rate,
         max_retries=a.max_retries,
         metrics_port=a.metrics_port,
+        tls=_tls(a),
+        api_keys=load_api_keys(a.api_keys) if a.api_keys else {},
     )
     _run(serve(cfg))
     return 0
 
 
-async def _generate(address: str, prompt: str, max_tokens: int, temperature: float, out=sys.stdout) -> dict:
-    import grpc
-
+async def _generate(address: str, prompt: str, max_tokens: int, temperature: float, out=sys.stdout,
+                    tls=None, api_key: str = "") -> dict:
     from protos import pdserve_pb2 as pb
     from protos import pdserve_pb2_grpc as pb_grpc
+    from protos.rpc import channel
 
-    async with grpc.aio.insecure_channel(address) as ch:
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    async with channel(address, tls) as ch:
         stub = pb_grpc.GenerationStub(ch)
         req = pb.GenerateRequest(
             prompt=prompt, sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=temperature)
         )
         last = None
-        async for resp in stub.Generate(req, timeout=120):
+        async for resp in stub.Generate(req, timeout=120, metadata=metadata):
             out.write(resp.text)
             out.flush()
             last = resp
@@ -154,7 +158,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     import grpc
 
     try:
-        info = asyncio.run(_generate(a.router, a.prompt, a.max_tokens, a.temperature))
+        info = asyncio.run(_generate(a.router, a.prompt, a.max_tokens, a.temperature, tls=_tls(a),
+                                     api_key=env.api_key()))
     except grpc.aio.AioRpcError as e:
         print(f"pdserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -163,6 +168,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    _setup_logging("bench")
     from bench.run import main as bench_main
 
     return bench_main(args=a)
@@ -205,9 +211,24 @@ def cmd_up(a: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", default="", help="PEM certificate: serve TLS (and present it as a client)")
+    p.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
+    p.add_argument("--tls-ca", default="", help="PEM CA: verify peers; servers then require client certs (mTLS)")
+    p.add_argument("--tls-server-name", default="", help="name to check in peers' certificates")
+
+
+def _tls(a: argparse.Namespace):
+    from protos.rpc import TlsConfig
+
+    tls = TlsConfig(a.tls_cert, a.tls_key, a.tls_ca, a.tls_server_name)
+    return tls if tls.enabled else None
+
+
 def _ops_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off, -1: any free port)")
     p.add_argument("--log-format", default="text", choices=["text", "json"])
+    _tls_args(p)
 
 
 def _router_policy_args(p: argparse.ArgumentParser) -> None:
@@ -223,6 +244,7 @@ def _router_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tenant-rate", action="append", default=[], help="NAME=RATE[:BURST] requests/s (repeatable)")
     p.add_argument("--default-rate", default="", help="RATE[:BURST] for tenants without their own limit")
     p.add_argument("--max-retries", type=int, default=3)
+    p.add_argument("--api-keys", default="", help='JSON file {"<key>": "<tenant>"}: require API keys')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--router", default="127.0.0.1:50051")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
+    _tls_args(g)
     g.set_defaults(fn=cmd_generate)
     return parser
 

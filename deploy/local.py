@@ -20,6 +20,7 @@ class Proc:
     popen: subprocess.Popen
     address: str = ""
     kv_endpoint: str = ""
+    metrics_port: int = 0
     lines: list[str] = field(default_factory=list)
 
 
@@ -48,6 +49,8 @@ def _await_ready(proc: Proc, timeout_s: float, echo: bool) -> None:
             for p in parts[3:]:
                 if p.startswith("kv="):
                     proc.kv_endpoint = p[3:]
+                elif p.startswith("metrics="):
+                    proc.metrics_port = int(p[8:])
 
             def drain() -> None:
                 for rest in proc.popen.stdout:  # type: ignore[union-attr]

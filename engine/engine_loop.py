@@ -111,6 +111,13 @@ class EngineLoop:
                     return
             while True:
                 item = await q.get()
+                # adaptive coalescing: when the consumer falls behind, send what piled up as one output
+                while not isinstance(item, BaseException) and not item.finished and not q.empty():
+                    nxt = q.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        item = nxt
+                        break
+                    item = merge_outputs(item, nxt)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -232,6 +239,20 @@ class EngineLoop:
             prefix_hit_tokens=self._hit_tokens,
             prompt_tokens=self._prompt_tokens,
         )
+
+
+def merge_outputs(a: StepOutput, b: StepOutput) -> StepOutput:
+    """Two consecutive outputs of one request as one."""
+    return StepOutput(
+        a.request_id,
+        a.new_token_ids + b.new_token_ids,
+        a.text_delta + b.text_delta,
+        b.finished,
+        b.finish_reason,
+        a.logprobs + b.logprobs,
+        b.num_prompt_tokens,
+        b.num_cached_tokens,
+    )
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:

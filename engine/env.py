@@ -26,3 +26,8 @@ def cluster_secret() -> str | None:
 
 def log_level() -> str:
     return os.environ.get("PDSERVE_LOG_LEVEL", "INFO").upper()
+
+
+def api_key() -> str:
+    """The API key clients (pdserve generate / bench) send to the router."""
+    return os.environ.get("PDSERVE_API_KEY", "")

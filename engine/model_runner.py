@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import ATTN_IMPL, AttentionMetadata, SeqAttnInfo, register_with_transformers
+from engine.attention import ATTN_IMPL, BACKENDS, AttentionMetadata, SeqAttnInfo, register_with_transformers
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache, KVCacheSpec, LayoutFingerprint
 from engine.models import resolve_model
@@ -55,6 +55,7 @@ def _geometry(hf_config) -> ModelGeometry:
 def _load_model(path: str, dummy: bool, config: EngineConfig, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    register_with_transformers()
     try:
         hf_config = AutoConfig.from_pretrained(path, revision=config.revision)
     except (OSError, ValueError) as e:
@@ -80,6 +81,10 @@ def _load_model(path: str, dummy: bool, config: EngineConfig, dtype: torch.dtype
 class ModelRunner:
     def __init__(self, config: EngineConfig, shared_kv: bool = False):
         register_with_transformers()
+        if config.attention_backend not in BACKENDS:  # checked here: backends register at run time
+            raise ValueError(
+                f"attention_backend: unknown backend {config.attention_backend!r}; registered: {sorted(BACKENDS)}"
+            )
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype()

@@ -15,7 +15,7 @@ from kvtransfer.base import TransferConfig
 from prefill.service import PrefillIdentity, PrefillServicer
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.observability import STEP_SECONDS, register_worker_collector, serve_metrics
-from protos.rpc import create_server, heartbeat, install_sigterm, set_serving
+from protos.rpc import TlsConfig, create_server, heartbeat, install_sigterm, set_serving
 
 logger = logging.getLogger(__name__)
 SERVICES = ["Prefill"]
@@ -31,11 +31,12 @@ async def serve(
     routers: tuple[str, ...] = (),
     step_delay_s: float = 0.0,
     metrics_port: int = 0,
+    tls: TlsConfig | None = None,
 ) -> None:
     engine = await asyncio.to_thread(LLMEngine, engine_config, False, True)
     sender = make_sender(transfer_config, engine.runner.kv.layers, engine.fingerprint)
     loop = EngineLoop(engine, name="prefill-engine", step_delay_s=step_delay_s)
-    server, port, health = create_server(addr, SERVICES)
+    server, port, health = create_server(addr, SERVICES, tls)
     host = addr.rsplit(":", 1)[0]
     identity = PrefillIdentity(f"prefill-{uuid.uuid4().hex[:6]}", f"{host}:{port}", transfer_config.backend)
     servicer = PrefillServicer(loop, sender, identity, transfer_config.timeout_s)
@@ -43,16 +44,16 @@ async def serve(
     pb_grpc.add_PrefillServicer_to_server(servicer, server)
     loop.on_step = STEP_SECONDS.labels("prefill").observe
     register_worker_collector("prefill", servicer.load, lambda: servicer.in_flight)
-    serve_metrics(metrics_port, host)
+    bound_metrics = serve_metrics(metrics_port, host)
     await server.start()
     await set_serving(health, SERVICES, True)
-    print(f"PDSERVE_READY prefill {identity.address}", flush=True)
+    print(f"PDSERVE_READY prefill {identity.address} metrics={bound_metrics}", flush=True)
     logger.info("prefill worker %s serving on %s", identity.worker_id, identity.address)
     if ready is not None:
         ready.set_result(identity.address)
     stop = stop or asyncio.Event()
     install_sigterm(stop)
-    registration = asyncio.create_task(heartbeat(list(routers), identity.address, "prefill", stop)) if routers else None
+    registration = asyncio.create_task(heartbeat(list(routers), identity.address, "prefill", stop, tls=tls)) if routers else None
     await stop.wait()
     if registration is not None:
         await registration  # says goodbye: routers stop sending new work at once

@@ -60,10 +60,12 @@ def setup_logging(role: str, level: str = "INFO", fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
-    """Expose /metrics on ``host:port`` (no-op when port is 0)."""
-    if port:
-        start_http_server(port, addr=host)
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+    """Expose /metrics on ``host:port``; 0 is off, -1 picks a free port. Returns the bound port (0: off)."""
+    if port == 0:
+        return 0
+    server, _ = start_http_server(max(port, 0), addr=host)
+    return server.server_port
 
 
 class WorkerCollector:

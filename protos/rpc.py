@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +34,52 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS for a process: its own certificate and key, and the CA that signs its peers.
+
+    Servers present cert/key; with ``ca`` set they require client certificates signed by it (mTLS).
+    Clients verify servers against ``ca`` and present cert/key (mTLS) when given.
+    """
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    server_name: str = ""  # override the name checked in the server's certificate
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("tls: --tls-cert and --tls-key go together")
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"tls: {name} file {path!r} does not exist")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.ca)
+
+    def _read(self, name: str) -> bytes | None:
+        path = getattr(self, name)
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        if not self.cert:
+            return None
+        ca = self._read("ca")
+        return grpc.ssl_server_credentials(
+            [(self._read("key"), self._read("cert"))], root_certificates=ca, require_client_auth=ca is not None
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.enabled:
+            return None
+        return grpc.ssl_channel_credentials(self._read("ca"), self._read("key"), self._read("cert"))
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
@@ -69,13 +117,15 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
 def create_server(
     addr: str,
     service_names: list[str],
-    credentials: grpc.ServerCredentials | None = None,
+    tls: TlsConfig | None = None,
+    interceptors: list | None = None,
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
     """A grpc.aio server with health and reflection; returns (server, bound port, health servicer).
 
     Call ``server.start()`` after adding servicers. ``addr`` may use port 0 for an ephemeral port.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors or None)
+    credentials = tls.server_credentials() if tls else None
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pdserve_pb2.DESCRIPTOR.services_by_name[n].full_name for n in service_names]
@@ -103,15 +153,24 @@ def install_sigterm(stop_event: asyncio.Event) -> None:
             pass
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, tls: TlsConfig | None = None) -> grpc.aio.Channel:
+    creds = tls.channel_credentials() if tls else None
+    if creds is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options = list(CHANNEL_OPTIONS)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(address, creds, options=options)
 
 
-async def heartbeat(routers: list[str], address: str, role: str, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+async def heartbeat(
+    routers: list[str], address: str, role: str, stop: asyncio.Event, interval_s: float = 1.0,
+    tls: TlsConfig | None = None,
+) -> None:
     """Register with every router and keep re-registering until ``stop``; then say goodbye."""
     from protos import pdserve_pb2_grpc
 
-    channels = {r: channel(r) for r in routers}
+    channels = {r: channel(r, tls) for r in routers}
     stubs = {r: pdserve_pb2_grpc.AdminStub(ch) for r, ch in channels.items()}
     req = pdserve_pb2.RegisterRequest(address=address, role=role, ttl_s=interval_s * 3)
     try:

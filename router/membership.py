@@ -51,7 +51,8 @@ class Worker:
 
 
 class Membership:
-    def __init__(self, poll_interval_s: float = 0.5, failure_threshold: int = 2, on_change=None):
+    def __init__(self, poll_interval_s: float = 0.5, failure_threshold: int = 2, on_change=None, tls=None):
+        self.tls = tls
         self.workers: dict[str, Worker] = {}
         self.poll_interval_s = poll_interval_s
         self.failure_threshold = failure_threshold
@@ -63,7 +64,7 @@ class Membership:
             raise ValueError(f"role: must be one of {ROLES}, got {role!r}")
         if address in self.workers:
             return self.workers[address]
-        ch = channel(address)
+        ch = channel(address, self.tls)
         stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
         worker = Worker(address, role, ch, stub)
         self.workers[address] = worker

@@ -12,9 +12,10 @@ from engine.models import resolve_model
 from engine.tokenizer import load_tokenizer
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.observability import serve_metrics
-from protos.rpc import create_server, install_sigterm, set_serving
+from protos.rpc import TlsConfig, create_server, install_sigterm, set_serving
 from router.admin import AdminServicer
 from router.admission import Admission
+from router.auth import ApiKeyInterceptor
 from router.membership import Membership, Worker
 from router.policy import PairPolicy
 from router.prefix_index import PrefixIndex, follow
@@ -39,6 +40,8 @@ class RouterConfig:
     max_retries: int = 3
     poll_interval_s: float = 0.5
     metrics_port: int = 0
+    tls: TlsConfig | None = None
+    api_keys: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.local_prefill_tokens < 0:
@@ -91,24 +94,25 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     tokenizer = await asyncio.to_thread(load_tokenizer, path)
     index = PrefixIndex()
     feeds = IndexFeeds(index)
-    membership = Membership(poll_interval_s=cfg.poll_interval_s, on_change=feeds.on_change)
+    membership = Membership(poll_interval_s=cfg.poll_interval_s, on_change=feeds.on_change, tls=cfg.tls)
     for a in cfg.prefill:
         membership.add(a, "prefill")
     for a in cfg.decode:
         membership.add(a, "decode")
     await membership.poll_once()
     membership.start()
-    server, port, health = create_server(cfg.addr, SERVICES)
+    interceptors = [ApiKeyInterceptor(cfg.api_keys)] if cfg.api_keys else None
+    server, port, health = create_server(cfg.addr, SERVICES, cfg.tls, interceptors)
     policy = PairPolicy(cfg.policy, index, local_prefill_tokens=cfg.local_prefill_tokens, saturation_s=cfg.saturation_s)
     admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s)
     generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries)
     pb_grpc.add_GenerationServicer_to_server(generation, server)
     pb_grpc.add_AdminServicer_to_server(AdminServicer(membership, index, generation), server)
-    serve_metrics(cfg.metrics_port, cfg.addr.rsplit(":", 1)[0])
+    bound_metrics = serve_metrics(cfg.metrics_port, cfg.addr.rsplit(":", 1)[0])
     await server.start()
     await set_serving(health, SERVICES, True)
     address = f"{cfg.addr.rsplit(':', 1)[0]}:{port}"
-    print(f"PDSERVE_READY router {address}", flush=True)
+    print(f"PDSERVE_READY router {address} metrics={bound_metrics}", flush=True)
     logger.info("router on %s: %d prefill, %d decode, policy %s", address, len(cfg.prefill), len(cfg.decode), cfg.policy)
     if ready is not None:
         ready.set_result(address)

@@ -1,0 +1,112 @@
+"""API keys on the router: each key maps to a tenant.
+
+Clients send ``authorization: Bearer <key>`` (or ``x-api-key: <key>``). No key or an unknown key is
+UNAUTHENTICATED. A key may only act for its own tenant: a request naming another tenant is
+PERMISSION_DENIED, and a request naming none is stamped with the key's tenant (which rate limits then use).
+The Admin service needs a key of the tenant ``admin``. Health checks and reflection stay open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import grpc
+
+ADMIN_TENANT = "admin"
+_PROTECTED = ("/pdserve.v1.Generation/", "/pdserve.v1.Admin/")
+
+
+def load_api_keys(path: str) -> dict[str, str]:
+    """JSON file {"<key>": "<tenant>", ...}."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"api-keys: cannot read {path!r}: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                             for k, v in data.items()):
+        raise ValueError("api-keys: expected a JSON object of non-empty key -> tenant strings")
+    return data
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _key_from(metadata) -> str:
+    md = {k.lower(): v for k, v in (metadata or ())}
+    auth = md.get("authorization", "")
+    if isinstance(auth, str) and auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    key = md.get("x-api-key", "")
+    return key if isinstance(key, str) else ""
+
+
+def _refusal(handler, code: grpc.StatusCode, message: str):
+    async def deny_unary(request, context):
+        await context.abort(code, message)
+
+    async def deny_stream(request, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            deny_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(deny_unary, handler.request_deserializer, handler.response_serializer)
+
+
+def _with_tenant(handler, tenant: str):
+    """Wrap a Generation handler: refuse other tenants, stamp the key's tenant on the request."""
+
+    def check(request, context) -> str | None:
+        if request.tenant and request.tenant != tenant:
+            return f"tenant: this API key may not act for tenant {request.tenant!r}"
+        request.tenant = tenant
+        return None
+
+    if handler.unary_stream:
+        inner = handler.unary_stream
+
+        async def stream(request, context):
+            msg = check(request, context)
+            if msg:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, msg)
+            async for resp in inner(request, context):
+                yield resp
+
+        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+    inner = handler.unary_unary
+
+    async def unary(request, context):
+        msg = check(request, context)
+        if msg:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, msg)
+        return await inner(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, keys: dict[str, str]):
+        self.tenants = {_digest(k): t for k, t in keys.items()}
+        self.num_refused = 0
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        method = details.method or ""
+        if handler is None or not method.startswith(_PROTECTED):
+            return handler
+        key = _key_from(details.invocation_metadata)
+        tenant = self.tenants.get(_digest(key)) if key else None
+        if tenant is None:
+            self.num_refused += 1
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key")
+        if method.startswith("/pdserve.v1.Admin/"):
+            if tenant != ADMIN_TENANT:
+                self.num_refused += 1
+                return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, "the Admin service needs an admin key")
+            return handler
+        return _with_tenant(handler, tenant)
