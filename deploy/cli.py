@@ -104,6 +104,7 @@ def cmd_router(a: argparse.Namespace) -> int:
     from router.server import RouterConfig, load_worker_config, serve
 
     prefill, decode = load_worker_config(a.config, a.prefill, a.decode)
+    dns = tuple(("prefill", t) for t in a.prefill_dns) + tuple(("decode", t) for t in a.decode_dns)
     default_rate = None
     if a.default_rate:
         default_rate = parse_tenant_rates([f"*={a.default_rate}"])["*"]
@@ -122,6 +123,7 @@ def cmd_router(a: argparse.Namespace) -> int:
         metrics_port=a.metrics_port,
         tls=_tls(a),
         api_keys=load_api_keys(a.api_keys) if a.api_keys else {},
+        dns=dns,
     )
     _run(serve(cfg))
     return 0
@@ -275,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prefill", action="append", default=[], help="prefill worker host:port (repeatable)")
     r.add_argument("--decode", action="append", default=[], help="decode worker host:port (repeatable)")
     r.add_argument("--config", help='JSON file {"prefill": [...], "decode": [...]}')
+    r.add_argument("--prefill-dns", action="append", default=[], metavar="HOST:PORT",
+                   help="discover prefill workers by resolving HOST (a headless Service) every poll")
+    r.add_argument("--decode-dns", action="append", default=[], metavar="HOST:PORT",
+                   help="discover decode workers by resolving HOST every poll")
     _router_policy_args(r)
     _ops_args(r)
     r.add_argument("--host", default="127.0.0.1")

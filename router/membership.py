@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -51,8 +52,11 @@ class Worker:
 
 
 class Membership:
-    def __init__(self, poll_interval_s: float = 0.5, failure_threshold: int = 2, on_change=None, tls=None):
+    def __init__(self, poll_interval_s: float = 0.5, failure_threshold: int = 2, on_change=None, tls=None,
+                 dns: list[tuple[str, str]] | None = None):
         self.tls = tls
+        self.dns = list(dns or [])  # (role, "host:port"): headless-Service discovery, re-resolved every poll
+        self.dns_members: set[str] = set()
         self.workers: dict[str, Worker] = {}
         self.poll_interval_s = poll_interval_s
         self.failure_threshold = failure_threshold
@@ -136,8 +140,33 @@ class Membership:
         worker.open_until = time.monotonic() + backoff
         logger.warning("%s worker %s failed a request; circuit open for %.1fs", worker.role, worker.address, backoff)
 
+    async def discover(self) -> None:
+        """Resolve every DNS source (e.g. a Kubernetes headless Service); add new pods, drop vanished ones."""
+        if not self.dns:
+            return
+        loop = asyncio.get_running_loop()
+        seen: set[str] = set()
+        for role, target in self.dns:
+            host, _, port = target.rpartition(":")
+            try:
+                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except (OSError, ValueError) as e:
+                logger.warning("cannot resolve %s workers at %s: %s", role, target, e)
+                return  # keep the current members rather than dropping them on a DNS hiccup
+            for info in infos:
+                ip = info[4][0]
+                addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                seen.add(addr)
+                if addr not in self.workers:
+                    self.add(addr, role)
+                    self.dns_members.add(addr)
+        for addr in list(self.dns_members - seen):
+            self.dns_members.discard(addr)
+            await self.remove(addr)
+
     async def _run(self) -> None:
         while True:
+            await self.discover()
             await self.expire()
             await self.poll_once()
             await asyncio.sleep(self.poll_interval_s)

@@ -42,6 +42,7 @@ class RouterConfig:
     metrics_port: int = 0
     tls: TlsConfig | None = None
     api_keys: dict = field(default_factory=dict)
+    dns: tuple[tuple[str, str], ...] = ()  # (role, "host:port") headless-Service discovery
 
     def __post_init__(self) -> None:
         if self.local_prefill_tokens < 0:
@@ -94,11 +95,13 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     tokenizer = await asyncio.to_thread(load_tokenizer, path)
     index = PrefixIndex()
     feeds = IndexFeeds(index)
-    membership = Membership(poll_interval_s=cfg.poll_interval_s, on_change=feeds.on_change, tls=cfg.tls)
+    membership = Membership(poll_interval_s=cfg.poll_interval_s, on_change=feeds.on_change, tls=cfg.tls,
+                            dns=list(cfg.dns))
     for a in cfg.prefill:
         membership.add(a, "prefill")
     for a in cfg.decode:
         membership.add(a, "decode")
+    await membership.discover()
     await membership.poll_once()
     membership.start()
     interceptors = [ApiKeyInterceptor(cfg.api_keys)] if cfg.api_keys else None

@@ -141,3 +141,30 @@ def test_token_bucket_and_admission():
         parse_tenant_rates(["alice"])
     with pytest.raises(ValueError):
         parse_tenant_rates(["alice=0"])
+
+
+def test_dns_discovery_adds_and_removes(monkeypatch):
+    import asyncio
+
+    from router.membership import Membership
+
+    answers = {"pods": ["10.0.0.1", "10.0.0.2"]}
+
+    async def fake_getaddrinfo(host, port, type=None):
+        return [(None, None, None, "", (ip, port)) for ip in answers["pods"]]
+
+    async def go():
+        m = Membership(dns=[("decode", "decode-headless:7002")])
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(loop, "getaddrinfo", fake_getaddrinfo)
+        await m.discover()
+        first = sorted(m.workers)
+        answers["pods"] = ["10.0.0.2", "10.0.0.3"]  # a pod went away, a new one came
+        await m.discover()
+        second = sorted(m.workers)
+        await m.close()
+        return first, second
+
+    first, second = asyncio.run(go())
+    assert first == ["10.0.0.1:7002", "10.0.0.2:7002"]
+    assert second == ["10.0.0.2:7002", "10.0.0.3:7002"]
