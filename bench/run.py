@@ -1,11 +1,16 @@
-"""``pdserve bench``: drive a pdserve cluster over the public gRPC API and report serving metrics.
+"""``pdserve bench`` / ``python -m bench.run``: load-test a pdserve cluster over the public gRPC API.
 
     pdserve bench --router 127.0.0.1:50051 --workload chat --rate 4 --num-requests 200
-    pdserve bench --local 1,1 --workload uniform --input-len-range 64,512 --output-len 64 --concurrency 8
-    pdserve bench --local 1,1 --rates 1,2,4 --num-requests 60          # a sweep: one run per rate
+    pdserve bench --local 1,1 --workload uniform --input-len-range 64,1024 --output-len 128 --concurrency 8
+    pdserve bench --local 0,1 --rates 1,2,4 --num-requests 60 --burstiness 2    # sweep, one run per rate
     pdserve bench --router ADDR --workload trace --trace requests.jsonl
+    pdserve bench --local 1,1 --workload shared-prefix --num-system-prompts 2 --num-users 8 --num-turns 3
 
-Writes one JSON per run (config, summary, per-request records) and PNG plots into --out-dir.
+Open loop (gamma arrivals, --burstiness = CV of the gaps, 1 = Poisson) when --rate or --rates is given,
+closed loop at --concurrency otherwise; a trace is replayed at its own timestamps. The same --seed gives the
+same requests and send times; run i of a sweep draws its prompts with seed + 1000*i, so no run warms the
+prefix cache for the next. Writes one JSON per run (config, summary, per-request records) and PNG plots
+(latency CDFs; throughput and goodput vs offered rate for a sweep) into --out-dir.
 """
 
 from __future__ import annotations
@@ -13,136 +18,248 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import plots, workloads
+from bench import workloads
 from bench.arrivals import gamma_arrivals
-from bench.client import run_closed_loop, run_open_loop
-from bench.metrics import summarize
+from bench.metrics import Record, summarize
+from bench.workloads import BenchRequest, LengthDist
+
+logger = logging.getLogger(__name__)
+
+WORKLOADS = ("chat", "uniform", "shared-prefix", "long-context", "trace")
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="pdserve bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = p or argparse.ArgumentParser(prog="pdserve bench")
+    p.description, p.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--router", help="router host:port of a running cluster")
-    target.add_argument("--local", help="P,D: start a local cluster with P prefill and D decode workers")
-    p.add_argument("--model", default="tiny", help="with --local")
-    p.add_argument("--local-arg", action="append", default=[], help="extra worker flag for --local (repeatable)")
-    p.add_argument("--workload", default="chat", choices=["chat", "uniform", "shared-prefix", "long-context", "trace"])
-    p.add_argument("--trace", help="JSONL trace for --workload trace")
-    p.add_argument("--input-len-range", default="64,512")
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--vocab-range", default="3,259", help="token ids are drawn from [lo, hi)")
-    p.add_argument("--rate", type=float, default=0.0, help="open loop: requests/s (0: closed loop)")
-    p.add_argument("--rates", default="", help="sweep: comma-separated rates, one run each")
-    p.add_argument("--burstiness", type=float, default=1.0, help="coefficient of variation of gaps (1 = Poisson)")
-    p.add_argument("--concurrency", type=int, default=8, help="closed loop: clients in flight")
-    p.add_argument("--num-requests", type=int, default=100)
-    p.add_argument("--duration", type=float, default=600.0, help="stop sending after this many seconds")
-    p.add_argument("--timeout", type=float, default=120.0, help="per-request deadline (s)")
-    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=100.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="bench/out")
-    p.add_argument("--label", default="")
-    p.add_argument("--no-progress", action="store_true")
+    target.add_argument("--router", metavar="HOST:PORT", help="router host:port of a running cluster")
+    target.add_argument("--local", metavar="P,D", help="start a local cluster (P prefill, D decode workers; "
+                        "P=0: colocated) for the run and stop it after")
+    p.add_argument("--model", default="tiny", help="--local: model preset or path")
+    p.add_argument("--local-arg", action="append", default=[], metavar="FLAG", help="--local: extra worker flag, e.g. "
+                   "--local-arg=--max-num-seqs=16 (repeatable)")
+    p.add_argument("--local-router-arg", action="append", default=[], metavar="FLAG", help="--local: extra router flag (repeatable)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", default="chat", choices=WORKLOADS)
+    w.add_argument("--input-len-range", default="64,1024", metavar="LO,HI", help="uniform: prompt lengths LO,HI (inclusive)")
+    w.add_argument("--output-len", type=int, default=128, help="uniform, shared-prefix, long-context: output tokens")
+    w.add_argument("--input-len-dist", default="200,0.8,4,1500", metavar="M,S,MIN,MAX", help="chat: lognormal MEDIAN,SIGMA,MIN,MAX")
+    w.add_argument("--output-len-dist", default="100,0.7,1,400", metavar="M,S,MIN,MAX", help="chat: lognormal MEDIAN,SIGMA,MIN,MAX")
+    w.add_argument("--num-system-prompts", type=int, default=4, help="shared-prefix")
+    w.add_argument("--system-prompt-len", type=int, default=256, help="shared-prefix")
+    w.add_argument("--num-users", type=int, default=16, help="shared-prefix: sessions")
+    w.add_argument("--num-turns", type=int, default=3, help="shared-prefix: turns per session")
+    w.add_argument("--user-len", type=int, default=32, help="shared-prefix: new user tokens per turn")
+    w.add_argument("--context-len", type=int, default=1800, help="long-context: prompt length")
+    w.add_argument("--trace", metavar="FILE", help="trace: JSONL file, see bench/workloads.py")
+    w.add_argument("--vocab-range", default="3,259", metavar="LO,HI", help="prompt token ids are drawn from [LO, HI)")
+    t = p.add_argument_group("arrivals and bounds")
+    t.add_argument("--rate", type=float, default=0.0, help="open loop at this many requests/s (0: closed loop)")
+    t.add_argument("--rates", default="", metavar="R1,R2,...", help="sweep: comma-separated rates, one open-loop run each")
+    t.add_argument("--burstiness", type=float, default=1.0, metavar="CV", help="CV of the gaps (1: Poisson; gamma shape 1/CV^2)")
+    t.add_argument("--concurrency", type=int, default=8, help="closed loop: requests in flight")
+    t.add_argument("--num-requests", type=int, default=100, help="requests per run (at most)")
+    t.add_argument("--duration", type=float, default=600.0, help="stop sending after this many seconds")
+    t.add_argument("--timeout", type=float, default=120.0, help="per-request deadline (s)")
+    m = p.add_argument_group("metrics and output")
+    m.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput SLO on time to first token")
+    m.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput SLO on time per output token")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out-dir", default="bench/out")
+    m.add_argument("--label", default="", help="names the runs in files and plot legends")
+    m.add_argument("--no-plots", action="store_true")
+    m.add_argument("--no-progress", action="store_true")
     return p
 
 
-def make_workload(a) -> list[workloads.BenchRequest]:
-    vocab = tuple(int(x) for x in a.vocab_range.split(","))
-    lo, hi = (int(x) for x in a.input_len_range.split(","))
+def _pair(text: str, flag: str, cast=int) -> tuple:
+    try:
+        a, b = (cast(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag}: expected two comma-separated numbers, got {text!r}") from None
+    return a, b
+
+
+def _rates(a: argparse.Namespace) -> list[float]:
+    """Offered rates, one run each; 0.0 = closed loop (or trace replay)."""
+    if a.rates and a.rate:
+        raise ValueError("--rates: give either --rate or --rates, not both")
+    try:
+        rates = [float(x) for x in a.rates.split(",")] if a.rates else [a.rate]
+    except ValueError:
+        raise ValueError(f"--rates: expected comma-separated numbers, got {a.rates!r}") from None
+    if any(not r >= 0 for r in rates) or (a.rates and 0 in rates):
+        raise ValueError(f"--rates: rates must be > 0, got {rates}")
+    if a.workload == "trace" and any(rates):
+        raise ValueError("--rate: a trace is replayed at its own timestamps; drop --rate/--rates")
+    return rates
+
+
+def make_workload(a: argparse.Namespace, seed: int) -> list[BenchRequest]:
+    vocab = _pair(a.vocab_range, "--vocab-range")
     n = a.num_requests
     if a.workload == "uniform":
-        return workloads.uniform(n, (lo, hi), a.output_len, a.seed, vocab)
+        return workloads.uniform(n, _pair(a.input_len_range, "--input-len-range"), a.output_len, seed, vocab)
     if a.workload == "chat":
-        return workloads.chat(n, a.seed, vocab)
+        return workloads.chat(n, seed, vocab, LengthDist.parse(a.input_len_dist, "--input-len-dist"),
+                              LengthDist.parse(a.output_len_dist, "--output-len-dist"))
     if a.workload == "shared-prefix":
-        return workloads.shared_prefix(n, seed=a.seed, vocab=vocab, out_len=a.output_len)
+        return workloads.shared_prefix(n, a.num_system_prompts, a.system_prompt_len, a.num_users, a.num_turns,
+                                       a.user_len, a.output_len, seed, vocab)
     if a.workload == "long-context":
-        return workloads.long_context(n, hi, a.output_len, a.seed, vocab)
+        return workloads.long_context(n, a.context_len, a.output_len, seed, vocab)
     if not a.trace:
-        raise ValueError("trace: --workload trace needs --trace FILE")
-    return workloads.trace(a.trace, a.seed, vocab)[:n]
+        raise ValueError("--trace: --workload trace needs --trace FILE")
+    reqs = workloads.trace(a.trace, seed, vocab)
+    if len(reqs) > n:
+        logger.warning("trace %s: replaying the first %d of %d requests (--num-requests)", a.trace, n, len(reqs))
+    return reqs[:n]
 
 
-def run_once(a, address: str, rate: float, seed_offset: int = 0) -> tuple[dict, list]:
-    """One run. In a sweep each rate gets fresh prompts (seed + offset), so earlier runs cannot warm the
-    prefix cache for later ones."""
-    saved = a.seed
-    a.seed = saved + seed_offset
-    try:
-        reqs = make_workload(a)
-    finally:
-        a.seed = saved
+@dataclass(frozen=True, slots=True)
+class RunPlan:
+    """One run, fully decided before it starts: what to send and (open loop) when."""
+
+    index: int
+    tag: str  # "rate4", "conc8" or "trace"
+    offered_rate: float  # requests/s; 0 for closed loop and trace replay
+    workload_seed: int
+    requests: list[BenchRequest]
+    send_at: list[float] | None  # None: closed loop
+
+
+def plan_runs(a: argparse.Namespace) -> list[RunPlan]:
+    """Pure and deterministic for the arguments: same --seed, same requests and send times."""
+    if a.num_requests < 1:
+        raise ValueError(f"--num-requests: must be >= 1, got {a.num_requests}")
+    if a.concurrency < 1:
+        raise ValueError(f"--concurrency: must be >= 1, got {a.concurrency}")
+    if not a.duration > 0 or not a.timeout > 0:
+        raise ValueError("--duration, --timeout: must be > 0")
+    plans = []
+    for i, rate in enumerate(_rates(a)):
+        seed = a.seed + 1000 * i
+        reqs = make_workload(a, seed)
+        if a.workload == "trace":
+            plans.append(RunPlan(i, "trace", 0.0, seed, reqs, [r.send_at for r in reqs]))
+        elif rate > 0:
+            plans.append(RunPlan(i, f"rate{rate:g}", rate, seed, reqs, gamma_arrivals(rate, len(reqs), a.burstiness, a.seed)))
+        else:
+            plans.append(RunPlan(i, f"conc{a.concurrency}", 0.0, seed, reqs, None))
+    return plans
+
+
+def execute(plan: RunPlan, a: argparse.Namespace, address: str) -> tuple[dict, list[Record]]:
+    from bench.client import run_closed_loop, run_open_loop
+
+    progress, prefix = not a.no_progress, f"bench-{a.seed}-{plan.tag}"
     t0 = time.perf_counter()
-    progress = not a.no_progress
-    if a.workload == "trace":
-        records = asyncio.run(run_open_loop(address, reqs, [r.send_at for r in reqs], a.duration, a.timeout, progress))
-    elif rate > 0:
-        send_at = gamma_arrivals(rate, len(reqs), a.burstiness, a.seed)
-        records = asyncio.run(run_open_loop(address, reqs, send_at, a.duration, a.timeout, progress))
+    if plan.send_at is None:
+        coro = run_closed_loop(address, plan.requests, a.concurrency, a.duration, a.timeout, progress, prefix)
     else:
-        records = asyncio.run(run_closed_loop(address, reqs, a.concurrency, a.duration, a.timeout, progress))
-    wall = time.perf_counter() - t0
-    summary = summarize(records, None, a.slo_ttft_s, a.slo_tpot_s)
-    summary["wall_s"] = wall
+        coro = run_open_loop(address, plan.requests, plan.send_at, a.duration, a.timeout, progress, prefix)
+    records = asyncio.run(coro)
+    summary = summarize(records, None, a.slo_ttft_ms / 1000, a.slo_tpot_ms / 1000)
+    summary["wall_s"] = time.perf_counter() - t0
     return summary, records
 
 
-def print_summary(label: str, s: dict) -> None:
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def format_summary(label: str, s: dict) -> str:
     t, g = s["throughput"], s["goodput"]
-    print(f"== {label}: {s['num_ok']}/{s['num_requests']} ok in {s['duration_s']:.1f}s, errors {s['errors'] or 'none'}")
-    for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-        d = s[k]
-        print(f"   {k[:-2].upper():5} ms  mean {d['mean'] * 1e3:8.1f}  p50 {d['p50'] * 1e3:8.1f}  "
-              f"p90 {d['p90'] * 1e3:8.1f}  p99 {d['p99'] * 1e3:8.1f}")
-    print(f"   throughput {t['requests_per_s']:.2f} req/s, {t['input_tokens_per_s']:.0f} in tok/s, "
-          f"{t['output_tokens_per_s']:.1f} out tok/s; goodput {g['share']:.0%} = {g['requests_per_s']:.2f} req/s; "
-          f"cached prompt share {s['cached_prompt_token_share']:.1%}")
+    lines = [f"== {label}: {s['num_ok']}/{s['num_requests']} ok in {s['duration_s']:.1f}s, "
+             f"errors {s['errors'] or 'none'}" + (f", {s['num_short']} short outputs" if s["num_short"] else "")]
+    for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"), ("e2e_s", "E2E")):
+        d = s[key]
+        lines.append(f"   {name:4} ms   mean {_ms(d['mean']):>8}  p50 {_ms(d['p50']):>8}  p90 {_ms(d['p90']):>8}  "
+                     f"p99 {_ms(d['p99']):>8}")
+    lines.append(f"   throughput {t['requests_per_s']:.2f} req/s, {t['input_tokens_per_s']:.0f} input tok/s, "
+                 f"{t['output_tokens_per_s']:.1f} output tok/s")
+    lines.append(f"   goodput (TTFT <= {g['slo_ttft_s'] * 1e3:g} ms, TPOT <= {g['slo_tpot_s'] * 1e3:g} ms): "
+                 f"{g['share']:.0%} of requests, {g['requests_per_s']:.2f} req/s; "
+                 f"cached prompt tokens {s['cached_prompt_token_share']:.1%}, "
+                 f"prefilled on a prefill worker {s['remote_prefill_share']:.0%}")
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def write_run(out_dir: Path, name: str, config: dict, plan: RunPlan, summary: dict, records: list[Record]) -> Path:
+    path = out_dir / f"{name}-{plan.tag}-seed{config['seed']}.json"
+    run = {"index": plan.index, "tag": plan.tag, "offered_rate": plan.offered_rate,
+           "mode": "closed" if plan.send_at is None else "open", "workload_seed": plan.workload_seed,
+           "num_planned": len(plan.requests), "started_at_unix": time.time() - summary["wall_s"]}
+    doc = {"config": config, "run": run, "summary": summary, "records": [r.to_dict() for r in records]}
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False))
+    return path
 
 
 def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) -> int:
+    """Bad flags raise ValueError (the CLI prints it, exit 2); an unreadable trace or unreachable router
+    prints the reason and returns 1."""
     a = args or build_parser().parse_args(argv)
-    a.slo_ttft_s, a.slo_tpot_s = a.slo_ttft_ms / 1000, a.slo_tpot_ms / 1000
+    try:
+        return _main(a)
+    except OSError as e:  # FileNotFoundError for --trace, ConnectionError from the client
+        print(f"pdserve bench: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(a: argparse.Namespace) -> int:
+    plans = plan_runs(a)  # validates everything before a cluster starts
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(a).items() if k not in ("fn", "cmd")}
+    label = a.label or (f"local {a.local}" if a.local else a.router)
+    name = _slug(a.label) if a.label else a.workload
     cluster = None
-    if a.local:
-        from deploy.local import LocalCluster
-
-        p, d = (int(x) for x in a.local.split(","))
-        cluster = LocalCluster(p, d, model=a.model, extra_worker_args=a.local_arg).start()
-        address = cluster.router_address
-    else:
-        address = a.router
     try:
-        rates = [float(x) for x in a.rates.split(",")] if a.rates else [a.rate]
-        label = a.label or (f"local {a.local}" if a.local else address)
+        if a.local:
+            from deploy.local import LocalCluster
+
+            num_prefill, num_decode = _pair(a.local, "--local")
+            cluster = LocalCluster(num_prefill, num_decode, model=a.model, extra_worker_args=a.local_arg,
+                                   router_args=a.local_router_arg)
+            logger.info("starting a local cluster: %d prefill, %d decode", num_prefill, num_decode)
+            cluster.start()
+        address = cluster.router_address if cluster else a.router
         points, cdf_runs, files = [], {}, []
-        for i, rate in enumerate(rates):
-            summary, records = run_once(a, address, rate, 1000 * i)
-            tag = f"rate{rate:g}" if rate > 0 else f"conc{a.concurrency}"
-            print_summary(f"{label} {tag}", summary)
-            path = out_dir / f"{a.workload}-{tag}-seed{a.seed}.json"
-            config = {k: v for k, v in vars(a).items() if k != "fn"}
-            path.write_text(json.dumps({"config": config, "offered_rate": rate, "summary": summary,
-                                        "records": [r.to_dict() for r in records]}, indent=1))
-            files.append(path)
-            points.append((rate, summary))
-            cdf_runs[tag] = records
-        files.append(plots.latency_cdfs(cdf_runs, out_dir / f"{a.workload}-latency_cdf.png"))
-        if len(rates) > 1:
-            files += plots.sweep({label: points}, out_dir)
-        print("wrote " + ", ".join(str(f) for f in files))
+        for plan in plans:
+            summary, records = execute(plan, a, address)
+            print(format_summary(f"{label} {plan.tag}", summary), flush=True)
+            files.append(write_run(out_dir, name, config, plan, summary, records))
+            points.append((plan.offered_rate, summary))
+            cdf_runs[plan.tag] = records
     finally:
         if cluster is not None:
             cluster.stop()
+    if not a.no_plots:
+        from bench import plots
+
+        files.append(plots.latency_cdfs(cdf_runs, out_dir / f"{name}-latency_cdf.png", f"{label}, {a.workload} workload",
+                                        a.slo_ttft_ms / 1000, a.slo_tpot_ms / 1000))
+        if len(plans) > 1 and all(p.offered_rate > 0 for p in plans):
+            files += plots.sweep({label: points}, out_dir, prefix=name)
+    print("wrote " + ", ".join(str(f) for f in files))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        print(f"pdserve bench: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -44,6 +44,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--router", action="append", default=[], help="router host:port to register with (repeatable)")
+    p.add_argument("--advertise-host", default="", help="address peers dial (e.g. the pod IP when --host 0.0.0.0)")
     p.add_argument("--debug-step-delay-ms", type=float, default=0.0, help="fault injection: sleep after each step")
     _ops_args(p)
 
@@ -93,7 +94,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     else:
         from decode.server import serve
     _run(serve(engine, transfer, f"{a.host}:{a.port}", routers=tuple(a.router), step_delay_s=a.debug_step_delay_ms / 1000,
-                 metrics_port=a.metrics_port, tls=_tls(a)))
+                 metrics_port=a.metrics_port, tls=_tls(a), advertise_host=a.advertise_host))
     return 0
 
 

@@ -148,6 +148,8 @@ class LocalCluster:
                 logger.warning("%s did not exit after SIGTERM; killing it", p.role)
                 p.popen.kill()
                 p.popen.wait(5)
+            if p.popen.stdout is not None:
+                p.popen.stdout.close()
         self.procs.clear()
 
     def __enter__(self) -> LocalCluster:
