@@ -21,6 +21,15 @@ logger = logging.getLogger(__name__)
 SERVICES = ["Decode"]
 
 
+def advertise(endpoint: str, host: str) -> str:
+    """Replace a wildcard bind address in ``scheme://host:port`` by the address peers should dial."""
+    scheme, _, rest = endpoint.partition("://")
+    bound, _, port = rest.rpartition(":")
+    if host and bound in ("0.0.0.0", "::", "[::]", ""):
+        return f"{scheme}://{host}:{port}"
+    return endpoint
+
+
 async def serve(
     engine_config: EngineConfig,
     transfer_config: TransferConfig,
@@ -32,15 +41,17 @@ async def serve(
     step_delay_s: float = 0.0,
     metrics_port: int = 0,
     tls: TlsConfig | None = None,
+    advertise_host: str = "",
 ) -> None:
     shared = transfer_config.backend == "tcp" and transfer_config.allow_shm and engine_config.device == "cpu"
     engine = await asyncio.to_thread(LLMEngine, engine_config, shared, True)
     receiver = make_receiver(transfer_config, engine.runner.kv.layers, engine.fingerprint, engine.runner.kv.shm_path)
-    kv_endpoint = receiver.start()
+    kv_endpoint = advertise(receiver.start(), advertise_host)
     loop = EngineLoop(engine, name="decode-engine", step_delay_s=step_delay_s).start()
     server, port, health = create_server(addr, SERVICES, tls)
     host = addr.rsplit(":", 1)[0]
-    identity = WorkerIdentity(f"decode-{uuid.uuid4().hex[:6]}", f"{host}:{port}", transfer_config.backend)
+    identity = WorkerIdentity(f"decode-{uuid.uuid4().hex[:6]}", f"{advertise_host or host}:{port}",
+                              transfer_config.backend)
     servicer = DecodeServicer(loop, receiver, kv_endpoint, identity, transfer_config.timeout_s, tls=tls)
     pb_grpc.add_DecodeServicer_to_server(servicer, server)
     loop.on_step = STEP_SECONDS.labels("decode").observe

@@ -32,13 +32,15 @@ async def serve(
     step_delay_s: float = 0.0,
     metrics_port: int = 0,
     tls: TlsConfig | None = None,
+    advertise_host: str = "",
 ) -> None:
     engine = await asyncio.to_thread(LLMEngine, engine_config, False, True)
     sender = make_sender(transfer_config, engine.runner.kv.layers, engine.fingerprint)
     loop = EngineLoop(engine, name="prefill-engine", step_delay_s=step_delay_s)
     server, port, health = create_server(addr, SERVICES, tls)
     host = addr.rsplit(":", 1)[0]
-    identity = PrefillIdentity(f"prefill-{uuid.uuid4().hex[:6]}", f"{host}:{port}", transfer_config.backend)
+    identity = PrefillIdentity(f"prefill-{uuid.uuid4().hex[:6]}", f"{advertise_host or host}:{port}",
+                               transfer_config.backend)
     servicer = PrefillServicer(loop, sender, identity, transfer_config.timeout_s)
     loop.start()
     pb_grpc.add_PrefillServicer_to_server(servicer, server)
