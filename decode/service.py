@@ -16,6 +16,7 @@ from kvtransfer.base import FingerprintMismatchError, KVReceiver
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.convert import (
+    integrity,
     kv_event_stream,
     load_to_proto,
     logprob_from_proto,
@@ -224,7 +225,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         return time.monotonic() - t0
 
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.WorkerLoad:
-        return self.load()
+        load = self.load()
+        if request.check_integrity:
+            load.integrity_error, load.num_live_blocks = await self.loop.acall(integrity)
+        return load
 
     async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext):
         async for batch in kv_event_stream(self.loop, self.identity.worker_id):

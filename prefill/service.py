@@ -16,7 +16,7 @@ from engine.scheduler import ScheduledSeq
 from kvtransfer.base import KVSender, TransferHandle
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
-from protos.convert import kv_event_stream, load_to_proto, logprob_to_proto, sampling_from_proto
+from protos.convert import integrity, kv_event_stream, load_to_proto, logprob_to_proto, sampling_from_proto
 from protos.observability import record_transfer, record_transfer_failure
 from protos.rpc import abort_with
 
@@ -167,7 +167,10 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         engine.abort(rid)  # frees held blocks (release) or a still-running prefill
 
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.WorkerLoad:
-        return self.load()
+        load = self.load()
+        if request.check_integrity:
+            load.integrity_error, load.num_live_blocks = await self.loop.acall(integrity)
+        return load
 
     async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext):
         async for batch in kv_event_stream(self.loop, self.identity.worker_id):

@@ -92,3 +92,12 @@ def load_to_proto(stats: LoadStats, **fields) -> pb.WorkerLoad:
         host=socket.gethostname(),
         **fields,
     )
+
+
+def integrity(engine) -> tuple[str, int]:
+    """Run on the engine thread: (error or "", number of blocks held by live requests)."""
+    try:
+        engine.check_integrity()
+    except AssertionError as e:
+        return str(e) or "integrity check failed", 0
+    return "", len(engine.live_block_refs())

@@ -110,7 +110,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "num_running", "num_waiting", "num_queued_tokens", "num_free_blocks", "num_total_blocks", "step_s", "draining", "fingerprint", "kv_endpoint", "transfer_backend", "num_steps", "prefix_hit_tokens", "prompt_tokens", "num_reserved", "max_model_len", "vocab_size", "num_aborted", "host", "device", "num_batched_tokens", "tokens_per_s", "last_abort_latency_s")
+    __slots__ = ("worker_id", "role", "address", "num_running", "num_waiting", "num_queued_tokens", "num_free_blocks", "num_total_blocks", "step_s", "draining", "fingerprint", "kv_endpoint", "transfer_backend", "num_steps", "prefix_hit_tokens", "prompt_tokens", "num_reserved", "max_model_len", "vocab_size", "num_aborted", "host", "device", "num_batched_tokens", "tokens_per_s", "last_abort_latency_s", "integrity_error", "num_live_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,8 @@ class WorkerLoad(_message.Message):
     NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     LAST_ABORT_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NUM_LIVE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -161,11 +163,15 @@ class WorkerLoad(_message.Message):
     num_batched_tokens: int
     tokens_per_s: float
     last_abort_latency_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., step_s: _Optional[float] = ..., draining: _Optional[bool] = ..., fingerprint: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., transfer_backend: _Optional[str] = ..., num_steps: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., num_reserved: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_aborted: _Optional[int] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., num_batched_tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., last_abort_latency_s: _Optional[float] = ...) -> None: ...
+    integrity_error: str
+    num_live_blocks: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., step_s: _Optional[float] = ..., draining: _Optional[bool] = ..., fingerprint: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., transfer_backend: _Optional[str] = ..., num_steps: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., num_reserved: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_aborted: _Optional[int] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., num_batched_tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., last_abort_latency_s: _Optional[float] = ..., integrity_error: _Optional[str] = ..., num_live_blocks: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("check_integrity",)
+    CHECK_INTEGRITY_FIELD_NUMBER: _ClassVar[int]
+    check_integrity: bool
+    def __init__(self, check_integrity: _Optional[bool] = ...) -> None: ...
 
 class KVEventsRequest(_message.Message):
     __slots__ = ()

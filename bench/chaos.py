@@ -1,0 +1,185 @@
+"""Fault injection under load: each fault against fault-free greedy outputs, then every surviving worker's
+block pool is checked (integrity + no block held by a finished request).
+
+    python -m bench.chaos --requests 24
+
+Faults: kill -9 a decode worker mid-stream; kill -9 a prefill worker mid-prefill; kill a router replica
+(clients retry on the other); SIGSTOP a decode worker past the clients' deadline. Prints, per fault:
+requests in flight, completed correctly, failed by status, blocks leaked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from deploy.local import LocalCluster
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
+
+MAX_TOKENS = 24
+
+
+@dataclass
+class FaultResult:
+    fault: str
+    in_flight: int = 0
+    correct: int = 0
+    wrong: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    leaked_blocks: int = 0
+    integrity_errors: list[str] = field(default_factory=list)
+
+
+def workload(n: int) -> list[list[int]]:
+    return [[3 + (i * 37 + j * 11) % 250 for j in range(40 + (i * 13) % 120)] for i in range(n)]
+
+
+def expected(prompts) -> list[list[int]]:
+    from engine import LLM, SamplingParams
+
+    outs = LLM("tiny").generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    return [o.token_ids for o in outs]
+
+
+def _req(p) -> pb.GenerateRequest:
+    return pb.GenerateRequest(token_ids=p, sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0,
+                                                                      ignore_eos=True))
+
+
+async def _stream(address: str, req, timeout: float):
+    async with grpc.aio.insecure_channel(address) as ch:
+        return [t for r in await _collect(pb_grpc.GenerationStub(ch).Generate(req, timeout=timeout)) for t in r.token_ids]
+
+
+async def _collect(call):
+    return [r async for r in call]
+
+
+async def drive(addresses: list[str], prompts, timeout: float, on_started) -> list:
+    """Send all prompts concurrently (client i uses addresses[i % n], retrying once on the next address if
+    its router is gone); call on_started() once tokens flow. Returns token lists or status names."""
+    started = asyncio.Event()
+
+    async def one(i, p):
+        order = addresses[i % len(addresses):] + addresses[: i % len(addresses)]
+        for k, addr in enumerate(order):
+            try:
+                async with grpc.aio.insecure_channel(addr) as ch:
+                    toks = []
+                    async for r in pb_grpc.GenerationStub(ch).Generate(_req(p), timeout=timeout):
+                        toks += r.token_ids
+                        started.set()
+                    return toks
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and k + 1 < len(order) and not toks:
+                    continue  # that router is gone: the client retries on another replica
+                return e.code().name
+        return "UNAVAILABLE"
+
+    async def trigger():
+        await started.wait()
+        await asyncio.sleep(0.15)
+        await asyncio.to_thread(on_started)
+
+    results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)), trigger())
+    return results[:-1]
+
+
+def check_workers(cluster: LocalCluster, res: FaultResult, settle_s: float = 5.0) -> None:
+    async def load(addr, role):
+        async with grpc.aio.insecure_channel(addr) as ch:
+            stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
+            return await stub.GetLoad(pb.LoadRequest(check_integrity=True), timeout=5)
+
+    for p in cluster.procs:
+        if p.role not in ("prefill", "decode") or p.popen.poll() is not None:
+            continue
+        deadline = time.monotonic() + settle_s
+        while True:
+            ld = asyncio.run(load(p.address, p.role))
+            if ld.num_live_blocks == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        res.leaked_blocks += ld.num_live_blocks
+        if ld.integrity_error:
+            res.integrity_errors.append(f"{p.role} {p.address}: {ld.integrity_error}")
+
+
+def tally(res: FaultResult, results, want) -> FaultResult:
+    res.in_flight = len(results)
+    for r, w in zip(results, want, strict=True):
+        if isinstance(r, str):
+            res.failed[r] = res.failed.get(r, 0) + 1
+        elif r == w:
+            res.correct += 1
+        else:
+            res.wrong += 1
+    return res
+
+
+def _kill(proc, sig=signal.SIGKILL) -> None:
+    os.kill(proc.popen.pid, sig)
+
+
+def run_fault(name: str, prompts, want, delay_ms: int = 20) -> FaultResult:
+    res = FaultResult(name)
+    args = ["--debug-step-delay-ms", str(delay_ms)]
+    router = ["--local-prefill-tokens", "0"]
+    if name == "kill -9 decode mid-stream":
+        with LocalCluster(1, 2, policy="round_robin", extra_worker_args=args, router_args=router) as c:
+            results = asyncio.run(drive([c.router_address], prompts, 60, lambda: _kill(c.workers("decode")[0])))
+            check_workers(c, tally(res, results, want))
+    elif name == "kill -9 prefill mid-prefill":
+        with LocalCluster(2, 1, policy="round_robin", extra_worker_args=args, router_args=router) as c:
+            results = asyncio.run(drive([c.router_address], prompts, 60, lambda: _kill(c.workers("prefill")[0])))
+            check_workers(c, tally(res, results, want))
+    elif name == "kill a router replica":
+        with LocalCluster(1, 1, extra_worker_args=args, router_args=router) as c:
+            other = c.add_router()
+            first = next(p for p in c.procs if p.role == "router")
+            results = asyncio.run(drive([first.address, other.address], prompts, 60, lambda: _kill(first)))
+            check_workers(c, tally(res, results, want))
+    elif name == "SIGSTOP decode past the deadline":
+        with LocalCluster(1, 2, policy="round_robin", extra_worker_args=args, router_args=router) as c:
+            victim = c.workers("decode")[0]
+
+            def stall():
+                _kill(victim, signal.SIGSTOP)
+
+            results = asyncio.run(drive([c.router_address], prompts, 3.0, stall))
+            time.sleep(0.5)
+            _kill(victim, signal.SIGCONT)
+            time.sleep(1.0)
+            check_workers(c, tally(res, results, want))
+    else:
+        raise ValueError(f"unknown fault {name!r}")
+    return res
+
+
+FAULTS = ["kill -9 decode mid-stream", "kill -9 prefill mid-prefill", "kill a router replica",
+          "SIGSTOP decode past the deadline"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=24)
+    a = ap.parse_args()
+    prompts = workload(a.requests)
+    want = expected(prompts)
+    rows = [run_fault(f, prompts, want) for f in FAULTS]
+    print(f"{'fault':36} {'in flight':>9} {'correct':>8} {'wrong':>6} {'failed (status)':24} {'leaked blocks':>13}")
+    for r in rows:
+        failed = ", ".join(f"{v} {k}" for k, v in r.failed.items()) or "0"
+        print(f"{r.fault:36} {r.in_flight:9d} {r.correct:8d} {r.wrong:6d} {failed:24} {r.leaked_blocks:13d}"
+              + (f"  INTEGRITY: {r.integrity_errors}" if r.integrity_errors else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Public API fuzzing: 10,000 generated requests against a live cluster; no crash, the right status for
+each case, and the cluster still serves a normal request at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+import grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deploy.local import LocalCluster
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
+
+NUM_REQUESTS = 10_000
+VOCAB, MAX_LEN = 320, 2048
+OK_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+
+floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1.0, -0.0]))
+ints = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-3, 40))
+sampling = st.builds(
+    dict,
+    max_tokens=st.one_of(st.none(), st.integers(-5, 6), st.just(2**31 - 1)),
+    temperature=st.one_of(st.none(), floats),
+    top_p=st.one_of(st.none(), floats),
+    top_k=st.one_of(st.none(), ints),
+    seed=st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
+    stop=st.lists(st.text(max_size=300), max_size=20),
+    stop_token_ids=st.lists(ints, max_size=5),
+    ignore_eos=st.booleans(),
+    logprobs=st.one_of(st.none(), st.integers(-3, 30)),
+)
+requests = st.builds(
+    dict,
+    request_id=st.one_of(st.just(""), st.text(max_size=150), st.text(min_size=300, max_size=300)),
+    prompt=st.one_of(st.just(""), st.text(max_size=40), st.text(min_size=3000, max_size=3000)),
+    token_ids=st.one_of(st.just([]), st.lists(st.integers(-10, VOCAB + 10), max_size=20),
+                        st.lists(st.integers(3, 200), min_size=MAX_LEN, max_size=MAX_LEN + 5)),
+    sampling=sampling,
+    priority=ints,
+    tenant=st.text(max_size=20),
+)
+
+
+def to_proto(d: dict) -> pb.GenerateRequest:
+    s = pb.SamplingParams()
+    for k, v in d["sampling"].items():
+        if v is None:
+            continue
+        if k in ("stop", "stop_token_ids"):
+            getattr(s, k).extend(v)
+        else:
+            setattr(s, k, v)
+    return pb.GenerateRequest(request_id=d["request_id"], prompt=d["prompt"], token_ids=d["token_ids"],
+                              sampling=s, priority=d["priority"], tenant=d["tenant"])
+
+
+def expected_valid(d: dict) -> bool:
+    """A small oracle for the cases the API must refuse; anything it accepts must succeed."""
+    s = d["sampling"]
+    if bool(d["prompt"]) == bool(d["token_ids"]) or len(d["request_id"]) > 200:
+        return False
+    if d["prompt"] and len(d["prompt"].encode()) >= MAX_LEN:  # byte-level tokenizer: one token per byte
+        return False
+    if d["token_ids"] and (any(not 0 <= t < VOCAB for t in d["token_ids"]) or len(d["token_ids"]) >= MAX_LEN):
+        return False
+    mt, t, p = s["max_tokens"], s["temperature"], s["top_p"]
+    if mt is not None and mt <= 0:
+        return False
+    if t is not None and (math.isnan(t) or t < 0 or math.isinf(t)):
+        return False
+    if p is not None and (math.isnan(p) or not 0 < p <= 1):
+        return False
+    if s["top_k"] is not None and s["top_k"] < -1:
+        return False
+    if len(s["stop"]) > 16 or any(not x or len(x) > 256 for x in s["stop"]):
+        return False
+    if any(x < 0 for x in s["stop_token_ids"]) or (s["logprobs"] is not None and not 0 <= s["logprobs"] <= 20):
+        return False
+    return True
+
+
+def test_fuzz_public_api():
+    samples: list[dict] = []
+
+    @settings(max_examples=NUM_REQUESTS, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(requests)
+    def collect(d):
+        samples.append(d)
+
+    collect()
+    assert len(samples) >= NUM_REQUESTS * 0.9
+    with LocalCluster(1, 1, router_args=["--local-prefill-tokens", "8"]) as c:
+
+        async def run():
+            rng = random.Random(0)
+            async with grpc.aio.insecure_channel(c.router_address) as ch:
+                stub = pb_grpc.GenerationStub(ch)
+                sem = asyncio.Semaphore(64)
+                counts: dict[str, int] = {}
+                wrong: list[str] = []
+
+                async def one(d):
+                    req = to_proto(d)
+                    if req.request_id:
+                        req.request_id += f"-{len(counts)}-{rng.random()}"  # ids must not repeat in flight
+                    if not req.sampling.HasField("max_tokens"):
+                        req.sampling.max_tokens = 2  # keep valid requests short: this test is about statuses
+                    elif req.sampling.max_tokens > 0:
+                        req.sampling.max_tokens = min(req.sampling.max_tokens, 2)
+                    async with sem:
+                        call = stub.Generate(req, timeout=30)
+                        code = grpc.StatusCode.OK
+                        try:
+                            cut = rng.random() < 0.05  # client cancels at a random point
+                            async for _ in call:
+                                if cut:
+                                    call.cancel()
+                                    break
+                        except grpc.aio.AioRpcError as e:
+                            code = e.code()
+                        except asyncio.CancelledError:
+                            code = grpc.StatusCode.CANCELLED
+                    counts[code.name] = counts.get(code.name, 0) + 1
+                    if code is grpc.StatusCode.CANCELLED:
+                        return
+                    if code not in OK_CODES or (code is grpc.StatusCode.OK) != expected_valid(d):
+                        wrong.append(f"{code.name}: {str(d)[:300]}")
+
+                await asyncio.gather(*(one(d) for d in samples))
+                # invalid UTF-8 in a stop string, sent as raw bytes (the Python API cannot build it)
+                raw = pb.GenerateRequest(prompt="hi").SerializeToString() + b"\x22\x04\x32\x02\xff\xfe"
+                raw_call = ch.unary_stream("/pdserve.v1.Generation/Generate", request_serializer=lambda b: b,
+                                           response_deserializer=pb.GenerateResponse.FromString)
+                try:
+                    async for _ in raw_call(raw, timeout=10):
+                        pass
+                    utf8 = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as e:
+                    utf8 = e.code()
+                final = await stub.Complete(pb.GenerateRequest(prompt="still alive",
+                                                               sampling=pb.SamplingParams(max_tokens=3)), timeout=30)
+                return counts, wrong, utf8, final
+
+        counts, wrong, utf8, final = asyncio.run(run())
+        assert not wrong, f"{len(wrong)} wrong statuses, e.g. {wrong[:5]}"
+        assert counts.get("OK", 0) > 100 and counts.get("INVALID_ARGUMENT", 0) > 1000, counts
+        assert utf8 in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL), utf8
+        assert final.finish_reason and all(p.popen.poll() is None for p in c.procs), "no process crashed"
