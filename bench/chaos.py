@@ -69,16 +69,19 @@ async def drive(addresses: list[str], prompts, timeout: float, on_started) -> li
 
     async def one(i, p):
         order = addresses[i % len(addresses):] + addresses[: i % len(addresses)]
+        got: list[int] = []
         for k, addr in enumerate(order):
             try:
                 async with grpc.aio.insecure_channel(addr) as ch:
-                    toks = []
-                    async for r in pb_grpc.GenerationStub(ch).Generate(_req(p), timeout=timeout):
-                        toks += r.token_ids
+                    # a retry continues from what already arrived: prompt + received tokens, fewer to go
+                    req = _req(p + got)
+                    req.sampling.max_tokens = MAX_TOKENS - len(got)
+                    async for r in pb_grpc.GenerationStub(ch).Generate(req, timeout=timeout):
+                        got += r.token_ids
                         started.set()
-                    return toks
+                    return got
             except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and k + 1 < len(order) and not toks:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and k + 1 < len(order):
                     continue  # that router is gone: the client retries on another replica
                 return e.code().name
         return "UNAVAILABLE"

@@ -193,3 +193,49 @@ async def heartbeat(
     finally:
         for ch in channels.values():
             await ch.close()
+
+
+class Undecodable:
+    """Stands in for a request whose bytes did not parse (e.g. invalid UTF-8 in a string field)."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def add_public_servicer(server: grpc.aio.Server, servicer, service: str) -> None:
+    """Register ``servicer`` for ``service`` with deserializers that never fail: a malformed request
+    becomes INVALID_ARGUMENT with a message, instead of grpc's bare UNKNOWN."""
+    from google.protobuf.message import DecodeError
+
+    desc = pdserve_pb2.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for m in desc.methods:
+        req_cls = getattr(pdserve_pb2, m.input_type.name)
+        resp_ser = getattr(pdserve_pb2, m.output_type.name).SerializeToString
+        bad = f"request: not a valid {m.input_type.full_name}"
+
+        def deserialize(data: bytes, req_cls=req_cls):
+            try:
+                return req_cls.FromString(data)
+            except (DecodeError, ValueError) as e:
+                return Undecodable(str(e))
+
+        behavior = getattr(servicer, m.name)
+        if m.server_streaming:
+
+            async def stream(request, context, behavior=behavior, bad=bad):
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{bad}: {request.error}")
+                async for resp in behavior(request, context):
+                    yield resp
+
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(stream, deserialize, resp_ser)
+        else:
+
+            async def unary(request, context, behavior=behavior, bad=bad):
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{bad}: {request.error}")
+                return await behavior(request, context)
+
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(unary, deserialize, resp_ser)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name, handlers),))

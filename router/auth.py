@@ -62,6 +62,8 @@ def _with_tenant(handler, tenant: str):
     """Wrap a Generation handler: refuse other tenants, stamp the key's tenant on the request."""
 
     def check(request, context) -> str | None:
+        if not hasattr(request, "tenant"):
+            return None  # undecodable: refused as INVALID_ARGUMENT further in
         if request.tenant and request.tenant != tenant:
             return f"tenant: this API key may not act for tenant {request.tenant!r}"
         request.tenant = tenant

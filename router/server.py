@@ -12,7 +12,7 @@ from engine.models import resolve_model
 from engine.tokenizer import load_tokenizer
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.observability import serve_metrics
-from protos.rpc import TlsConfig, create_server, install_sigterm, set_serving
+from protos.rpc import TlsConfig, add_public_servicer, create_server, install_sigterm, set_serving
 from router.admin import AdminServicer
 from router.admission import Admission
 from router.auth import ApiKeyInterceptor
@@ -109,7 +109,7 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     policy = PairPolicy(cfg.policy, index, local_prefill_tokens=cfg.local_prefill_tokens, saturation_s=cfg.saturation_s)
     admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s)
     generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries)
-    pb_grpc.add_GenerationServicer_to_server(generation, server)
+    add_public_servicer(server, generation, "Generation")
     pb_grpc.add_AdminServicer_to_server(AdminServicer(membership, index, generation), server)
     bound_metrics = serve_metrics(cfg.metrics_port, cfg.addr.rsplit(":", 1)[0])
     await server.start()
