@@ -1,17 +1,28 @@
-"""Offline engine throughput against HF generate, same model and prompts, same run.
+"""Offline engine throughput against HF generate: same checkpoint, same prompts, same run.
 
-    python -m bench.engine_bench --model tiny --num-prompts 64 --max-tokens 64
+    python -m bench.engine_bench --model tiny --num-prompts 64 --min-len 16 --max-len 256 --max-tokens 64
 
-Prints output tokens/s for HF ``generate`` (greedy, left-padded batches of --hf-batch) and for pdserve's
-``LLM.generate`` (all prompts at once, continuous batching), their ratio, and the engine's decode step time
-at batch 1 and at full batch.
+Measures, in one process and in this order:
+
+(a) HF ``generate``: greedy, left-padded batches of ``--hf-batch`` prompts, on a model loaded with
+    ``AutoModelForCausalLM.from_pretrained`` from the checkpoint directory the engine loaded (dummy presets
+    have no weights on disk: HF builds the model from that directory's config and takes the engine's
+    random weights, so both run the very same numbers);
+(b) pdserve ``LLM.generate`` with every prompt submitted at once (continuous batching, paged KV);
+(c) the engine's decode step time (ms per step) at batch 1 and at a full batch of ``--num-prompts``.
+
+Both systems produce exactly ``--max-tokens`` tokens per prompt (pdserve: ignore_eos; HF: no eos id), and
+the script reports how many prompts got identical greedy tokens from both as a sanity check (left padding
+changes HF's float rounding, so an occasional near-tie may differ; on the tiny preset all 64 match).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import random
+import statistics
 import time
 
 import torch
@@ -24,88 +35,160 @@ def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[i
     return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def hf_throughput(model, prompts, max_tokens: int, batch: int, device: str) -> tuple[float, int]:
-    """HF generate on the very same weights (works for dummy presets, which have no files on disk)."""
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def load_hf(llm: LLM, device: str):
+    """transformers' own model class and attention (sdpa) from the engine's checkpoint directory."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = llm.engine.runner.model_path
+    dtype = llm.engine.runner.dtype
+    if any(Path(path).glob("*.safetensors")):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:  # a dummy preset: config only on disk; copy the engine's randomly initialised weights
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        model.load_state_dict(llm.engine.runner.model.state_dict())
+    return model.to(device).eval()
+
+
+def hf_generate(model, prompts, max_tokens: int, batch: int, device: str) -> tuple[float, list[list[int]]]:
     from transformers import GenerationConfig
 
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("sdpa")
-    else:
-        model.config._attn_implementation = "sdpa"
-    cfg = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
-                           eos_token_id=2)
-    total = 0
+    # no eos at all (an empty list; None would fall back to the model's): the same work as ignore_eos
+    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, pad_token_id=0, eos_token_id=[])
+    outs: list[list[int]] = []
+    sync(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.inference_mode():
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
             width = max(map(len, chunk))
             ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            out = model.generate(ids, attention_mask=mask, generation_config=cfg)
-            total += (out.shape[1] - width) * len(chunk)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return total / (time.perf_counter() - t0), total
+            gen = model.generate(ids, attention_mask=mask, generation_config=cfg)
+            outs += gen[:, width:].tolist()
+    sync(device)
+    return time.perf_counter() - t0, outs
 
 
-def step_ms(llm: LLM, batch: int, prompt_len: int, steps: int = 20) -> float:
-    """Mean decode step time with ``batch`` running sequences."""
-    eng = llm.engine
-    params = SamplingParams(max_tokens=steps + 5, temperature=0, ignore_eos=True)
-    for i in range(batch):
-        eng.add_request(f"step-{batch}-{i}", [5 + i % 200] * prompt_len, params)
-    while any(s.in_prefill for s in eng.scheduler.running) or eng.scheduler.waiting:
-        eng.step()
+def pdserve_generate(llm: LLM, prompts, max_tokens: int, device: str) -> tuple[float, list[list[int]]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    outs = llm.generate(prompts, params)
+    sync(device)
+    return time.perf_counter() - t0, [o.token_ids for o in outs]
+
+
+STEP_SLACK = 64
+
+
+def decode_step_ms(llm: LLM, batch: int, prompt_len: int, vocab: int, steps: int, device: str) -> float:
+    """Median time of one engine step while ``batch`` sequences decode (prefill excluded)."""
+    eng = llm.engine
+    rng = random.Random(batch)
+    # long enough that sequences whose prefill ended in an early chunk still run through every timed step
+    params = SamplingParams(max_tokens=steps + STEP_SLACK, temperature=0, ignore_eos=True)
+    rids = [f"step-{batch}-{i}" for i in range(batch)]
+    for rid in rids:
+        eng.add_request(rid, [rng.randrange(3, vocab) for _ in range(prompt_len)], params)
+    while eng.scheduler.waiting or any(s.in_prefill for s in eng.scheduler.running):
         eng.step()
-    ms = (time.perf_counter() - t0) / steps * 1e3
-    for i in range(batch):
-        eng.abort(f"step-{batch}-{i}")
-    return ms
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        eng.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    assert len(eng.scheduler.running) == batch, "every sequence decoded in every timed step"
+    for rid in rids:
+        eng.abort(rid)
+    eng.check_integrity()
+    return statistics.median(times) * 1e3
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--hf-batch", type=int, default=16)
-    ap.add_argument("--num-blocks", type=int, default=0)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--num-blocks", type=int, default=0, help="0: enough for every prompt at once")
+    ap.add_argument("--step-prompt-len", type=int, default=128)
+    ap.add_argument("--step-iters", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of (a) and (b), alternated; medians reported")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json")
+    ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
-    llm = LLM(a.model, device=a.device, num_blocks=a.num_blocks, max_num_seqs=max(64, a.num_prompts),
-              max_num_batched_tokens=4096)
-    vocab = min(259, llm.engine.vocab_size)
+    block_size = 16
+    need = a.num_prompts * ((a.max_len + a.max_tokens + block_size - 1) // block_size)
+    step_len = a.step_prompt_len + a.step_iters + STEP_SLACK
+    step_need = a.num_prompts * ((step_len + block_size - 1) // block_size)
+    num_blocks = a.num_blocks or max(need, step_need) + 16
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, num_blocks=num_blocks, max_num_seqs=a.num_prompts,
+              max_num_batched_tokens=a.max_num_batched_tokens, block_size=block_size)
+    vocab = min(259, llm.engine.vocab_size)  # byte tokens: the tokenizer's real vocabulary
     prompts = make_prompts(a.num_prompts, a.min_len, a.max_len, vocab, a.seed)
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=2))  # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    pd_s = time.perf_counter() - t0
-    pd_tokens = sum(len(o.token_ids) for o in outs)
-    pd_tps = pd_tokens / pd_s
-    s1 = step_ms(llm, 1, 128)
-    sfull = step_ms(llm, min(64, a.num_prompts), 128)
-    hf_tps, hf_tokens = hf_throughput(llm.engine.runner.model, prompts, a.max_tokens, a.hf_batch, a.device)
+    hf = load_hf(llm, a.device)
+
+    # warm-up: allocator, kernels, lazy imports
+    hf_generate(hf, prompts[:2], 2, a.hf_batch, a.device)
+    pdserve_generate(llm, prompts[:2], 2, a.device)
+
+    hf_runs, pd_runs = [], []
+    for _ in range(a.repeat):  # alternate, so drifting background load hits both alike
+        hf_s, hf_out = hf_generate(hf, prompts, a.max_tokens, a.hf_batch, a.device)
+        pd_s, pd_out = pdserve_generate(llm, prompts, a.max_tokens, a.device)
+        llm.engine.check_integrity()
+        hf_runs.append(hf_s)
+        pd_runs.append(pd_s)
+    hf_s, pd_s = statistics.median(hf_runs), statistics.median(pd_runs)
+    hf_tokens, pd_tokens = sum(map(len, hf_out)), sum(map(len, pd_out))
+    assert hf_tokens == pd_tokens == a.num_prompts * a.max_tokens, (hf_tokens, pd_tokens)
+    same = sum(h == p for h, p in zip(hf_out, pd_out, strict=True))
+    hf_tps, pd_tps = hf_tokens / hf_s, pd_tokens / pd_s
+    step1 = decode_step_ms(llm, 1, a.step_prompt_len, vocab, a.step_iters, a.device)
+    stepn = decode_step_ms(llm, a.num_prompts, a.step_prompt_len, vocab, a.step_iters, a.device)
+
     res = {
-        "model": a.model, "device": a.device, "num_prompts": a.num_prompts, "len": [a.min_len, a.max_len],
-        "max_tokens": a.max_tokens, "hf_batch": a.hf_batch,
-        "hf_generate_tok_s": hf_tps, "pdserve_tok_s": pd_tps, "ratio": pd_tps / hf_tps,
-        "step_ms_batch1": s1, f"step_ms_batch{min(64, a.num_prompts)}": sfull,
+        "model": a.model, "device": a.device, "dtype": str(llm.engine.runner.dtype).removeprefix("torch."),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "num_prompts": a.num_prompts, "prompt_len": [a.min_len, a.max_len], "max_tokens": a.max_tokens,
+        "hf_batch": a.hf_batch, "repeat": a.repeat, "hf_s": hf_s, "pdserve_s": pd_s,
+        "hf_s_runs": hf_runs, "pdserve_s_runs": pd_runs,
+        "hf_tok_s": hf_tps, "pdserve_tok_s": pd_tps, "ratio": pd_tps / hf_tps,
+        "identical_greedy_outputs": same, "step_ms_batch1": step1, "step_ms_full_batch": stepn,
+        "step_prompt_len": a.step_prompt_len,
     }
-    print(f"model {a.model} on {a.device}: {a.num_prompts} prompts of {a.min_len}..{a.max_len} tokens, "
-          f"{a.max_tokens} output tokens each")
-    print(f"{'system':32} {'output tok/s':>12} {'ratio':>7}")
-    print(f"{'HF generate (batch ' + str(a.hf_batch) + ')':32} {hf_tps:12.1f} {1.0:7.2f}")
-    print(f"{'pdserve LLM.generate':32} {pd_tps:12.1f} {pd_tps / hf_tps:7.2f}")
-    print(f"decode step: {s1:.2f} ms at batch 1, {sfull:.2f} ms at batch {min(64, a.num_prompts)}")
+    print(f"model {a.model} on {a.device} ({res['dtype']}, {res['threads']} torch threads): {a.num_prompts} prompts "
+          f"of {a.min_len}..{a.max_len} tokens, {a.max_tokens} output tokens each; median of {a.repeat} runs")
+    print()
+    total = a.num_prompts * a.max_tokens
+    print("| system | wall s (median) | output tok/s | range tok/s | ratio |")
+    print("|---|---|---|---|---|")
+    print(f"| HF generate (greedy, left-padded batches of {a.hf_batch}) | {hf_s:.2f} | {hf_tps:.1f} | "
+          f"{total / max(hf_runs):.0f}..{total / min(hf_runs):.0f} | 1.00 |")
+    print(f"| pdserve LLM.generate (all {a.num_prompts} at once) | {pd_s:.2f} | {pd_tps:.1f} | "
+          f"{total / max(pd_runs):.0f}..{total / min(pd_runs):.0f} | {pd_tps / hf_tps:.2f} |")
+    print()
+    print(f"decode step ({a.step_prompt_len}-token prompts): {step1:.2f} ms at batch 1, "
+          f"{stepn:.2f} ms at batch {a.num_prompts}")
+    print(f"identical greedy outputs (HF vs pdserve): {same}/{a.num_prompts}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -61,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs: must be > 0, got {self.max_num_seqs}")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        if not -(2**63) <= self.hash_seed < 2**63:
+            raise ValueError(f"hash_seed: must fit in a signed 64-bit integer, got {self.hash_seed}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: must be 'auto' or 'dummy', got {self.load_format!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

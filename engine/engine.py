@@ -107,6 +107,11 @@ class LLMEngine:
                 f"prompt: needs up to {need} KV blocks but the cache has {self.pool.num_blocks}; lower max_tokens"
             )
 
+    def _check_new_id(self, request_id: str) -> None:
+        # held: a finished prefill-only request whose blocks a transfer may still be reading
+        if request_id in self.seqs or request_id in self.reservations or request_id in self.held:
+            raise InvalidRequestError(f"request_id: {request_id!r} is already in use")
+
     def add_request(
         self,
         request_id: str,
@@ -116,8 +121,7 @@ class LLMEngine:
         prefill_only: bool = False,
         sample_offset: int = 0,
     ) -> Sequence:
-        if request_id in self.seqs or request_id in self.reservations:
-            raise InvalidRequestError(f"request_id: {request_id!r} is already in use")
+        self._check_new_id(request_id)
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
         seq = Sequence(request_id, token_ids, params, priority=priority, arrival_seq=next(self._arrivals))
@@ -135,8 +139,7 @@ class LLMEngine:
 
     def reserve(self, request_id: str, num_tokens: int) -> list[int]:
         """Decode side: hold blocks for a prompt whose KV another worker will write."""
-        if request_id in self.seqs or request_id in self.reservations:
-            raise InvalidRequestError(f"request_id: {request_id!r} is already in use")
+        self._check_new_id(request_id)
         need = (num_tokens + self.config.block_size - 1) // self.config.block_size
         if not self.pool.can_allocate(need):
             raise CapacityError(f"need {need} KV blocks, {self.pool.num_free_blocks} free")
@@ -169,6 +172,10 @@ class LLMEngine:
         if block_ids is None:
             raise RequestNotFoundError(f"request_id: no reservation for {request_id!r}")
         self.validate(prompt_token_ids, params)
+        if len(block_ids) * self.config.block_size < len(prompt_token_ids):
+            raise InvalidRequestError(
+                f"prompt_token_ids: {len(prompt_token_ids)} tokens do not fit the {len(block_ids)} reserved blocks"
+            )
         if not 0 <= first_token_id < self.vocab_size:
             raise InvalidRequestError(f"first_token_id: {first_token_id} is outside the vocabulary")
         del self.reservations[request_id]

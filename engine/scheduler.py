@@ -141,6 +141,8 @@ class Scheduler:
                 out = [s for s in out if s.seq is not victim]
                 budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in out)
                 self._preempt(victim)
+                # the victim may have shared some of the hit blocks: now free, touching them takes them
+                revived = sum(1 for b in hit if self.pool.ref_cnt[b] == 0)
             if not self.pool.can_allocate(need + revived):
                 break
             heapq.heappop(self.waiting)

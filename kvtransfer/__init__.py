@@ -1,7 +1,18 @@
-"""KV transfer between prefill and decode workers: one interface, three backends (tcp, ucx, nccl)."""
+"""KV transfer between prefill and decode workers: one interface, three backends (tcp, ucx, nccl).
+
+    receiver = make_receiver(config, kv_cache.layers, fingerprint, kv_cache.shm_path)
+    endpoint = receiver.start()                 # "tcp://127.0.0.1:PORT", "nccl://...", "ucx://..."
+    sender = make_sender(config, layers, fingerprint)
+
+Backends are imported lazily: ``ucx`` needs ucxx (a clear TransferError if it is missing), ``nccl`` uses
+torch.distributed (gloo for CPU caches, NCCL for CUDA caches).
+"""
 
 from __future__ import annotations
 
+import torch
+
+from engine.kv_cache import LayoutFingerprint
 from kvtransfer.base import (
     BACKENDS,
     ChecksumError,
@@ -19,9 +30,9 @@ from kvtransfer.base import (
 
 def _classes(backend: str):
     if backend == "tcp":
-        from kvtransfer.tcp import SocketReceiver, SocketSender
+        from kvtransfer.tcp import TcpReceiver, TcpSender
 
-        return SocketReceiver, SocketSender
+        return TcpReceiver, TcpSender
     if backend == "nccl":
         from kvtransfer.nccl import NcclReceiver, NcclSender
 
@@ -33,11 +44,21 @@ def _classes(backend: str):
     raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")
 
 
-def make_receiver(config: TransferConfig, layers, fingerprint, shm_path: str | None = None) -> KVReceiver:
+def make_receiver(
+    config: TransferConfig,
+    layers: list[torch.Tensor],
+    fingerprint: LayoutFingerprint,
+    shm_path: str | None = None,
+) -> KVReceiver:
+    """A receiver writing into ``layers``; ``shm_path`` (a /dev/shm file backing them, from
+    ``KVCache(shared=True)``) enables the tcp backend's same-host path."""
     return _classes(config.backend)[0](layers, fingerprint, config, shm_path)
 
 
-def make_sender(config: TransferConfig, layers, fingerprint) -> KVSender:
+def make_sender(
+    config: TransferConfig, layers: list[torch.Tensor], fingerprint: LayoutFingerprint
+) -> KVSender:
+    """A sender reading from ``layers``."""
     return _classes(config.backend)[1](layers, fingerprint, config)
 
 

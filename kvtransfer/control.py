@@ -1,10 +1,14 @@
-"""Connection set-up shared by the socket-based backends: handshake, authentication, control frames.
+"""Connection set-up shared by every backend: handshake, mutual authentication, JSON control frames.
 
 Handshake (receiver speaks first):
-    receiver -> CHALLENGE {nonce, host_id, shm_path, extra}
-    sender   -> HELLO     {fingerprint, proof = HMAC-SHA256(secret, nonce || fingerprint)}
-    receiver -> HELLO_OK  {extra} | REFUSE {kind: "fingerprint" | "auth" | "protocol", message}
-A mismatch or a bad proof is refused before any KV byte is accepted.
+    receiver -> CHALLENGE {nonce}
+    sender   -> HELLO     {fingerprint, proof = HMAC-SHA256(secret, nonce || fingerprint), nonce2, host_id}
+    receiver -> HELLO_OK  {proof = HMAC-SHA256(secret, "rx" || nonce2 || fingerprint), ...backend extras}
+              | REFUSE    {kind: "fingerprint" | "auth" | "protocol", message}
+A mismatch or a bad proof is refused before any KV byte is accepted. Backend extras (a shared-memory path,
+a process-group rendezvous) travel only in HELLO_OK, i.e. only to peers that passed both checks. With a
+secret set, the sender also checks the receiver's proof, so KV never goes to an impostor.
+Every call here runs on a socket (or socket-like stream) with a timeout set: a silent peer is an error.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import hashlib
 import hmac
 import json
 import os
+import select
 import socket
-import struct
 
 from engine.kv_cache import LayoutFingerprint
 from kvtransfer import wire
 from kvtransfer.base import FingerprintMismatchError, TransferAuthError, TransferError
+
+NONCE_LEN = 16
 
 
 def host_id() -> str:
@@ -33,18 +39,29 @@ def host_id() -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def proof(secret: str | None, nonce: bytes, fingerprint_json: str) -> str:
+def proof(secret: str | None, nonce: bytes, fingerprint_json: str, role: bytes = b"") -> str:
     if not secret:
         return ""
-    return hmac.new(secret.encode(), nonce + fingerprint_json.encode(), hashlib.sha256).hexdigest()
+    return hmac.new(secret.encode(), role + nonce + fingerprint_json.encode(), hashlib.sha256).hexdigest()
 
 
-def send_json(sock: socket.socket, ftype: int, obj: dict, transfer_id: str = "") -> None:
+def readable(sock, timeout: float) -> bool:
+    """Whether a frame can be read within ``timeout`` (False: idle). Raises ConnectionError if closed."""
+    if hasattr(sock, "readable"):  # message-based streams (ucx)
+        return sock.readable(timeout)
+    try:
+        r, _, _ = select.select([sock], [], [], timeout)
+    except (OSError, ValueError):
+        raise ConnectionError("socket closed") from None
+    return bool(r)
+
+
+def send_json(sock, ftype: int, obj: dict, transfer_id: str = "") -> None:
     body = json.dumps(obj).encode()
     sock.sendall(wire.encode_header(wire.Frame(ftype, transfer_id, payload_len=len(body))) + body)
 
 
-def read_json(sock: socket.socket, frame: wire.Frame) -> dict:
+def read_json(sock, frame: wire.Frame) -> dict:
     try:
         obj = json.loads(wire.recv_exact(sock, frame.payload_len) or b"{}")
     except ValueError:
@@ -54,11 +71,11 @@ def read_json(sock: socket.socket, frame: wire.Frame) -> dict:
     return obj
 
 
-def expect_json(sock: socket.socket, ftype: int) -> dict:
+def expect_json(sock, ftype: int) -> dict:
     frame = wire.read_frame(sock)
     if frame.type == wire.REFUSE:
         body = read_json(sock, frame)
-        kind, msg = body.get("kind"), body.get("message", "refused")
+        kind, msg = body.get("kind"), str(body.get("message", "refused"))
         if kind == "fingerprint":
             raise FingerprintMismatchError(msg)
         if kind == "auth":
@@ -69,27 +86,39 @@ def expect_json(sock: socket.socket, ftype: int) -> dict:
     return read_json(sock, frame)
 
 
-def client_handshake(
-    sock: socket.socket, fingerprint: LayoutFingerprint, secret: str | None
-) -> tuple[dict, dict]:
-    """Sender side. Returns (challenge, hello_ok) bodies; raises on refusal."""
-    challenge = expect_json(sock, wire.CHALLENGE)
-    nonce = bytes.fromhex(challenge.get("nonce", ""))
+def _nonce(body: dict, key: str) -> bytes:
+    try:
+        nonce = bytes.fromhex(str(body.get(key, "")))
+    except ValueError:
+        raise wire.WireError(f"handshake {key} is not hex") from None
+    if len(nonce) != NONCE_LEN:
+        raise wire.WireError(f"handshake {key} has {len(nonce)} bytes, not {NONCE_LEN}")
+    return nonce
+
+
+def client_handshake(sock, fingerprint: LayoutFingerprint, secret: str | None) -> dict:
+    """Sender side. Returns the HELLO_OK body; raises on refusal or an unauthenticated receiver."""
+    nonce = _nonce(expect_json(sock, wire.CHALLENGE), "nonce")
     fp = fingerprint.to_json()
-    send_json(sock, wire.HELLO, {"fingerprint": fp, "proof": proof(secret, nonce, fp)})
-    return challenge, expect_json(sock, wire.HELLO_OK)
+    nonce2 = os.urandom(NONCE_LEN)
+    send_json(sock, wire.HELLO, {"fingerprint": fp, "proof": proof(secret, nonce, fp), "nonce2": nonce2.hex(),
+                                 "host_id": host_id()})
+    welcome = expect_json(sock, wire.HELLO_OK)
+    if secret and not hmac.compare_digest(str(welcome.get("proof", "")), proof(secret, nonce2, fp, b"rx")):
+        raise TransferAuthError("KV receiver failed authentication (wrong cluster secret)")
+    return welcome
 
 
-def server_handshake(
-    sock: socket.socket, fingerprint: LayoutFingerprint, secret: str | None, challenge_extra: dict
-) -> dict:
-    """Receiver side. Returns the HELLO body; sends REFUSE and raises on mismatch or bad proof."""
-    nonce = os.urandom(16)
-    send_json(sock, wire.CHALLENGE, {"nonce": nonce.hex(), "host_id": host_id(), **challenge_extra})
+def server_handshake(sock, fingerprint: LayoutFingerprint, secret: str | None) -> dict:
+    """Receiver side, up to (not including) HELLO_OK. Returns the HELLO body; sends REFUSE and raises on a
+    layout mismatch or a bad proof."""
+    nonce = os.urandom(NONCE_LEN)
+    send_json(sock, wire.CHALLENGE, {"nonce": nonce.hex()})
     hello = expect_json(sock, wire.HELLO)
     fp_json = str(hello.get("fingerprint", ""))
     if secret and not hmac.compare_digest(str(hello.get("proof", "")), proof(secret, nonce, fp_json)):
-        send_json(sock, wire.REFUSE, {"kind": "auth", "message": "KV handshake: bad or missing cluster secret"})
+        msg = "KV handshake: bad or missing cluster secret"
+        send_json(sock, wire.REFUSE, {"kind": "auth", "message": msg})
         raise TransferAuthError("peer failed authentication")
     try:
         theirs = LayoutFingerprint.from_json(fp_json)
@@ -97,10 +126,17 @@ def server_handshake(
         send_json(sock, wire.REFUSE, {"kind": "protocol", "message": str(e)})
         raise TransferError(str(e)) from None
     if theirs != fingerprint:
-        msg = "KV layout mismatch: " + "; ".join(theirs.diff(fingerprint))
+        msg = "KV layout mismatch (sender != receiver): " + "; ".join(theirs.diff(fingerprint))
         send_json(sock, wire.REFUSE, {"kind": "fingerprint", "message": msg})
         raise FingerprintMismatchError(msg)
+    hello["nonce2"] = _nonce(hello, "nonce2")
     return hello
+
+
+def welcome(sock, hello: dict, fingerprint: LayoutFingerprint, secret: str | None, extra: dict) -> None:
+    """Receiver side: accept the peer (HELLO_OK with the receiver's proof and the backend's extras)."""
+    body = {**extra, "proof": proof(secret, hello["nonce2"], fingerprint.to_json(), b"rx")}
+    send_json(sock, wire.HELLO_OK, body)
 
 
 def parse_endpoint(endpoint: str, scheme: str) -> tuple[str, int]:
@@ -109,10 +145,9 @@ def parse_endpoint(endpoint: str, scheme: str) -> tuple[str, int]:
         raise TransferError(f"endpoint {endpoint!r} is not a {scheme} endpoint")
     host, _, port = endpoint[len(prefix) :].rpartition(":")
     try:
-        return host, int(port)
+        port_num = int(port)
     except ValueError:
         raise TransferError(f"endpoint {endpoint!r} has no port") from None
-
-
-def pack_ids(ids: list[int]) -> bytes:
-    return struct.pack(f"<{len(ids)}i", *ids)
+    if not host or not 0 < port_num < 65536:
+        raise TransferError(f"endpoint {endpoint!r} has no host or a bad port")
+    return host.strip("[]"), port_num

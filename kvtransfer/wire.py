@@ -13,20 +13,25 @@ import zlib
 from dataclasses import dataclass, field
 
 MAGIC = b"PDKV"
-VERSION = 1
+VERSION = 2  # 2: BEGIN frame, mutual auth, backend extras only in HELLO_OK
 HEADER = struct.Struct("<4sBBHHHiIQI")
 assert HEADER.size == 32
 
-# frame types
-CHALLENGE, HELLO, HELLO_OK, REFUSE, DATA, DONE, ACK, ABORT, NOTIFY = range(1, 10)
-TYPES = {CHALLENGE, HELLO, HELLO_OK, REFUSE, DATA, DONE, ACK, ABORT, NOTIFY}
+# frame types: handshake (CHALLENGE, HELLO, HELLO_OK, REFUSE), transfer (BEGIN, DATA, NOTIFY, DONE, ABORT),
+# receiver -> sender (ACK). DATA carries its payload in-band (or on the backend's data plane); NOTIFY says the
+# sender already placed the blocks in the receiver's shared memory.
+CHALLENGE, HELLO, HELLO_OK, REFUSE, DATA, DONE, ACK, ABORT, NOTIFY, BEGIN = range(1, 11)
+TYPES = frozenset({CHALLENGE, HELLO, HELLO_OK, REFUSE, DATA, DONE, ACK, ABORT, NOTIFY, BEGIN})
 # flags
 F_CHECKSUM = 1
+KNOWN_FLAGS = F_CHECKSUM
 
 MAX_ID_LEN = 512
 MAX_BLOCKS = 1 << 20
 MAX_CONTROL_PAYLOAD = 1 << 20  # every frame but DATA
-MAX_DATA_PAYLOAD = 1 << 34
+MAX_DATA_PAYLOAD = 1 << 34  # never allocated: DATA payloads land in cache views or are drained in chunks
+# the largest control frame (header, id, block ids, JSON body): the cap for message-based transports
+MAX_CONTROL_FRAME = HEADER.size + MAX_ID_LEN + 4 * MAX_BLOCKS + MAX_CONTROL_PAYLOAD
 
 
 class WireError(ValueError):
@@ -48,8 +53,17 @@ def encode_header(f: Frame) -> bytes:
     tid = f.transfer_id.encode()
     if len(tid) > MAX_ID_LEN:
         raise WireError(f"transfer id longer than {MAX_ID_LEN} bytes")
-    ids = struct.pack(f"<{len(f.block_ids)}i", *f.block_ids)
-    head = HEADER.pack(MAGIC, VERSION, f.type, f.flags, len(tid), 0, f.layer, len(f.block_ids), f.payload_len, f.crc)
+    if len(f.block_ids) > MAX_BLOCKS:
+        raise WireError(f"{len(f.block_ids)} block ids over the {MAX_BLOCKS} cap")
+    try:
+        ids = struct.pack(f"<{len(f.block_ids)}i", *f.block_ids)
+    except struct.error as e:
+        raise WireError(f"block id out of int32 range: {e}") from None
+    try:
+        head = HEADER.pack(MAGIC, VERSION, f.type, f.flags, len(tid), 0, f.layer, len(f.block_ids),
+                           f.payload_len, f.crc)
+    except struct.error as e:
+        raise WireError(f"frame field out of range: {e}") from None
     return head + tid + ids
 
 
@@ -64,6 +78,8 @@ def decode_header(buf: bytes) -> tuple[Frame, int, int]:
         raise WireError(f"unsupported wire version {version}")
     if ftype not in TYPES:
         raise WireError(f"unknown frame type {ftype}")
+    if flags & ~KNOWN_FLAGS:
+        raise WireError(f"unknown flags {flags:#x}")
     if id_len > MAX_ID_LEN:
         raise WireError(f"transfer id length {id_len} over the {MAX_ID_LEN} cap")
     if nblocks > MAX_BLOCKS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
@@ -34,7 +35,8 @@ def test_roundtrip():
         (lambda b: b[:-3], "truncated frame"),
         (lambda b: b[:8] + struct.pack("<H", 60000) + b[10:], "transfer id length"),
         (lambda b: b[:16] + struct.pack("<I", 1 << 30) + b[20:], "block count"),
-        (lambda b: b[:5] + bytes([wire.ACK]) + b[6:20] + struct.pack("<Q", 1 << 40) + b[28:], "payload length"),
+        (lambda b: b[:5] + bytes([wire.ACK]) + b[6:20] + struct.pack("<Q", 1 << 40) + b[28:],
+         "payload length"),
     ],
 )
 def test_malformed_frames_are_refused(mutate, match):
@@ -62,3 +64,39 @@ def test_flipped_header_bytes_are_refused_or_parsed_consistently(pos, value):
     except wire.WireError:
         return
     assert len(payload) == frame.payload_len and len(frame.block_ids) <= wire.MAX_BLOCKS
+
+
+def test_unknown_flags_and_unencodable_frames_are_refused():
+    data = bytearray(frame_bytes())
+    data[6] = 0x80  # flags low byte
+    with pytest.raises(wire.WireError, match="flags"):
+        wire.parse_frame(bytes(data))
+    with pytest.raises(wire.WireError, match="int32"):
+        wire.encode_header(wire.Frame(wire.DATA, "t", 0, [1 << 40], 0))
+    with pytest.raises(wire.WireError, match="transfer id"):
+        wire.encode_header(wire.Frame(wire.BEGIN, "x" * (wire.MAX_ID_LEN + 1)))
+    with pytest.raises(wire.WireError, match="out of range"):
+        wire.encode_header(wire.Frame(wire.DATA, "t", 1 << 33, [1], 0))
+
+
+def test_control_frames_fit_the_message_cap():
+    biggest = wire.HEADER.size + wire.MAX_ID_LEN + 4 * wire.MAX_BLOCKS + wire.MAX_CONTROL_PAYLOAD
+    assert wire.MAX_CONTROL_FRAME == biggest
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=300))
+def test_garbage_streams_fail_cleanly_on_a_socket(data):
+    """read_frame on a live socket: garbage ends in WireError or ConnectionError, never a hang or a big
+    allocation (a valid prefix may parse; whatever follows is read within its caps)."""
+    a, b = socket.socketpair()
+    with a, b:
+        b.settimeout(2)
+        a.sendall(data)
+        a.shutdown(socket.SHUT_WR)
+        try:
+            while True:
+                frame = wire.read_frame(b)
+                wire.discard(b, frame.payload_len)
+        except (wire.WireError, ConnectionError):
+            pass
