@@ -118,7 +118,7 @@ class Membership:
 
     async def _poll(self, worker: Worker) -> None:
         try:
-            worker.load = await worker.stub.GetLoad(pb.LoadRequest(), timeout=max(1.0, self.poll_interval_s * 2))
+            worker.load = await worker.stub.GetLoad(pb.LoadRequest(), timeout=max(2.0, self.poll_interval_s * 4))
             if not worker.healthy:
                 logger.info("%s worker %s is healthy", worker.role, worker.address)
             if time.monotonic() >= worker.open_until:
