@@ -4,7 +4,8 @@ block pool is checked (integrity + no block held by a finished request).
     python -m bench.chaos --requests 24
 
 Faults: kill -9 a decode worker mid-stream; kill -9 a prefill worker mid-prefill; kill a router replica
-(clients retry on the other); SIGSTOP a decode worker past the clients' deadline. Prints, per fault:
+(clients retry on the other); SIGSTOP a decode worker past the clients' deadline; cut every 3rd KV transfer
+connection in the middle of a frame (``--debug-kv-cut-every``). Prints, per fault:
 requests in flight, completed correctly, failed by status, blocks leaked.
 """
 
@@ -15,6 +16,7 @@ import asyncio
 import os
 import signal
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 import grpc
@@ -34,6 +36,8 @@ class FaultResult:
     wrong: int = 0
     failed: dict[str, int] = field(default_factory=dict)
     leaked_blocks: int = 0
+    kv_failures: int = 0  # cut fault: KV transfers that failed (read from the prefill workers' metrics)
+    retries: int = 0  # attempts the router retried on another worker (its metrics)
     integrity_errors: list[str] = field(default_factory=list)
 
 
@@ -115,6 +119,22 @@ def check_workers(cluster: LocalCluster, res: FaultResult, settle_s: float = 5.0
             res.integrity_errors.append(f"{p.role} {p.address}: {ld.integrity_error}")
 
 
+def metric_total(port: int, name: str) -> float:
+    """Sum of a Prometheus counter (all label sets) read from a process's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def count_faults(cluster: LocalCluster, res: FaultResult) -> None:
+    for p in cluster.procs:
+        if p.popen.poll() is None and p.metrics_port:
+            if p.role == "prefill":
+                res.kv_failures += int(metric_total(p.metrics_port, "pdserve_kv_transfer_failures_total"))
+            elif p.role == "router":
+                res.retries += int(metric_total(p.metrics_port, "pdserve_router_retries_total"))
+
+
 def tally(res: FaultResult, results, want) -> FaultResult:
     res.in_flight = len(results)
     for r, w in zip(results, want, strict=True):
@@ -161,13 +181,21 @@ def run_fault(name: str, prompts, want, delay_ms: int = 20) -> FaultResult:
             _kill(victim, signal.SIGCONT)
             time.sleep(1.0)
             check_workers(c, tally(res, results, want))
+    elif name == "cut KV connection mid-transfer":
+        # every 3rd transfer a prefill worker sends is cut in the middle of a frame (injected in kvtransfer)
+        cut = [*args, "--debug-kv-cut-every", "3", "--metrics-port", "-1"]
+        with LocalCluster(2, 1, policy="round_robin", extra_worker_args=cut,
+                          router_args=[*router, "--metrics-port", "-1"]) as c:
+            results = asyncio.run(drive([c.router_address], prompts, 60, lambda: None))
+            check_workers(c, tally(res, results, want))
+            count_faults(c, res)
     else:
         raise ValueError(f"unknown fault {name!r}")
     return res
 
 
 FAULTS = ["kill -9 decode mid-stream", "kill -9 prefill mid-prefill", "kill a router replica",
-          "SIGSTOP decode past the deadline"]
+          "SIGSTOP decode past the deadline", "cut KV connection mid-transfer"]
 
 
 def main() -> None:
@@ -177,10 +205,12 @@ def main() -> None:
     prompts = workload(a.requests)
     want = expected(prompts)
     rows = [run_fault(f, prompts, want) for f in FAULTS]
-    print(f"{'fault':36} {'in flight':>9} {'correct':>8} {'wrong':>6} {'failed (status)':24} {'leaked blocks':>13}")
+    print(f"{'fault':36} {'in flight':>9} {'correct':>8} {'wrong':>6} {'failed (status)':24} {'leaked blocks':>13}"
+          f" {'retries':>7} {'kv fail':>7}")
     for r in rows:
         failed = ", ".join(f"{v} {k}" for k, v in r.failed.items()) or "0"
         print(f"{r.fault:36} {r.in_flight:9d} {r.correct:8d} {r.wrong:6d} {failed:24} {r.leaked_blocks:13d}"
+              f" {r.retries:7d} {r.kv_failures:7d}"
               + (f"  INTEGRITY: {r.integrity_errors}" if r.integrity_errors else ""))
 
 

@@ -46,6 +46,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", action="append", default=[], help="router host:port to register with (repeatable)")
     p.add_argument("--advertise-host", default="", help="address peers dial (e.g. the pod IP when --host 0.0.0.0)")
     p.add_argument("--debug-step-delay-ms", type=float, default=0.0, help="fault injection: sleep after each step")
+    p.add_argument("--debug-kv-cut-every", type=int, default=0, metavar="N",
+                   help="fault injection: cut the KV connection midway through every Nth transfer sent (0: never)")
     _ops_args(p)
 
 
@@ -73,6 +75,7 @@ def _configs(a: argparse.Namespace):
         checksum=a.transfer_checksum,
         secret=env.cluster_secret(),
         allow_shm=not a.no_shm,
+        debug_cut_every=a.debug_kv_cut_every,
     )
     return engine, transfer
 

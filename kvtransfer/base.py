@@ -55,8 +55,12 @@ class TransferConfig:
     checksum: bool = False
     secret: str | None = None
     allow_shm: bool = True
+    # fault injection (tests, chaos bench): cut the connection in the middle of every Nth transfer (0: never)
+    debug_cut_every: int = 0
 
     def __post_init__(self) -> None:
+        if self.debug_cut_every < 0:
+            raise ValueError(f"debug_cut_every: must be >= 0, got {self.debug_cut_every}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: must be one of {BACKENDS}, got {self.backend!r}")
         if self.timeout_s <= 0:

@@ -46,6 +46,7 @@ class _Tx:
     finished: bool = False
     num_frames: int = 0  # written by the writer thread only
     num_bytes: int = 0
+    cut: bool = False  # fault injection: this transfer's connection is cut midway
     t0: float = field(default_factory=time.monotonic)
 
 
@@ -131,6 +132,8 @@ class Connection:
                     body = {"blocks": len(tx.dst_block_ids)}
                     control.send_json(self.sock, wire.BEGIN, body, tx.transfer_id)
                 elif kind == "data" and tx.error is None:
+                    if tx.cut and args[0] >= len(self.sender.layers) // 2:
+                        self._inject_cut(tx, args[0])
                     self.sender.push(self, tx, *args)
                 elif kind == "done":
                     body = {"frames": tx.num_frames, "bytes": tx.num_bytes}
@@ -144,6 +147,14 @@ class Connection:
                 logger.exception("KV writer to %s crashed", self.endpoint)
                 self.die(f"sender error: {e}")
                 return
+
+    def _inject_cut(self, tx: _Tx, layer: int) -> None:
+        """Fault injection: write half a DATA header, then cut the connection (the receiver sees a frame
+        truncated midway, as when a link or peer dies mid-transfer)."""
+        header = wire.encode_header(wire.Frame(wire.DATA, tx.transfer_id, layer, [], 0, 0, 0))
+        self.sock.sendall(header[: len(header) // 2])
+        self.sock.shutdown(socket.SHUT_RDWR)
+        raise OSError(f"injected cut of the KV connection mid-transfer {tx.transfer_id!r}")
 
     def _reader(self) -> None:
         try:
@@ -240,12 +251,18 @@ class SocketSender(KVSender):
         self._retired: list[Connection] = []  # dead connections whose threads may still be finishing
         self._connecting: dict[str, threading.Lock] = {}
         self._closed = False
+        self._num_opened = 0
         # tests: maps a source run view to the tensor actually sent (after its checksum was taken)
         self.fault_injector: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def open(self, transfer_id: str, endpoint: str, dst_block_ids: list[int]) -> TransferHandle:
         conn = self._connection(endpoint)
         tx = _Tx(transfer_id, frozenset(dst_block_ids), conn)
+        every = self.config.debug_cut_every
+        if every:
+            with self._lock:
+                self._num_opened += 1
+                tx.cut = self._num_opened % every == 0
         conn.add(tx)
         conn.submit(("begin", tx))
         return _Handle(tx, self)

@@ -13,7 +13,7 @@ import torch
 from engine.engine_loop import EngineLoop
 from engine.errors import CapacityError, InvalidRequestError
 from engine.scheduler import ScheduledSeq
-from kvtransfer.base import KVSender, TransferHandle
+from kvtransfer.base import KVSender, TransferError, TransferHandle
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.convert import integrity, kv_event_stream, load_to_proto, logprob_to_proto, sampling_from_proto
@@ -66,13 +66,22 @@ class LayerPusher:
         if not work:
             return None
 
+        failed: set[int] = set()
+
         def hook(layer: int) -> None:
             ready = None
             if self.cuda:
                 ready = torch.cuda.Event()
                 ready.record()
-            for handle, src, dst in work:
-                handle.push_layer(layer, src, dst, ready)
+            for i, (handle, src, dst) in enumerate(work):
+                if i in failed:
+                    continue
+                try:
+                    handle.push_layer(layer, src, dst, ready)
+                except TransferError:
+                    # that transfer's link died: its own Prefill call reports it at finish(); the rest of
+                    # the batch (other requests, other decode workers) keeps computing and pushing
+                    failed.add(i)
 
         return hook
 

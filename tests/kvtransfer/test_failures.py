@@ -125,6 +125,45 @@ def test_corrupted_payload_fails_the_checksum_on_both_sides(backend, shm, path):
         rx_cache.close()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend,shm,path", PATHS)
+def test_connection_cut_midway_fails_both_sides_and_the_next_transfer_reconnects(backend, shm, path):
+    """The injected fault: every 2nd transfer's connection is cut in the middle of a frame."""
+    c = cfg(backend, shm, checksum=True, debug_cut_every=2)
+    rx_cache = KVCache(spec(), shared=shm)
+    tx_cache = filled_cache(1)
+    r = make_receiver(c, rx_cache.layers, fingerprint(), rx_cache.shm_path)
+    s = make_sender(c, tx_cache.layers, fingerprint())
+    try:
+        ep = r.start()
+        for tid, cut in (("t1", False), ("t2", True), ("t3", False)):
+            rx_cache.layers[0].zero_()
+            r.expect(tid, DST)
+            h = s.open(tid, ep, DST)
+            if cut:
+                with pytest.raises(TransferError):  # the cut may already fail push_layer, else finish
+                    push_all(h)
+                    h.finish(10)
+                with pytest.raises(TransferError, match="connection lost|truncated|closed"):
+                    r.wait(tid, 10)
+                continue
+            push_all(h)
+            stats = h.finish(10)
+            assert r.wait(tid, 10).num_bytes == stats.num_bytes == LAYERS * len(SRC) * fingerprint().block_bytes()
+            for s_id, d_id in zip(SRC, DST, strict=True):
+                assert torch.equal(rx_cache.layers[0][d_id], tx_cache.layers[0][s_id])
+    finally:
+        s.close()
+        r.close()
+        rx_cache.close()
+
+
+@pytest.mark.parametrize("bad", [-1, -5])
+def test_debug_cut_every_is_validated(bad):
+    with pytest.raises(ValueError, match="debug_cut_every"):
+        cfg("tcp", debug_cut_every=bad)
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", ["tcp", "nccl"])
 def test_abort_fails_the_receiver_promptly(backend):

@@ -25,3 +25,6 @@ def test_fault(fault, want):
         assert r.correct >= len(PROMPTS) // 2 - 1, "requests on the healthy worker complete"
     else:
         assert r.correct == len(PROMPTS), f"{fault}: {r.failed}"
+    if fault.startswith("cut KV"):
+        assert r.kv_failures >= 2, "the injected cuts failed transfers"
+        assert r.retries >= r.kv_failures, "each failed transfer was retried by the router"
