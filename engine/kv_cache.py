@@ -72,6 +72,41 @@ class KVCacheSpec:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+SHM_PREFIX = "/dev/shm/pdserve-kv-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_shm(prefix: str = SHM_PREFIX) -> list[str]:
+    """Unlink shared KV cache files whose owning process is gone (a SIGKILLed worker cannot clean up after
+    itself). The owner's pid is in the name; a live pid, even a reused one, keeps its file. Returns the paths
+    removed."""
+    folder, stem = os.path.split(prefix)
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        pid_text = name[len(stem):].split("-", 1)[0] if name.startswith(stem) else ""
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            path = os.path.join(folder, name)
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
 class KVCache:
     """Owns the per-layer cache tensors.
 
@@ -85,7 +120,8 @@ class KVCache:
         if shared:
             if spec.device != "cpu":
                 raise ValueError("shared: shared-memory KV caches are CPU only")
-            self.shm_path = f"/dev/shm/pdserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            sweep_stale_shm()
+            self.shm_path = f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             numel = spec.layer_bytes() // torch.empty((), dtype=spec.dtype).element_size()
             flat = torch.from_file(self.shm_path, shared=True, size=numel * spec.num_layers, dtype=spec.dtype)
             flat.zero_()

@@ -105,6 +105,34 @@ def test_shared_cache_file_lifecycle():
         KVCache(KVCacheSpec(1, 1, 4, 1, 1, torch.float32, "cuda"), shared=True)
 
 
+def test_shared_cache_files_of_dead_workers_are_swept(tmp_path):
+    """A SIGKILLed worker leaves its /dev/shm file behind; the next shared cache removes files of dead pids."""
+    import subprocess
+    import sys
+
+    from engine.kv_cache import sweep_stale_shm
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    prefix = str(tmp_path / "pdserve-kv-")
+    stale = f"{prefix}{dead_pid}-deadbeef"
+    mine = f"{prefix}{os.getpid()}-cafecafe"
+    other = str(tmp_path / "unrelated-1")
+    for p in (stale, mine, other):
+        open(p, "wb").close()
+    assert sweep_stale_shm(prefix) == [stale]
+    assert not os.path.exists(stale) and os.path.exists(mine) and os.path.exists(other)
+    # the real prefix: creating a shared cache sweeps it
+    leftover = f"/dev/shm/pdserve-kv-{dead_pid}-0badf00d"
+    open(leftover, "wb").close()
+    cache = KVCache(spec(), shared=True)
+    try:
+        assert not os.path.exists(leftover) and os.path.exists(cache.shm_path)
+    finally:
+        cache.close()
+
+
 def test_engine_with_shared_kv_cache():
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
