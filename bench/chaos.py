@@ -99,12 +99,15 @@ async def drive(addresses: list[str], prompts, timeout: float, on_started) -> li
     return results[:-1]
 
 
-def check_workers(cluster: LocalCluster, res: FaultResult, settle_s: float = 5.0) -> None:
+def leak_check(cluster: LocalCluster, settle_s: float = 5.0) -> tuple[int, list[str]]:
+    """(blocks still held by live requests, integrity errors) over every surviving worker, after letting
+    in-flight cleanup settle for up to ``settle_s`` per worker."""
     async def load(addr, role):
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
             return await stub.GetLoad(pb.LoadRequest(check_integrity=True), timeout=5)
 
+    leaked, errors = 0, []
     for p in cluster.procs:
         if p.role not in ("prefill", "decode") or p.popen.poll() is not None:
             continue
@@ -114,9 +117,16 @@ def check_workers(cluster: LocalCluster, res: FaultResult, settle_s: float = 5.0
             if ld.num_live_blocks == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        res.leaked_blocks += ld.num_live_blocks
+        leaked += ld.num_live_blocks
         if ld.integrity_error:
-            res.integrity_errors.append(f"{p.role} {p.address}: {ld.integrity_error}")
+            errors.append(f"{p.role} {p.address}: {ld.integrity_error}")
+    return leaked, errors
+
+
+def check_workers(cluster: LocalCluster, res: FaultResult, settle_s: float = 5.0) -> None:
+    leaked, errors = leak_check(cluster, settle_s)
+    res.leaked_blocks += leaked
+    res.integrity_errors += errors
 
 
 def metric_total(port: int, name: str) -> float:
