@@ -120,6 +120,25 @@ def test_frames_outside_a_reservation_are_drained_and_fail_only_their_transfer(r
 
 
 @pytest.mark.timeout(30)
+def test_replayed_frames_of_a_finished_transfer_are_never_written(receiver):
+    """Once a transfer completed, its blocks belong to the decoding sequence: a replay must not touch them."""
+    r, ep, cache = receiver
+    r.expect("t", [30, 31])
+    p = RawPeer(ep)
+    try:
+        p.data("t", 1, [30, 31])
+        assert p.done("t", 1, 2 * BLOCK_BYTES)["ok"] is True
+        r.wait("t", 1)
+        assert bool((cache.layers[1][30] == 7.0).all())
+        p.data("t", 1, [30, 31], value=-1.0)  # the same frame again, other bytes
+        p.data("t", 0, [30], value=-1.0)
+        assert p.done("t", 2, 3 * BLOCK_BYTES) == {"ok": False, "error": "unknown or cancelled transfer"}
+        assert bool((cache.layers[1][30:32] == 7.0).all()) and not cache.layers[0][30].any()
+    finally:
+        p.close()
+
+
+@pytest.mark.timeout(30)
 def test_a_frame_count_that_does_not_match_fails_the_transfer(receiver):
     r, ep, cache = receiver
     r.expect("t", [10])
