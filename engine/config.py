@@ -26,6 +26,8 @@ class EngineConfig:
 
     model: a preset name (``tiny``, ``tiny-qwen2``, ``llama-1b-dummy``...), a local HF directory or a hub id.
     num_blocks: KV blocks per layer; 0 means derive from ``kv_cache_bytes``.
+    attention_backend: a registered attention backend (``torch``, ``triton``) or ``auto``: triton on CUDA
+    when it is installed and usable, else torch.
     """
 
     model: str = "tiny"
@@ -42,7 +44,7 @@ class EngineConfig:
     hash_seed: int = 0
     seed: int = 0
     load_format: str = "auto"
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -65,6 +67,8 @@ class EngineConfig:
             raise ValueError(f"hash_seed: must fit in a signed 64-bit integer, got {self.hash_seed}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: must be 'auto' or 'dummy', got {self.load_format!r}")
+        if not self.attention_backend or not isinstance(self.attention_backend, str):
+            raise ValueError(f"attention_backend: must be 'auto' or a backend name, got {self.attention_backend!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

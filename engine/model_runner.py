@@ -18,6 +18,26 @@ from engine.models import resolve_model
 logger = logging.getLogger(__name__)
 
 
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """The backend to run: ``auto`` is triton on CUDA when its kernels load and fit the GPU, else torch.
+
+    An explicit ``triton`` that cannot run here, or an unregistered name, is a ValueError naming the field.
+    """
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        from engine.kernels import load_triton_backend
+
+        usable, why = load_triton_backend(device)
+        if name == "auto":
+            return "triton" if usable else "torch"
+        if not usable:
+            raise ValueError(f"attention_backend: 'triton' cannot run here: {why}")
+    if name == "auto":
+        return "torch"
+    if name not in BACKENDS:  # checked here: backends register at run time
+        raise ValueError(f"attention_backend: unknown backend {name!r}; registered: {sorted(BACKENDS)}")
+    return name
+
+
 @dataclass(slots=True)
 class BatchItem:
     """One sequence's slice of a step: tokens [start, start + len) with their block table."""
@@ -81,12 +101,9 @@ def _load_model(path: str, dummy: bool, config: EngineConfig, dtype: torch.dtype
 class ModelRunner:
     def __init__(self, config: EngineConfig, shared_kv: bool = False):
         register_with_transformers()
-        if config.attention_backend not in BACKENDS:  # checked here: backends register at run time
-            raise ValueError(
-                f"attention_backend: unknown backend {config.attention_backend!r}; registered: {sorted(BACKENDS)}"
-            )
         self.config = config
         self.device = torch.device(config.device)
+        self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         self.dtype = config.torch_dtype()
         path, dummy = resolve_model(config.model)
         self.model_path = path
@@ -122,7 +139,7 @@ class ModelRunner:
             hash_seed=config.hash_seed,
         )
         logger.info(
-            "loaded %s: %d layers, %d kv heads x %d, %d KV blocks of %d tokens on %s/%s",
+            "loaded %s: %d layers, %d kv heads x %d, %d KV blocks of %d tokens on %s/%s, attention %s",
             config.model,
             g.num_layers,
             g.num_kv_heads,
@@ -131,6 +148,7 @@ class ModelRunner:
             config.block_size,
             config.device,
             self.fingerprint.dtype,
+            self.attention_backend,
         )
 
     @property
@@ -182,7 +200,7 @@ class ModelRunner:
             prefill_indices=prefill_idx,
             decode_block_tables=dec_tables,
             decode_context_lens=dec_lens,
-            backend=self.config.attention_backend,
+            backend=self.attention_backend,
             layer_hook=layer_hook,
         )
         out = self.model(
