@@ -24,10 +24,15 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     An explicit ``triton`` that cannot run here, or an unregistered name, is a ValueError naming the field.
     """
     if name == "triton" or (name == "auto" and device.type == "cuda"):
-        from engine.kernels import load_triton_backend
+        from engine.kernels import load_triton_backend, self_check
 
         usable, why = load_triton_backend(device)
+        if usable:
+            why = self_check(device)
+            usable = not why
         if name == "auto":
+            if not usable and device.type == "cuda":
+                logger.warning("attention backend: triton not used (%s); using torch", why)
             return "triton" if usable else "torch"
         if not usable:
             raise ValueError(f"attention_backend: 'triton' cannot run here: {why}")

@@ -30,4 +30,25 @@ def load_triton_backend(device: torch.device | str) -> tuple[bool, str]:
     return False, f"triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU checks), got {device.type!r}"
 
 
-__all__ = ["load_triton_backend"]
+SELF_CHECK_CASES = ("gqa4x2_bf16_bs16_mixed", "gqa4x2_bf16_bs16_decode_split2")
+
+
+def self_check(device: torch.device | str) -> str:
+    """Run a couple of the kernel checks on ``device`` against the torch reference before serving with the
+    kernels: a miscompile or a driver problem must cost speed, never correct tokens. Returns "" when they
+    pass, else the reason."""
+    from engine.kernels import check
+
+    for case in check.CASES:
+        if case.name not in SELF_CHECK_CASES:
+            continue
+        try:
+            r = check.run_case(case, device)
+        except Exception as e:  # noqa: BLE001 - any failure means "do not use the kernels"
+            return f"{case.name}: {type(e).__name__}: {e}"
+        if not r["ok"]:
+            return f"{case.name}: relative error {r['rel_err']:.3g} over {r['tol']:g}"
+    return ""
+
+
+__all__ = ["load_triton_backend", "self_check"]
