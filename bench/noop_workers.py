@@ -1,6 +1,10 @@
 """No-op prefill and decode workers: the full gRPC surface, zero compute. For measuring router overhead.
 
     python -m bench.noop_workers --role decode --port 0     # prints PDSERVE_READY decode HOST:PORT
+
+``--role proxy --decode ADDR --prefill ADDR`` is the floor a router cannot beat: a ``Generation.Complete``
+that forwards every request to ``Decode.Decode`` (naming the prefill worker) with no validation, routing,
+metrics or failover -- the cost of one more grpc.aio hop and nothing else.
 """
 
 from __future__ import annotations
@@ -38,6 +42,24 @@ class NoopPrefill(pb_grpc.PrefillServicer):
         await asyncio.Event().wait()
 
 
+class PassThrough(pb_grpc.GenerationServicer):
+    """One extra gRPC hop and nothing else (see the module docstring)."""
+
+    def __init__(self, decode: str, prefill: str):
+        self.decode = pb_grpc.DecodeStub(channel(decode))
+        self.prefill = prefill
+
+    async def Complete(self, request, context):
+        req = pb.DecodeRequest(request_id=request.request_id or "x", token_ids=request.token_ids,
+                               sampling=request.sampling, prefill_address=self.prefill)
+        out = pb.GenerateResponse()
+        async for chunk in self.decode.Decode(req, timeout=10):
+            out.token_ids.extend(chunk.token_ids)
+            out.text += chunk.text
+            out.finish_reason = chunk.finish_reason
+        return out
+
+
 class NoopDecode(pb_grpc.DecodeServicer):
     def __init__(self, address: str):
         self.address = address
@@ -68,14 +90,16 @@ class NoopDecode(pb_grpc.DecodeServicer):
         await asyncio.Event().wait()
 
 
-async def serve(role: str, addr: str) -> None:
-    name = "Prefill" if role == "prefill" else "Decode"
+async def serve(role: str, addr: str, decode: str = "", prefill: str = "") -> None:
+    name = {"prefill": "Prefill", "decode": "Decode", "proxy": "Generation"}[role]
     server, port, health = create_server(addr, [name])
     address = f"{addr.rsplit(':', 1)[0]}:{port}"
     if role == "prefill":
         pb_grpc.add_PrefillServicer_to_server(NoopPrefill(address), server)
-    else:
+    elif role == "decode":
         pb_grpc.add_DecodeServicer_to_server(NoopDecode(address), server)
+    else:
+        pb_grpc.add_GenerationServicer_to_server(PassThrough(decode, prefill), server)
     await server.start()
     await set_serving(health, [name], True)
     print(f"PDSERVE_READY {role} {address}", flush=True)
@@ -87,16 +111,21 @@ async def serve(role: str, addr: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--role", choices=["prefill", "decode"], required=True)
+    ap.add_argument("--role", choices=["prefill", "decode", "proxy"], required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--decode", default="", help="proxy: the decode worker to forward to")
+    ap.add_argument("--prefill", default="", help="proxy: the prefill worker to name")
     a = ap.parse_args()
+    if a.role == "proxy" and not (a.decode and a.prefill):
+        ap.error("--role proxy needs --decode and --prefill")
+    coro = serve(a.role, f"{a.host}:{a.port}", a.decode, a.prefill)
     try:
         import uvloop
-
-        uvloop.run(serve(a.role, f"{a.host}:{a.port}"))
     except ImportError:
-        asyncio.run(serve(a.role, f"{a.host}:{a.port}"))
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -34,6 +35,22 @@ class Worker:
     open_until: float = 0.0  # circuit breaker: no traffic before this time
     registered_ttl_s: float = 0.0  # > 0: dynamic member, dropped when heartbeats stop
     heartbeat: float = 0.0
+    layout_src: str = ""  # the fingerprint string ``layout_cache`` was parsed from
+    layout_cache: dict | None = None
+
+    def layout(self) -> dict | None:
+        """The worker's KV layout fingerprint as a dict (block_size, hash_seed, ...), or None if it has not
+        reported a usable one. Parsed once per change, not once per request."""
+        fp = self.load.fingerprint
+        if fp != self.layout_src:
+            try:
+                layout = json.loads(fp) if fp else None
+            except ValueError:
+                layout = None
+            if not isinstance(layout, dict) or not {"block_size", "hash_seed"} <= layout.keys():
+                layout = None
+            self.layout_src, self.layout_cache = fp, layout
+        return self.layout_cache
 
     @property
     def available(self) -> bool:

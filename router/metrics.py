@@ -26,3 +26,28 @@ def observe_finished(ttft_s: float, total_s: float, num_out: int, num_prompt: in
         TPOT.observe((total_s - ttft_s) / (num_out - 1))
     PROMPT_TOKENS.inc(num_prompt)
     CACHED_PROMPT_TOKENS.inc(num_cached)
+
+
+def _child(metric, cache: dict, *labels: str):
+    """``metric.labels(*labels)``, looked up once: labels() validates and locks on every call."""
+    child = cache.get(labels)
+    if child is None:
+        child = cache[labels] = metric.labels(*labels)
+    return child
+
+
+_requests: dict = {}
+_routing: dict = {}
+_shed: dict = {}
+
+
+def count_request(status: str) -> None:
+    _child(REQUESTS, _requests, status).inc()
+
+
+def count_routing(policy: str, outcome: str) -> None:
+    _child(ROUTING, _routing, policy, outcome).inc()
+
+
+def count_shed(reason: str) -> None:
+    _child(SHED, _shed, reason).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from dataclasses import dataclass, field
@@ -113,6 +114,10 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     pb_grpc.add_AdminServicer_to_server(AdminServicer(membership, index, generation), server)
     bound_metrics = serve_metrics(cfg.metrics_port, cfg.addr.rsplit(":", 1)[0])
     await server.start()
+    # Startup left ~400k long-lived objects (tokenizer, transformers, torch); a full collection walks all of
+    # them (~100 ms on a small CPU) and would stall every in-flight request. Freeze them out of the GC.
+    gc.collect()
+    gc.freeze()
     await set_serving(health, SERVICES, True)
     address = f"{cfg.addr.rsplit(':', 1)[0]}:{port}"
     print(f"PDSERVE_READY router {address} metrics={bound_metrics}", flush=True)

@@ -9,15 +9,15 @@ tokens. Attempts are bounded (``max_retries``) with exponential backoff.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import random
 import time
-import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
-from engine.hashing import block_hashes
+from engine.hashing import ROOT_HASH, hash_block
 from protos import pdserve_pb2 as pb
 from protos.convert import sampling_from_proto
 from router import metrics
@@ -26,10 +26,14 @@ from router.costs import topology
 from router.membership import Membership, Worker
 from router.policy import Decision, PairPolicy, RouteRequest
 
+if TYPE_CHECKING:
+    from engine.sampling_params import SamplingParams
+
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 MAX_REQUEST_ID_LEN = 256
+SAMPLING_CACHE_SIZE = 1024  # distinct sampling settings kept validated (most traffic shares a handful)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 
@@ -59,6 +63,8 @@ class RequestState:
     request: pb.GenerateRequest
     max_tokens: int
     sent: list[int] = field(default_factory=list)
+    hashes: list[int] = field(default_factory=list)  # leading block hashes of prompt + sent (see _prefix_hashes)
+    hash_layout: tuple[int, int] = (0, 0)  # (block_size, hash_seed) ``hashes`` were computed with
     t_start: float = field(default_factory=time.monotonic)
     t_prefill_start: float = 0.0
     t_first_token: float = 0.0
@@ -99,6 +105,9 @@ class GenerationServicer:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.counters = RouterCounters()
+        self._rid_rng = random.Random()  # seeded from os.urandom; no syscall per request id
+        self._draining: set[asyncio.Task] = set()  # decode streams finishing after their request did
+        self._sampling: dict[bytes, SamplingParams] = {}  # serialized SamplingParams -> validated
 
     # ---- validation -------------------------------------------------------------------------------
     def parse(self, request: pb.GenerateRequest):
@@ -117,31 +126,62 @@ class GenerationServicer:
                 raise ValueError("prompt: tokenizes to no tokens")
         else:
             token_ids = list(request.token_ids)
-        params = sampling_from_proto(request.sampling)
-        limits = [w.load for w in self.membership.pool("decode", available_only=False) if w.load.vocab_size]
-        if limits:
-            vocab, max_len = limits[0].vocab_size, limits[0].max_model_len
-            bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-            if bad is not None:
+        params = self._sampling_params(request.sampling)
+        limits = next((w.load for w in self.membership.workers.values() if w.role == "decode" and w.load.vocab_size),
+                      None)
+        if limits is not None:
+            vocab, max_len = limits.vocab_size, limits.max_model_len
+            if min(token_ids) < 0 or max(token_ids) >= vocab:  # C-speed check; find the culprit only on failure
+                bad = next(t for t in token_ids if not 0 <= t < vocab)
                 raise ValueError(f"token_ids: {bad} is outside the vocabulary [0, {vocab})")
             if len(token_ids) >= max_len:
                 raise ValueError(f"prompt: {len(token_ids)} tokens exceeds the context limit of {max_len - 1}")
-        rid = request.request_id or f"req-{uuid.uuid4().hex[:12]}"
+        rid = request.request_id or f"req-{self._rid_rng.getrandbits(48):012x}"
         return rid, token_ids, params
+
+    def _sampling_params(self, msg: pb.SamplingParams) -> SamplingParams:
+        """sampling_from_proto, validated once per distinct setting (SamplingParams is frozen, so shared)."""
+        key = msg.SerializeToString()
+        params = self._sampling.get(key)
+        if params is None:
+            params = sampling_from_proto(msg)  # raises ValueError naming the field; failures are not cached
+            if len(self._sampling) >= SAMPLING_CACHE_SIZE:
+                self._sampling.clear()
+            self._sampling[key] = params
+        return params
 
     # ---- routing ----------------------------------------------------------------------------------
     def _decide(self, st: RequestState, excluded: set[str]) -> Decision:
-        tokens = st.prompt + st.sent
-        fp = next((w.load for w in self.membership.pool("decode") if w.load.fingerprint), None)
+        decodes = self.membership.pool("decode")
+        layout = next((lay for lay in map(Worker.layout, decodes) if lay is not None), None)
         hashes = []
-        if fp is not None:
-            layout = json.loads(fp.fingerprint)
-            self.policy.block_size = layout["block_size"]
-            hashes = block_hashes(tokens, layout["block_size"], layout["hash_seed"])
-        prefills = [w for w in self.membership.pool("prefill") if w.address not in excluded]
-        decodes = [w for w in self.membership.pool("decode") if w.address not in excluded]
+        if layout is not None:
+            block_size, seed = layout["block_size"], layout["hash_seed"]
+            if self.policy.block_size != block_size:
+                self.policy.block_size = block_size
+            hashes = self._prefix_hashes(st, block_size, seed)
+        prefills = self.membership.pool("prefill")
+        if excluded:
+            prefills = [w for w in prefills if w.address not in excluded]
+            decodes = [w for w in decodes if w.address not in excluded]
         session = st.request.session_id or st.request.tenant
-        return self.policy.choose(RouteRequest(len(tokens), hashes, session), prefills, decodes)
+        return self.policy.choose(RouteRequest(len(st.prompt) + len(st.sent), hashes, session), prefills, decodes)
+
+    def _prefix_hashes(self, st: RequestState, block_size: int, seed: int) -> list[int]:
+        """The block hashes routing needs: the chain of prompt + sent tokens, up to and including the first
+        block no worker holds. Prefix overlap stops at that block, so hashing further could not change any
+        score, and an uncached 4k-token prompt costs one hash instead of 256. The chain is kept on the
+        request and extended (never recomputed) on retries and migrations."""
+        if st.hash_layout != (block_size, seed):  # first attempt (or the pool's layout changed)
+            st.hashes, st.hash_layout = [], (block_size, seed)
+        hashes, held = st.hashes, self.policy.index.by_hash
+        tokens = st.prompt + st.sent if st.sent else st.prompt
+        for i in range(len(hashes), len(tokens) // block_size):
+            if hashes and hashes[-1] not in held:
+                break
+            hashes.append(hash_block(hashes[-1] if hashes else ROOT_HASH, tokens[i * block_size:(i + 1) * block_size],
+                                     seed))
+        return hashes
 
     async def _run(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         try:
@@ -150,7 +190,7 @@ class GenerationServicer:
         except ValueError as e:
             raise RouteError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except AdmissionError as e:
-            metrics.SHED.labels("rate_limit").inc()
+            metrics.count_shed("rate_limit")
             raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s) from None
         self.counters.requests += 1
         st = RequestState(rid, token_ids, request, params.max_tokens)
@@ -164,10 +204,10 @@ class GenerationServicer:
                 try:
                     self.admission.check_slo(decision.predicted_ttft_s, request.priority)
                 except AdmissionError as e:
-                    metrics.SHED.labels("slo").inc()
+                    metrics.count_shed("slo")
                     raise RouteError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s) from None
             outcome = "disaggregated" if decision.prefill is not None else f"local: {decision.reason}"
-            metrics.ROUTING.labels(self.policy.name, outcome).inc()
+            metrics.count_routing(self.policy.name, outcome)
             st.attempts += 1
             try:
                 async for resp in self._attempt(st, decision, context):
@@ -193,18 +233,16 @@ class GenerationServicer:
     async def _attempt(self, st: RequestState, d: Decision, context):
         """One try on one pair. Yields client responses; raises LegFailure or RouteError."""
         remaining = st.max_tokens - len(st.sent)
-        tokens = st.prompt + st.sent
-        sampling = pb.SamplingParams()
-        sampling.CopyFrom(st.request.sampling)
-        sampling.max_tokens = remaining
         if remaining <= 0:  # everything was sent before the failure; only the ending was lost
             yield self._final(st, pb.GenerateResponse(request_id=st.rid), "length")
             return
         decode = d.decode
         decode_req = pb.DecodeRequest(
             request_id=f"{st.rid}#{st.attempts}" if st.attempts > 1 else st.rid,
-            token_ids=tokens, sampling=sampling, priority=st.request.priority, num_prior_tokens=len(st.sent),
+            token_ids=st.prompt + st.sent if st.sent else st.prompt, sampling=st.request.sampling,
+            priority=st.request.priority, num_prior_tokens=len(st.sent),
         )
+        decode_req.sampling.max_tokens = remaining
         prefill = d.prefill
         if prefill is not None:
             decode_req.prefill_address = prefill.address
@@ -216,7 +254,7 @@ class GenerationServicer:
         decode.in_flight += 1
         if prefill is not None:
             prefill.in_flight += 1
-        first = True
+        first, finished = True, False
         call = decode.stub.Decode(decode_req, timeout=self._remaining(context))
         try:
             async for chunk in call:
@@ -224,36 +262,66 @@ class GenerationServicer:
                     first = False
                     if prefill is not None:
                         prefill.in_flight -= 1
-                        self._observe(st, prefill, decode, decode_req, chunk)
+                        self._observe(st, prefill, decode, len(decode_req.token_ids), chunk)
                 if chunk.token_ids and not st.t_first_token:
                     st.t_first_token = time.monotonic()
                 st.sent.extend(chunk.token_ids)
                 st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
-                resp = pb.GenerateResponse(
-                    request_id=st.rid, token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs
-                )
+                resp = pb.GenerateResponse(request_id=st.rid, token_ids=chunk.token_ids, text=chunk.text)
+                if chunk.logprobs:
+                    resp.logprobs.extend(chunk.logprobs)
                 if chunk.finish_reason:
                     self._final(st, resp, chunk.finish_reason)
+                    finished = True
                 yield resp
+                if finished:
+                    # The request is complete. Answer the client now instead of after two more round trips
+                    # through grpc (end of stream, then status): the decode stream is drained in the background.
+                    break
         except grpc.aio.AioRpcError as e:
             trailers = dict(await call.trailing_metadata() or ())
             blamed = prefill if trailers.get("pdserve-failed-role") == "prefill" and prefill else decode
             raise self._failure(blamed, e) from None
         finally:
-            decode.in_flight -= 1
             if first and prefill is not None:
                 prefill.in_flight -= 1
-            call.cancel()
+            if finished:
+                task = asyncio.ensure_future(self._drain(st.rid, call, decode))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+            else:
+                decode.in_flight -= 1
+                call.cancel()
 
-    def _observe(self, st: RequestState, prefill: Worker, decode: Worker, req: pb.DecodeRequest, chunk) -> None:
-        """Feed the prefill leg's measurements to the cost model and the request's timings."""
+    @staticmethod
+    async def _drain(rid: str, call, decode: Worker) -> None:
+        """Read a finished request's decode stream to its status (nothing is left to relay), then free the
+        worker's in-flight slot. The call is never cancelled, so the worker sees a clean end."""
+        try:
+            async for chunk in call:
+                if chunk.token_ids:
+                    logger.warning("[%s] decode worker %s sent %d tokens after finishing; dropped",
+                                   rid, decode.address, len(chunk.token_ids))
+        except grpc.aio.AioRpcError as e:
+            logger.debug("[%s] decode stream ended with %s after finishing", rid, e.code().name)
+        finally:
+            decode.in_flight -= 1
+
+    def _observe(self, st: RequestState, prefill: Worker, decode: Worker, num_tokens: int, chunk) -> None:
+        """Feed the prefill leg's measurements to the request's timings, and (after this turn of the event
+        loop, off the response's path) to the cost model."""
         st.prefill_s += chunk.prefill_s
         st.transfer_s += chunk.transfer_s
         st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
-        self.policy.costs.observe_prefill(prefill.address, len(req.token_ids) - chunk.num_cached_tokens, chunk.prefill_s)
-        self.policy.costs.observe_transfer(
-            topology(prefill.load, decode.load), chunk.transfer_bytes, chunk.transfer_wall_s
+        asyncio.get_running_loop().call_soon(
+            self._learn, prefill, decode, num_tokens - chunk.num_cached_tokens, chunk.prefill_s,
+            chunk.transfer_bytes, chunk.transfer_wall_s,
         )
+
+    def _learn(self, prefill: Worker, decode: Worker, num_uncached: int, prefill_s: float, transfer_bytes: int,
+               transfer_wall_s: float) -> None:
+        self.policy.costs.observe_prefill(prefill.address, num_uncached, prefill_s)
+        self.policy.costs.observe_transfer(topology(prefill.load, decode.load), transfer_bytes, transfer_wall_s)
 
     def _failure(self, worker: Worker, e: grpc.aio.AioRpcError) -> Exception:
         msg = f"{worker.role} worker {worker.address}: {e.code().name}: {e.details()}"
@@ -268,20 +336,22 @@ class GenerationServicer:
     def _final(self, st: RequestState, resp: pb.GenerateResponse, reason: str) -> pb.GenerateResponse:
         now = time.monotonic()
         resp.finish_reason = reason
-        resp.usage.CopyFrom(pb.Usage(
-            prompt_tokens=len(st.prompt), completion_tokens=len(st.sent), cached_prompt_tokens=st.num_cached_tokens
-        ))
+        usage = resp.usage
+        usage.prompt_tokens = len(st.prompt)
+        usage.completion_tokens = len(st.sent)
+        usage.cached_prompt_tokens = st.num_cached_tokens
         resp.prefill_worker = st.prefill_worker
         resp.decode_worker = st.decode_worker
-        resp.timings.CopyFrom(pb.Timings(
-            queue_s=max(0.0, (st.t_prefill_start or now) - st.t_start),
-            prefill_s=st.prefill_s,
-            transfer_s=st.transfer_s,
-            first_token_s=(st.t_first_token or now) - st.t_start,
-            total_s=now - st.t_start,
-        ))
-        metrics.observe_finished(
-            resp.timings.first_token_s, resp.timings.total_s, len(st.sent), len(st.prompt), st.num_cached_tokens
+        first_token_s, total_s = (st.t_first_token or now) - st.t_start, now - st.t_start
+        timings = resp.timings
+        timings.queue_s = max(0.0, (st.t_prefill_start or now) - st.t_start)
+        timings.prefill_s = st.prefill_s
+        timings.transfer_s = st.transfer_s
+        timings.first_token_s = first_token_s
+        timings.total_s = total_s
+        # recorded after this turn of the event loop, i.e. once the response is on its way
+        asyncio.get_running_loop().call_soon(
+            metrics.observe_finished, first_token_s, total_s, len(st.sent), len(st.prompt), st.num_cached_tokens
         )
         return resp
 
@@ -295,37 +365,45 @@ class GenerationServicer:
         try:
             async for resp in self._run(request, context):
                 yield resp
-            metrics.REQUESTS.labels("OK").inc()
+            metrics.count_request("OK")
         except RouteError as e:
-            metrics.REQUESTS.labels(e.code.name).inc()
+            metrics.count_request(e.code.name)
             await self._abort(context, e)
         except asyncio.CancelledError:
             self.counters.cancelled += 1
             metrics.CANCELLED.inc()
-            metrics.REQUESTS.labels("CANCELLED").inc()
+            metrics.count_request("CANCELLED")
             raise
 
     async def Complete(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        total = pb.GenerateResponse()
+        total = None
+        texts: list[str] = []  # joined once at the end: += on a proto string field is quadratic
         try:
             async for resp in self._run(request, context):
-                total.request_id = resp.request_id
-                total.token_ids.extend(resp.token_ids)
-                total.text += resp.text
-                total.logprobs.extend(resp.logprobs)
-                if resp.finish_reason:
-                    total.finish_reason = resp.finish_reason
-                    total.usage.CopyFrom(resp.usage)
-                    total.timings.CopyFrom(resp.timings)
-                    total.prefill_worker = resp.prefill_worker
-                    total.decode_worker = resp.decode_worker
+                if total is None:  # usually the only chunk of a short completion: take it as it is
+                    total = resp
+                else:
+                    total.request_id = resp.request_id
+                    total.token_ids.extend(resp.token_ids)
+                    total.logprobs.extend(resp.logprobs)
+                    if resp.finish_reason:
+                        total.finish_reason = resp.finish_reason
+                        total.usage.CopyFrom(resp.usage)
+                        total.timings.CopyFrom(resp.timings)
+                        total.prefill_worker = resp.prefill_worker
+                        total.decode_worker = resp.decode_worker
+                texts.append(resp.text)
         except RouteError as e:
-            metrics.REQUESTS.labels(e.code.name).inc()
+            metrics.count_request(e.code.name)
             await self._abort(context, e)
         except asyncio.CancelledError:
             self.counters.cancelled += 1
             metrics.CANCELLED.inc()
-            metrics.REQUESTS.labels("CANCELLED").inc()
+            metrics.count_request("CANCELLED")
             raise
-        metrics.REQUESTS.labels("OK").inc()
+        metrics.count_request("OK")
+        if total is None:
+            return pb.GenerateResponse()
+        if len(texts) > 1:
+            total.text = "".join(texts)
         return total
