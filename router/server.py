@@ -11,7 +11,6 @@ from pathlib import Path
 
 from engine.models import resolve_model
 from engine.tokenizer import load_tokenizer
-from protos import pdserve_pb2_grpc as pb_grpc
 from protos.observability import serve_metrics
 from protos.rpc import TlsConfig, add_public_servicer, create_server, install_sigterm, set_serving
 from router.admin import AdminServicer
@@ -111,7 +110,9 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s)
     generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries)
     add_public_servicer(server, generation, "Generation")
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(membership, index, generation), server)
+    # Admin too goes through generic handlers: besides the never-failing deserializers, every method
+    # registered with the server is one more future its accept loop waits on for every incoming RPC.
+    add_public_servicer(server, AdminServicer(membership, index, generation), "Admin")
     bound_metrics = serve_metrics(cfg.metrics_port, cfg.addr.rsplit(":", 1)[0])
     await server.start()
     # Startup left ~400k long-lived objects (tokenizer, transformers, torch); a full collection walks all of

@@ -108,6 +108,14 @@ class GenerationServicer:
         self._rid_rng = random.Random()  # seeded from os.urandom; no syscall per request id
         self._draining: set[asyncio.Task] = set()  # decode streams finishing after their request did
         self._sampling: dict[bytes, SamplingParams] = {}  # serialized SamplingParams -> validated
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The serving loop, looked up once: asyncio.get_running_loop() makes a getpid() system call."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     # ---- validation -------------------------------------------------------------------------------
     def parse(self, request: pb.GenerateRequest):
@@ -286,7 +294,7 @@ class GenerationServicer:
             if first and prefill is not None:
                 prefill.in_flight -= 1
             if finished:
-                task = asyncio.ensure_future(self._drain(st.rid, call, decode))
+                task = self._event_loop().create_task(self._drain(st.rid, call, decode))
                 self._draining.add(task)
                 task.add_done_callback(self._draining.discard)
             else:
@@ -313,7 +321,7 @@ class GenerationServicer:
         st.prefill_s += chunk.prefill_s
         st.transfer_s += chunk.transfer_s
         st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
-        asyncio.get_running_loop().call_soon(
+        self._event_loop().call_soon(
             self._learn, prefill, decode, num_tokens - chunk.num_cached_tokens, chunk.prefill_s,
             chunk.transfer_bytes, chunk.transfer_wall_s,
         )
@@ -350,7 +358,7 @@ class GenerationServicer:
         timings.first_token_s = first_token_s
         timings.total_s = total_s
         # recorded after this turn of the event loop, i.e. once the response is on its way
-        asyncio.get_running_loop().call_soon(
+        self._event_loop().call_soon(
             metrics.observe_finished, first_token_s, total_s, len(st.sent), len(st.prompt), st.num_cached_tokens
         )
         return resp
