@@ -2,7 +2,10 @@
 
 Policies (``--policy``):
 - ``cache_aware`` (default): score every (prefill, decode) pair by predicted TTFT (router.costs) using
-  the exact prefix index, and pick the minimum.
+  the exact prefix index, and pick the minimum. The prefill queue counts the uncached tokens of the requests
+  this router has in flight on that worker (not a flat guess per request, which drowned the prefix term and
+  scattered conversations). Conditional disaggregation considers every decode worker (the one holding the
+  conversation, answer included, usually has the least left to compute), not only the pair's.
 - ``round_robin``: cycle through prefill and decode workers.
 - ``least_loaded``: fewest queued prefill tokens; decode with the fewest running sequences / KV usage.
 - ``power_of_two``: sample two of each, keep the less loaded.
@@ -20,6 +23,7 @@ import hashlib
 import itertools
 import json
 import random
+from collections import deque
 from dataclasses import dataclass
 
 from router.costs import CostModel, topology
@@ -27,6 +31,8 @@ from router.membership import Worker
 from router.prefix_index import PrefixIndex
 
 POLICIES = ("cache_aware", "round_robin", "least_loaded", "power_of_two", "session_affinity")
+ROUTED_HISTORY = 256  # per prefill worker: enough for any realistic number in flight
+IN_FLIGHT_TOKENS = 256  # assumed prefill work of an in-flight request whose size this router did not record
 
 
 @dataclass(slots=True)
@@ -46,7 +52,7 @@ class Decision:
 
 
 def _prefill_load(w: Worker) -> float:
-    return w.in_flight * 256 + w.load.num_queued_tokens
+    return w.in_flight * IN_FLIGHT_TOKENS + w.load.num_queued_tokens
 
 
 def _decode_load(w: Worker) -> float:
@@ -90,6 +96,7 @@ class PairPolicy:
         self.saturation_s = saturation_s
         self._counter = itertools.count()
         self._rng = random.Random(seed)
+        self._routed: dict[str, deque[int]] = {}  # prefill address -> uncached tokens of the latest requests sent
 
     def choose(self, req: RouteRequest, prefills: list[Worker], decodes: list[Worker]) -> Decision:
         """Raises LookupError when no decode worker is available."""
@@ -100,6 +107,10 @@ class PairPolicy:
         if not self.costs.kv_bytes_per_token:
             self.costs.kv_bytes_per_token = kv_bytes_per_token(decodes[0].load)
         overlap = self.index.overlap(req.block_hashes, [w.address for w in prefills + decodes])
+        if self.name == "cache_aware" and prefills:
+            local = self._local_by_affinity(req, decodes, overlap)
+            if local is not None:
+                return local
         pick = getattr(self, f"_{self.name}")
         prefill, decode = pick(req, prefills, decodes, overlap)
         # conditional disaggregation
@@ -114,21 +125,53 @@ class PairPolicy:
         if prefill is None:
             ttft = self.costs.prefill_s(decode.address, decode.load.num_queued_tokens, local_uncached)
             return Decision(None, decode, ttft + self.costs.decode_s(decode.load), overlap.get(decode.address, 0), reason)
-        return Decision(prefill, decode, self.predict(req, prefill, decode, overlap), overlap.get(prefill.address, 0), reason)
+        cached = overlap.get(prefill.address, 0)
+        self._routed.setdefault(prefill.address, deque(maxlen=ROUTED_HISTORY)).append(
+            max(1, req.prompt_len - cached * self.block_size))
+        return Decision(prefill, decode, self.predict(req, prefill, decode, overlap), cached, reason)
 
     # ---- scoring ----------------------------------------------------------------------------------
+    def queued_tokens(self, p: Worker) -> int:
+        """Prefill work ahead of a new request on ``p``: the worker's last reported queue plus the uncached
+        tokens of the requests this router has in flight there (the newest ``in_flight`` it routed to ``p``;
+        IN_FLIGHT_TOKENS each for any it has no record of)."""
+        n = p.in_flight
+        recent = self._routed.get(p.address, ())
+        known = min(n, len(recent))
+        in_flight = sum(itertools.islice(reversed(recent), known)) + (n - known) * IN_FLIGHT_TOKENS
+        return p.load.num_queued_tokens + in_flight
+
     def _queue_s(self, p: Worker) -> float:
-        return self.costs.prefill_s(p.address, p.load.num_queued_tokens + p.in_flight * 256, 0)
+        return self.costs.prefill_s(p.address, self.queued_tokens(p), 0)
 
     def predict(self, req: RouteRequest, p: Worker, d: Worker, overlap: dict[str, int]) -> float:
         uncached = max(1, req.prompt_len - overlap.get(p.address, 0) * self.block_size)
-        queued = p.load.num_queued_tokens + p.in_flight * 256
+        queued = self.queued_tokens(p)
         return (
             self.costs.prefill_s(p.address, queued, uncached)
             + self.costs.transfer_s(topology(p.load, d.load), req.prompt_len)
             + self.costs.decode_s(d.load)
             + d.in_flight * 1e-4
         )
+
+    def _local_by_affinity(self, req: RouteRequest, decodes: list[Worker], overlap: dict[str, int]) -> Decision | None:
+        """cache_aware's conditional disaggregation: the decode workers on which the uncached part of the prompt
+        is at most ``local_prefill_tokens`` (typically the one that streamed the previous turn of a conversation,
+        answer included) are candidates for a local prefill; the one with the lowest predicted TTFT wins. Plain
+        conditional disaggregation only looks at the decode worker the pair score picked, which in a pool of
+        several decode workers is rarely the one holding the conversation."""
+        best: tuple[float, str, Worker] | None = None
+        for d in decodes:
+            uncached = req.prompt_len - overlap.get(d.address, 0) * self.block_size
+            if uncached > self.local_prefill_tokens:
+                continue
+            ttft = (self.costs.prefill_s(d.address, d.load.num_queued_tokens, uncached) + self.costs.decode_s(d.load)
+                    + d.in_flight * 1e-4)
+            best = min(best, (ttft, d.address, d)) if best is not None else (ttft, d.address, d)
+        if best is None:
+            return None
+        ttft, _, d = best
+        return Decision(None, d, ttft, overlap.get(d.address, 0), "short uncached prompt")
 
     # ---- policies ---------------------------------------------------------------------------------
     def _cache_aware(self, req, prefills, decodes, overlap):
