@@ -9,7 +9,15 @@ Measures, in one process and in this order:
     have no weights on disk: HF builds the model from that directory's config and takes the engine's
     random weights, so both run the very same numbers);
 (b) pdserve ``LLM.generate`` with every prompt submitted at once (continuous batching, paged KV);
-(c) the engine's decode step time (ms per step) at batch 1 and at a full batch of ``--num-prompts``.
+(c) the engine's decode step time (ms per step) at batch 1 and at a full batch of ``--num-prompts``;
+(d) per batch size in ``--step-batches`` (default 1 and 16): the engine's decode step time next to HF
+    ``generate``'s time per decoded token at the same batch and prompt length, measured alternately
+    ``--repeat`` times (medians, ranges and their ratio). Both are medians of ``--step-iters`` single
+    iterations, prefill excluded (HF's are stamped by a pass-through logits processor). An engine step does
+    the same work as one HF decode iteration (one new token for every sequence), so the ratio shows the
+    engine's per-step overhead relative to HF's. ``--only-steps`` skips (a)-(c).
+
+    python -m bench.engine_bench --model llama-110m-dummy --only-steps --threads 1 --repeat 5
 
 Both systems produce exactly ``--max-tokens`` tokens per prompt (pdserve: ignore_eos; HF: no eos id), and
 the script reports how many prompts got identical greedy tokens from both as a sanity check (left padding
@@ -113,6 +121,69 @@ def decode_step_ms(llm: LLM, batch: int, prompt_len: int, vocab: int, steps: int
     return statistics.median(times) * 1e3
 
 
+def hf_decode_ms(model, batch: int, prompt_len: int, vocab: int, steps: int, device: str) -> float:
+    """Median time of one HF ``generate`` decode iteration with ``batch`` prompts of ``prompt_len`` tokens.
+
+    A pass-through logits processor stamps the clock once per iteration; the gaps between stamps are whole
+    iterations (forward, logits processing, token selection, stopping checks), prefill excluded. Medians of
+    per-iteration times, like the engine's, shrug off bursts of load from other processes.
+    """
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            sync(device)
+            self.times.append(time.perf_counter())
+            return scores
+
+    rng = random.Random(batch)
+    ids = torch.tensor([[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(batch)], device=device)
+    stamp = Stamp()
+    cfg = GenerationConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False, pad_token_id=0,
+                           eos_token_id=[])
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                       logits_processor=LogitsProcessorList([stamp]))
+    gaps = [b - a for a, b in zip(stamp.times[:-1], stamp.times[1:], strict=True)]
+    assert len(gaps) == steps, (len(gaps), steps)
+    return statistics.median(gaps) * 1e3
+
+
+def step_comparison(llm: LLM, hf, batches: list[int], a: argparse.Namespace, vocab: int) -> dict:
+    """Engine decode step vs HF per-token decode, alternated ``a.repeat`` times per batch size."""
+    runs: dict[int, dict[str, list[float]]] = {b: {"engine": [], "hf": []} for b in batches}
+    for b in batches:  # warm-up
+        decode_step_ms(llm, b, a.step_prompt_len, vocab, 2, a.device)
+    for _ in range(a.repeat):
+        for b in batches:
+            runs[b]["hf"].append(hf_decode_ms(hf, b, a.step_prompt_len, vocab, a.step_iters, a.device))
+            runs[b]["engine"].append(decode_step_ms(llm, b, a.step_prompt_len, vocab, a.step_iters, a.device))
+    out = {}
+    for b in batches:
+        eng, ref = runs[b]["engine"], runs[b]["hf"]
+        out[b] = {
+            "engine_step_ms": statistics.median(eng), "engine_step_ms_runs": eng,
+            "hf_ms_per_token": statistics.median(ref), "hf_ms_per_token_runs": ref,
+            "ratio": statistics.median(eng) / statistics.median(ref),
+        }
+    return out
+
+
+def print_step_comparison(res: dict, a: argparse.Namespace) -> None:
+    print(f"decode, {a.step_prompt_len}-token prompts, {a.step_iters} steps per run, median [range] of {a.repeat} "
+          f"alternated runs:")
+    print()
+    print("| batch | engine step ms | HF generate ms/token | engine / HF |")
+    print("|---|---|---|---|")
+    for b, r in res.items():
+        eng, ref = r["engine_step_ms_runs"], r["hf_ms_per_token_runs"]
+        print(f"| {b} | {r['engine_step_ms']:.2f} [{min(eng):.2f}..{max(eng):.2f}] | "
+              f"{r['hf_ms_per_token']:.2f} [{min(ref):.2f}..{max(ref):.2f}] | {r['ratio']:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
@@ -129,6 +200,9 @@ def main() -> None:
     ap.add_argument("--step-iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of (a) and (b), alternated; medians reported")
+    ap.add_argument("--step-batches", default="1,16",
+                    help="batch sizes for the engine-step vs HF-per-token comparison (comma separated; empty: skip)")
+    ap.add_argument("--only-steps", action="store_true", help="run only the step comparison (d)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
@@ -136,15 +210,31 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     block_size = 16
+    step_batches = [int(b) for b in a.step_batches.split(",") if b.strip()]
+    max_seqs = max([a.num_prompts, *step_batches])
     need = a.num_prompts * ((a.max_len + a.max_tokens + block_size - 1) // block_size)
     step_len = a.step_prompt_len + a.step_iters + STEP_SLACK
-    step_need = a.num_prompts * ((step_len + block_size - 1) // block_size)
+    step_need = max_seqs * ((step_len + block_size - 1) // block_size)
     num_blocks = a.num_blocks or max(need, step_need) + 16
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, num_blocks=num_blocks, max_num_seqs=a.num_prompts,
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, num_blocks=num_blocks, max_num_seqs=max_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens, block_size=block_size)
     vocab = min(259, llm.engine.vocab_size)  # byte tokens: the tokenizer's real vocabulary
     prompts = make_prompts(a.num_prompts, a.min_len, a.max_len, vocab, a.seed)
     hf = load_hf(llm, a.device)
+    head = (f"model {a.model} on {a.device} ({str(llm.engine.runner.dtype).removeprefix('torch.')}, "
+            f"{torch.get_num_threads()} torch threads)")
+
+    if a.only_steps:
+        steps = step_comparison(llm, hf, step_batches, a, vocab)
+        print(head)
+        print()
+        print_step_comparison(steps, a)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"model": a.model, "device": a.device, "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "step_prompt_len": a.step_prompt_len,
+                           "step_iters": a.step_iters, "repeat": a.repeat, "steps": steps}, f, indent=2)
+        return
 
     # warm-up: allocator, kernels, lazy imports
     hf_generate(hf, prompts[:2], 2, a.hf_batch, a.device)
@@ -164,6 +254,7 @@ def main() -> None:
     hf_tps, pd_tps = hf_tokens / hf_s, pd_tokens / pd_s
     step1 = decode_step_ms(llm, 1, a.step_prompt_len, vocab, a.step_iters, a.device)
     stepn = decode_step_ms(llm, a.num_prompts, a.step_prompt_len, vocab, a.step_iters, a.device)
+    steps = step_comparison(llm, hf, step_batches, a, vocab) if step_batches else {}
 
     res = {
         "model": a.model, "device": a.device, "dtype": str(llm.engine.runner.dtype).removeprefix("torch."),
@@ -173,10 +264,10 @@ def main() -> None:
         "hf_s_runs": hf_runs, "pdserve_s_runs": pd_runs,
         "hf_tok_s": hf_tps, "pdserve_tok_s": pd_tps, "ratio": pd_tps / hf_tps,
         "identical_greedy_outputs": same, "step_ms_batch1": step1, "step_ms_full_batch": stepn,
-        "step_prompt_len": a.step_prompt_len,
+        "step_prompt_len": a.step_prompt_len, "steps": steps,
     }
-    print(f"model {a.model} on {a.device} ({res['dtype']}, {res['threads']} torch threads): {a.num_prompts} prompts "
-          f"of {a.min_len}..{a.max_len} tokens, {a.max_tokens} output tokens each; median of {a.repeat} runs")
+    print(f"{head}: {a.num_prompts} prompts of {a.min_len}..{a.max_len} tokens, {a.max_tokens} output tokens "
+          f"each; median of {a.repeat} runs")
     print()
     total = a.num_prompts * a.max_tokens
     print("| system | wall s (median) | output tok/s | range tok/s | ratio |")
@@ -189,6 +280,9 @@ def main() -> None:
     print(f"decode step ({a.step_prompt_len}-token prompts): {step1:.2f} ms at batch 1, "
           f"{stepn:.2f} ms at batch {a.num_prompts}")
     print(f"identical greedy outputs (HF vs pdserve): {same}/{a.num_prompts}")
+    if steps:
+        print()
+        print_step_comparison(steps, a)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -11,7 +11,7 @@ pure-torch reference that runs on CPU and CUDA.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,13 @@ class SeqAttnInfo:
 
 @dataclass(slots=True)
 class AttentionMetadata:
+    """One step's attention inputs, built once by the model runner and shared by every layer.
+
+    What a backend derives from them (masks, index tensors) is derived once per step as well: backends memoize
+    it in ``derived``, keyed by what it depends on (e.g. the layer's sliding window), so a step pays that host
+    work and those small launches once, not once per layer.
+    """
+
     kv_caches: list[torch.Tensor]
     block_size: int
     slot_blocks: torch.Tensor  # int64 [T]: destination block of each new token
@@ -40,22 +47,56 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [B]
     backend: str = "torch"
     layer_hook: Callable[[int], None] | None = None
+    # optional: the runner fills these from its one host->device copy per step; derived here when None
+    decode_rows: slice | torch.Tensor | None = None  # rows of q holding the decode queries, in decode order
+    prefill_block_tables: torch.Tensor | None = None  # int64 [P, max_blocks], zero-padded, prefill order
+    prefill_info: torch.Tensor | None = None  # int32 [P, 3]: query_start, query_len, context_len
+    derived: dict = field(default_factory=dict)  # per-step memo of tensors derived from the fields above
+
+
+def decode_rows(meta: AttentionMetadata) -> slice | torch.Tensor:
+    """Rows of q with the decode queries: a slice when they are one run (the usual case), else an index tensor."""
+    if meta.decode_rows is None:
+        idx = [meta.seqs[i].query_start for i in meta.decode_indices]
+        if idx == list(range(idx[0], idx[0] + len(idx))):
+            meta.decode_rows = slice(idx[0], idx[0] + len(idx))
+        else:
+            meta.decode_rows = torch.tensor(idx, device=meta.kv_caches[0].device)
+    return meta.decode_rows
+
+
+def _slot_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the new tokens' K and V in a layer cache seen as [num_blocks * 2 * block_size, Hkv, D]."""
+    rows = meta.derived.get("slot_rows")
+    if rows is None:
+        k_rows = meta.slot_blocks * (2 * meta.block_size) + meta.slot_offsets
+        rows = meta.derived["slot_rows"] = (k_rows, k_rows + meta.block_size)
+    return rows
 
 
 def write_kv(cache: torch.Tensor, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
     """k, v: [T, kv_heads, head_dim]."""
-    cache[meta.slot_blocks, 0, meta.slot_offsets] = k.to(cache.dtype)
-    cache[meta.slot_blocks, 1, meta.slot_offsets] = v.to(cache.dtype)
+    k_rows, v_rows = _slot_rows(meta)
+    flat = cache.view(-1, *cache.shape[-2:])
+    flat.index_copy_(0, k_rows, k.to(cache.dtype))
+    flat.index_copy_(0, v_rows, v.to(cache.dtype))
 
 
-def _attend(q, k, v, q_pos, k_pos, k_valid, scaling, sliding_window, softcap):
-    """q: [B, L, H, D]; k, v: [B, C, Hkv, D]; q_pos [B, L]; k_pos [C]; k_valid [B, C] -> [B, L, H, D].
+def _mask(q_pos, k_pos, k_valid, sliding_window):
+    """q_pos [B, L], k_pos [C], k_valid [B, C] or None (all valid) -> bool [B, L, C]: may query l see key c."""
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]
+    if k_valid is not None:
+        mask &= k_valid[:, None, :]
+    if sliding_window:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    return mask
+
+
+def _attend(q, k, v, mask, scaling, softcap):
+    """q: [B, L, H, D]; k, v: [B, C, Hkv, D]; mask [B, L, C] -> [B, L, H, D].
 
     GQA is handled by grouping query heads, never by copying K/V per head.
     """
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]
-    if sliding_window:
-        mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D], [B, Hkv, C, D]
     if not softcap:
         out = F.scaled_dot_product_attention(
@@ -74,11 +115,36 @@ def _attend(q, k, v, q_pos, k_pos, k_valid, scaling, sliding_window, softcap):
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor):
-    """Context K, V for a block table: [..., C, Hkv, D] (KV heads not expanded)."""
-    k = cache[:, 0][block_table]  # one gather copy each: [..., nblk, bs, hkv, d], contiguous
-    v = cache[:, 1][block_table]
-    shape = k.shape
-    return k.view(*shape[:-4], shape[-4] * shape[-3], *shape[-2:]), v.view(*shape[:-4], shape[-4] * shape[-3], *shape[-2:])
+    """Context K, V for a block table: [..., C, Hkv, D] (KV heads not expanded).
+
+    One ``index_select`` copy each (on CPU about twice as fast as advanced indexing of the strided K/V view).
+    """
+    flat = block_table.reshape(-1)
+    k = cache[:, 0].index_select(0, flat)  # [nblk, bs, hkv, d], contiguous
+    v = cache[:, 1].index_select(0, flat)
+    shape = (*block_table.shape[:-1], block_table.shape[-1] * cache.shape[2], *cache.shape[-2:])
+    return k.view(shape), v.view(shape)
+
+
+def _decode_mask(meta: AttentionMetadata, width: int, sliding_window) -> torch.Tensor:
+    """bool [B, 1, width]: for decode, causal and in-context are one test (key position < context length)."""
+    key = ("decode_mask", sliding_window)
+    mask = meta.derived.get(key)
+    if mask is None:
+        ctx = meta.decode_context_lens
+        k_pos = torch.arange(width, device=ctx.device)
+        mask = meta.derived[key] = _mask((ctx - 1)[:, None], k_pos, None, sliding_window)
+    return mask
+
+
+def _prefill_mask(meta: AttentionMetadata, i: int, s: SeqAttnInfo, device, sliding_window) -> torch.Tensor:
+    key = ("prefill_mask", i, sliding_window)
+    mask = meta.derived.get(key)
+    if mask is None:
+        k_pos = torch.arange(s.context_len, device=device)
+        q_pos = k_pos[s.context_len - s.query_len :][None, :]
+        mask = meta.derived[key] = _mask(q_pos, k_pos, None, sliding_window)
+    return mask
 
 
 def torch_paged_attention(
@@ -90,26 +156,37 @@ def torch_paged_attention(
     softcap: float | None,
 ) -> torch.Tensor:
     """Reference paged attention. q: [T, H, D] -> [T, H, D] in q's dtype."""
-    out = torch.empty_like(q)
-    device = q.device
+    out = None
     if meta.decode_indices:
-        idx = [meta.seqs[i].query_start for i in meta.decode_indices]
-        qd = q[idx].unsqueeze(1)  # [B, 1, H, D]
+        rows = decode_rows(meta)
+        qd = q[rows]  # [B, H, D]
         k, v = _gather(cache, meta.decode_block_tables)  # [B, C, Hkv, D]
-        ctx = meta.decode_context_lens
-        k_pos = torch.arange(k.shape[1], device=device)
-        valid = k_pos[None, :] < ctx[:, None]
-        o = _attend(qd, k, v, (ctx - 1)[:, None], k_pos, valid, scaling, sliding_window, softcap)
-        out[idx] = o[:, 0].to(q.dtype)
+        mask = _decode_mask(meta, k.shape[1], sliding_window)  # [B, 1, C]
+        if softcap:
+            o = _attend(qd.unsqueeze(1), k, v, mask, scaling, softcap)[:, 0]
+        else:
+            # one query token per sequence: the query heads sharing a KV head become that head's query rows, so
+            # SDPA sees plain MHA over [B, Hkv, group, D] (no GQA expansion of K/V; ~1.5x faster on CPU)
+            b, h, d = qd.shape
+            hkv = k.shape[2]
+            kh, vh = k.transpose(1, 2).to(qd.dtype), v.transpose(1, 2).to(qd.dtype)
+            o = F.scaled_dot_product_attention(
+                qd.reshape(b, hkv, h // hkv, d), kh, vh, attn_mask=mask[:, None], scale=scaling
+            ).reshape(b, h, d)
+        o = o.to(q.dtype)
+        if not meta.prefill_indices and isinstance(rows, slice) and rows.start == 0 and rows.stop == q.shape[0]:
+            return o  # a pure decode step: no scatter into a fresh output
+        out = torch.empty_like(q)
+        out[rows] = o
+    if out is None:
+        out = torch.empty_like(q)
     for i in meta.prefill_indices:
         s = meta.seqs[i]
         qs = q[s.query_start : s.query_start + s.query_len].unsqueeze(0)
         k, v = _gather(cache, s.block_table)
         k, v = k[: s.context_len].unsqueeze(0), v[: s.context_len].unsqueeze(0)
-        k_pos = torch.arange(s.context_len, device=device)
-        q_pos = torch.arange(s.context_len - s.query_len, s.context_len, device=device)[None, :]
-        valid = torch.ones(1, s.context_len, dtype=torch.bool, device=device)
-        o = _attend(qs, k, v, q_pos, k_pos, valid, scaling, sliding_window, softcap)
+        mask = _prefill_mask(meta, i, s, q.device, sliding_window)
+        o = _attend(qs, k, v, mask, scaling, softcap)
         out[s.query_start : s.query_start + s.query_len] = o[0].to(q.dtype)
     return out
 

@@ -39,6 +39,18 @@ class StepOutput:
     num_cached_tokens: int = 0
 
 
+def _token_slice(seq: Sequence, start: int, num: int) -> list[int]:
+    """``seq.all_token_ids[start : start + num]`` without building the whole list (a decode step wants one
+    token of a sequence that may be thousands long)."""
+    prompt, output = seq.prompt_token_ids, seq.output_token_ids
+    end = start + num
+    if end <= len(prompt):
+        return prompt[start:end]
+    if start >= len(prompt):
+        return output[start - len(prompt) : end - len(prompt)]
+    return prompt[start:] + output[: end - len(prompt)]
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, shared_kv: bool = False, record_events: bool = False):
         self.config = config
@@ -221,7 +233,7 @@ class LLMEngine:
             return []
         items = [
             BatchItem(
-                s.seq.all_token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens],
+                _token_slice(s.seq, s.seq.num_computed_tokens, s.num_new_tokens),
                 s.seq.num_computed_tokens,
                 s.seq.block_ids,
                 s.samples,

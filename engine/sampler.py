@@ -53,25 +53,49 @@ class Sampler:
         return seq.generator
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        """logits: float32 [len(seqs), vocab]."""
-        greedy_ids = torch.argmax(logits, dim=-1).tolist()
-        want_logprobs = any(s.params.logprobs is not None for s in seqs)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        results: list[SampleResult] = []
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            if p.greedy:
-                token = greedy_ids[i]
-            else:
-                row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-                probs = torch.softmax(row, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=self._generator_for(seq)).item())
-            lp = None
-            if p.logprobs is not None and logprobs is not None:
-                lp = {token: float(logprobs[i, token])}
-                if p.logprobs:
-                    top = torch.topk(logprobs[i], p.logprobs)
-                    for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True):
-                        lp.setdefault(t, v)
-            results.append(SampleResult(token, lp))
-        return results
+        """logits: float32 [len(seqs), vocab].
+
+        Everything stays on the logits' device until one copy brings the step's results back to the host (on
+        CUDA: one sync per step, however many rows sample or ask for logprobs).
+        """
+        tokens = torch.argmax(logits, dim=-1)
+        if not all(s.params.greedy for s in seqs):
+            picks: list[torch.Tensor] = []  # [1] per row: a view of the argmax, or the row's draw
+            for i, seq in enumerate(seqs):
+                p = seq.params
+                if p.greedy:
+                    picks.append(tokens[i : i + 1])
+                else:
+                    row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+                    probs = torch.softmax(row, dim=-1)
+                    picks.append(torch.multinomial(probs, 1, generator=self._generator_for(seq)))
+            tokens = torch.cat(picks)
+        lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not lp_rows:
+            return [SampleResult(t, None) for t in tokens.tolist()]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        ints = [tokens]  # then each row's top-k ids
+        floats = [logprobs.gather(1, tokens[:, None])[:, 0]]  # the sampled tokens' logprobs, then top-k values
+        tops: list[tuple[int, int]] = []  # (row, k)
+        for i in lp_rows:
+            k = seqs[i].params.logprobs
+            if k:
+                top = torch.topk(logprobs[i], k)
+                ints.append(top.indices)
+                floats.append(top.values)
+                tops.append((i, k))
+        # float64 holds token ids (< 2**53) and float32 logprobs exactly: one tensor, one copy
+        flat = torch.cat([torch.cat(ints).double(), torch.cat(floats).double()]).tolist()
+        n, num_top = len(seqs), sum(k for _, k in tops)
+        ids = [int(t) for t in flat[:n]]
+        top_ids, chosen, top_values = flat[n : n + num_top], flat[n + num_top : 2 * n + num_top], flat[2 * n + num_top :]
+        lps: list[dict[int, float] | None] = [None] * n
+        for i in lp_rows:
+            lps[i] = {ids[i]: chosen[i]}
+        pos = 0
+        for i, k in tops:
+            lp = lps[i]
+            for t, v in zip(top_ids[pos : pos + k], top_values[pos : pos + k], strict=True):
+                lp.setdefault(int(t), v)
+            pos += k
+        return [SampleResult(t, lp) for t, lp in zip(ids, lps, strict=True)]

@@ -78,12 +78,17 @@ class Scheduler:
 
     def update_hashes(self, seq: Sequence) -> None:
         """Extend the sequence's hash chain and cache every full, computed block."""
-        seq.block_hashes = block_hashes(
-            seq.all_token_ids, self.block_size, self.hash_seed, start=seq.block_hashes
-        )
+        if len(seq.block_hashes) < seq.num_tokens // self.block_size:  # a block filled up since last time
+            seq.block_hashes = block_hashes(
+                seq.all_token_ids, self.block_size, self.hash_seed, start=seq.block_hashes
+            )
+        if not self.pool.enable_prefix_caching:
+            return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes), len(seq.block_ids))
+        hashed = self.pool.block_hash
         for i in range(num_full):
-            self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i])
+            if hashed[seq.block_ids[i]] is None:  # cache_block does nothing for a block with a hash
+                self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i])
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

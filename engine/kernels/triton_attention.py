@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from engine.attention import AttentionMetadata, register_backend
+from engine.attention import AttentionMetadata, decode_rows, register_backend
 
 try:
     import triton
@@ -325,12 +325,12 @@ def _pick_num_splits(q: torch.Tensor, batch: int, num_kv_heads: int, span_bound:
 
 
 def _decode(cache, meta: AttentionMetadata, q, out, scaling, sliding_window, softcap, num_splits, block_n):
-    idx = [meta.seqs[i].query_start for i in meta.decode_indices]
-    batch = len(idx)
-    if idx == list(range(idx[0], idx[0] + batch)):  # the usual case: decode rows are one run
-        q_dec, out_dec, idx_t = q[idx[0] : idx[0] + batch], out[idx[0] : idx[0] + batch], None
+    rows = decode_rows(meta)  # built once per step, shared by every layer
+    batch = len(meta.decode_indices)
+    if isinstance(rows, slice):  # the usual case: decode rows are one run
+        q_dec, out_dec, idx_t = q[rows], out[rows], None
     else:
-        idx_t = torch.tensor(idx, device=q.device)
+        idx_t = rows
         q_dec = q[idx_t]
         out_dec = torch.empty_like(q_dec)
     tables = meta.decode_block_tables
@@ -369,13 +369,23 @@ def _decode(cache, meta: AttentionMetadata, q, out, scaling, sliding_window, sof
 
 def _prefill(cache, meta: AttentionMetadata, q, out, scaling, sliding_window, softcap, block_q_rows, block_n):
     seqs = [meta.seqs[i] for i in meta.prefill_indices]
-    if len(seqs) == 1:
-        tables = seqs[0].block_table.view(1, -1)
-    else:
-        tables = torch.nn.utils.rnn.pad_sequence([s.block_table for s in seqs], batch_first=True)
-    info = torch.tensor(
-        [[s.query_start, s.query_len, s.context_len] for s in seqs], dtype=torch.int32, device=q.device
-    )
+    # the runner builds both once per step; metadata made elsewhere (tests, the self-check) may lack them
+    tables = meta.prefill_block_tables
+    if tables is None:
+        tables = meta.derived.get("triton_prefill_tables")
+    if tables is None:
+        if len(seqs) == 1:
+            tables = seqs[0].block_table.view(1, -1)
+        else:
+            tables = torch.nn.utils.rnn.pad_sequence([s.block_table for s in seqs], batch_first=True)
+        meta.derived["triton_prefill_tables"] = tables
+    info = meta.prefill_info
+    if info is None:
+        info = meta.derived.get("triton_prefill_info")
+    if info is None:
+        info = meta.derived["triton_prefill_info"] = torch.tensor(
+            [[s.query_start, s.query_len, s.context_len] for s in seqs], dtype=torch.int32, device=q.device
+        )
     num_heads, num_kv_heads = q.shape[1], cache.shape[3]
     group = num_heads // num_kv_heads
     group_pad = _next_pow2(group)
