@@ -104,6 +104,31 @@ def test_round_robin_least_loaded_p2c_affinity():
         PairPolicy("nope")
 
 
+def test_cost_model_separates_fixed_overhead_from_per_token_cost():
+    """A worker whose prefills are short (cache hits) must not look slower per token than one doing long ones."""
+    cm = CostModel()
+    for i in range(20):
+        cm.observe_prefill("hits", 8 + i, 0.1 + (8 + i) * 1e-4)
+        cm.observe_prefill("misses", 900 + 10 * i, 0.1 + (900 + 10 * i) * 1e-4)
+    assert cm.prefill_fit.coefficients(0)[0] == pytest.approx(0.1, rel=0.05)
+    assert cm.prefill_fit.coefficients(0)[1] == pytest.approx(1e-4, rel=0.05)
+    assert cm.prefill_s("hits", 0, 200) == pytest.approx(cm.prefill_s("misses", 0, 200), rel=0.05)
+    assert cm.prefill_s("hits", 0, 200) == pytest.approx(0.12, rel=0.05)
+    assert cm.prefill_s("hits", 500, 0) == pytest.approx(0.05, rel=0.05)  # queued work only: no overhead
+
+
+def test_cost_model_learns_a_slow_worker_and_forgets_it_without_samples():
+    now = [0.0]
+    cm = CostModel(clock=lambda: now[0])
+    for i in range(30):
+        cm.observe_prefill("fast", 100 + i, 0.01 + (100 + i) * 1e-4)
+        cm.observe_prefill("slow", 100 + i, 2 * (0.01 + (100 + i) * 1e-4))
+    assert cm.speed_of("slow") / cm.speed_of("fast") == pytest.approx(2, rel=0.25)
+    assert cm.speed_of("unseen") == 1.0
+    now[0] += 10 * 30.0  # ten half-lives with no sample: tried again as if average
+    assert cm.speed_of("slow") == pytest.approx(1, abs=0.01)
+
+
 def test_cost_model_learns_online():
     cm = CostModel()
     cm.observe_prefill("p", 1000, 0.5)
