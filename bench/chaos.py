@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from deploy.local import LocalCluster
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.deploy.local import LocalCluster
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 MAX_TOKENS = 24
 
@@ -46,7 +46,7 @@ def workload(n: int) -> list[list[int]]:
 
 
 def expected(prompts) -> list[list[int]]:
-    from engine import LLM, SamplingParams
+    from pdserve.engine import LLM, SamplingParams
 
     outs = LLM("tiny").generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     return [o.token_ids for o in outs]

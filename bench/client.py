@@ -14,10 +14,10 @@ import time
 
 import grpc
 
-from bench.metrics import Record
-from bench.workloads import BenchRequest
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.bench.metrics import Record
+from pdserve.bench.workloads import BenchRequest
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 

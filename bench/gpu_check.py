@@ -55,7 +55,7 @@ KERNEL_HEADER = ["case", "dtype", "rel err vs torch ref", "rel err vs fp32 ref",
 def cpu_interpreted(args) -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.kernels.check", "--device", "cpu", "--json"],
+        [sys.executable, "-m", "pdserve.engine.kernels.check", "--device", "cpu", "--json"],
         env=env, capture_output=True, text=True, timeout=1200,
     )
     if proc.returncode not in (0, 1):
@@ -73,7 +73,7 @@ def cpu_interpreted(args) -> dict:
 
 
 def llama1b_cases():
-    from engine.kernels.check import Case
+    from pdserve.engine.kernels.check import Case
 
     decode = tuple((n, 1) for n in (1, 15, 16, 17, 255, 1000, 2047, 4096))
     mixed = ((300, 300), (40, 1), (700, 77), (1025, 1), (64, 64), (513, 1))
@@ -87,7 +87,7 @@ def llama1b_cases():
 
 
 def kernel_check(device: str) -> list[dict]:
-    from engine.kernels.check import CASES, run_cases
+    from pdserve.engine.kernels.check import CASES, run_cases
 
     return run_cases(CASES + llama1b_cases(), device=device)
 
@@ -96,9 +96,9 @@ def attention_timings(device: str) -> list[dict]:
     """Per-call attention time (one layer) of both backends on Llama-1B-shaped bf16 decode batches."""
     import triton.testing
 
-    from engine.attention import torch_paged_attention
-    from engine.kernels.check import Case, build
-    from engine.kernels.triton_attention import triton_paged_attention
+    from pdserve.engine.attention import torch_paged_attention
+    from pdserve.engine.kernels.check import Case, build
+    from pdserve.engine.kernels.triton_attention import triton_paged_attention
 
     rows = []
     for batch, ctx in ((1, 128), (1, 2048), (32, 512), (64, 2048)):
@@ -170,7 +170,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _engine_greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    from engine import SamplingParams
+    from pdserve.engine import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     first = llm.generate(prompts[:-2], params)
@@ -182,7 +182,7 @@ def _engine_greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[list[
 
 def _decode_ms_per_token(llm, prompt: list[int], steps: int) -> float:
     """Median engine.step() time at batch 1 once the prompt is prefilled."""
-    from engine import SamplingParams
+    from pdserve.engine import SamplingParams
 
     eng = llm.engine
     rid = f"timing-{time.monotonic_ns()}"
@@ -222,8 +222,8 @@ def _hf_ms_per_token(model, prompt: list[int], steps: int, device: str, **kw) ->
 def cuda_check(args) -> dict:
     import torch
 
-    from engine import LLM
-    from engine.kernels.triton_attention import TRITON_AVAILABLE
+    from pdserve.engine import LLM
+    from pdserve.engine.kernels.triton_attention import TRITON_AVAILABLE
 
     if not TRITON_AVAILABLE:
         raise SystemExit("triton is not installed: pip install triton")
@@ -238,7 +238,7 @@ def cuda_check(args) -> dict:
 
     # 1. kernels
     t0 = time.perf_counter()
-    from engine.model_runner import resolve_attention_backend
+    from pdserve.engine.model_runner import resolve_attention_backend
 
     res["auto_backend"] = resolve_attention_backend("auto", torch.device(device))
     res["kernels"] = kernel_check(device)

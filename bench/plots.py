@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.metrics import Record
+from pdserve.bench.metrics import Record
 
 
 def _plt():

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import grpc
 
-from bench.metrics import dist
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.bench.metrics import dist
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def measure(policy: str, address: str, workers: list[tuple[str, str]], wl: Workl
 
 def run_one(policy: str, wl: Workload, a: argparse.Namespace) -> dict:
     """``measure`` on a fresh local cluster, so no run starts with another's cache."""
-    from deploy.local import LocalCluster
+    from pdserve.deploy.local import LocalCluster
 
     worker_args = ["--block-size", str(a.block_size), "--num-blocks", str(a.num_blocks), *a.worker_arg]
     router_args = ["--local-prefill-tokens", str(a.local_prefill_tokens), *a.router_arg]

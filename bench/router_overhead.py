@@ -27,8 +27,8 @@ import time
 
 import grpc
 
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 
 def spawn(args: list[str]) -> tuple[subprocess.Popen, str]:
@@ -189,18 +189,18 @@ def main() -> None:
     procs = []
     load0 = os.getloadavg()
     try:
-        p, prefill = spawn(["bench.noop_workers", "--role", "prefill"])
+        p, prefill = spawn(["pdserve.bench.noop_workers", "--role", "prefill"])
         procs.append(p)
-        p, decode = spawn(["bench.noop_workers", "--role", "decode"])
+        p, decode = spawn(["pdserve.bench.noop_workers", "--role", "decode"])
         procs.append(p)
         addrs = {"prefill": prefill, "decode": decode}
         pids = {}
         if not a.no_floor:
-            p, addrs["passthrough"] = spawn(["bench.noop_workers", "--role", "proxy", "--decode", decode,
+            p, addrs["passthrough"] = spawn(["pdserve.bench.noop_workers", "--role", "proxy", "--decode", decode,
                                              "--prefill", prefill])
             procs.append(p)
             pids["passthrough"] = p.pid
-        common = ["deploy.cli", "router", "--prefill", prefill, "--decode", decode]
+        common = ["pdserve", "router", "--prefill", prefill, "--decode", decode]
         p, addrs["router"] = spawn([*common, "--local-prefill-tokens", "0"])
         procs.append(p)
         pids["router"] = pids["router_stream"] = p.pid

@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import workloads
-from bench.arrivals import gamma_arrivals
-from bench.metrics import Record, summarize
-from bench.workloads import BenchRequest, LengthDist
+from pdserve.bench import workloads
+from pdserve.bench.arrivals import gamma_arrivals
+from pdserve.bench.metrics import Record, summarize
+from pdserve.bench.workloads import BenchRequest, LengthDist
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def plan_runs(a: argparse.Namespace) -> list[RunPlan]:
 
 
 def execute(plan: RunPlan, a: argparse.Namespace, address: str) -> tuple[dict, list[Record]]:
-    from bench.client import run_closed_loop, run_open_loop
+    from pdserve.bench.client import run_closed_loop, run_open_loop
 
     progress, prefix = not a.no_progress, f"bench-{a.seed}-{plan.tag}"
     t0 = time.perf_counter()
@@ -227,7 +227,7 @@ def _main(a: argparse.Namespace) -> int:
     cluster = None
     try:
         if a.local:
-            from deploy.local import LocalCluster
+            from pdserve.deploy.local import LocalCluster
 
             num_prefill, num_decode = _pair(a.local, "--local")
             cluster = LocalCluster(num_prefill, num_decode, model=a.model, extra_worker_args=a.local_arg,
@@ -246,7 +246,7 @@ def _main(a: argparse.Namespace) -> int:
         if cluster is not None:
             cluster.stop()
     if not a.no_plots:
-        from bench import plots
+        from pdserve.bench import plots
 
         files.append(plots.latency_cdfs(cdf_runs, out_dir / f"{name}-latency_cdf.png", f"{label}, {a.workload} workload",
                                         a.slo_ttft_ms / 1000, a.slo_tpot_ms / 1000))

@@ -19,14 +19,14 @@ import time
 
 import torch
 
-from bench import workloads
-from bench.client import run_closed_loop
+from pdserve.bench import workloads
+from pdserve.bench.client import run_closed_loop
 
 
 def load_hf(model: str, device: str):
-    from engine.config import EngineConfig
-    from engine.model_runner import _load_model
-    from engine.models import resolve_model
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.model_runner import _load_model
+    from pdserve.engine.models import resolve_model
 
     path, dummy = resolve_model(model)
     cfg = EngineConfig(model=model, device=device)
@@ -79,8 +79,8 @@ def hf_continuous(m, prompts, out_len: int, device: str) -> float:
 
 
 def pdserve(model, device, prefill: int, reqs, concurrency: int, worker_args: list[str]) -> tuple[float, dict]:
-    from bench.metrics import summarize
-    from deploy.local import LocalCluster
+    from pdserve.bench.metrics import summarize
+    from pdserve.deploy.local import LocalCluster
 
     router_args = ["--local-prefill-tokens", "0"]
     with LocalCluster(prefill, 1, model=model, device=device, extra_worker_args=worker_args,

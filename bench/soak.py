@@ -21,12 +21,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from bench.arrivals import poisson_arrivals
-from bench.chaos import leak_check
-from bench.client import run_closed_loop, run_open_loop
-from bench.metrics import summarize
-from bench.workloads import uniform
-from deploy.local import LocalCluster
+from pdserve.bench.arrivals import poisson_arrivals
+from pdserve.bench.chaos import leak_check
+from pdserve.bench.client import run_closed_loop, run_open_loop
+from pdserve.bench.metrics import summarize
+from pdserve.bench.workloads import uniform
+from pdserve.deploy.local import LocalCluster
 
 PAGE_KIB = 4
 

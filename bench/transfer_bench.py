@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from engine.kv_cache import KVCache, KVCacheSpec, LayoutFingerprint
+from pdserve.engine.kv_cache import KVCache, KVCacheSpec, LayoutFingerprint
 
 LAYERS, HEADS, DIM = 16, 8, 128
 DTYPE = torch.float16
@@ -45,7 +45,7 @@ def layout(num_blocks: int, block_size: int, device: str = "cpu") -> tuple[KVCac
 
 def receiver(backend: str, shm: bool, num_blocks: int, block_size: int, device: str, rounds: int,
              dst: list[int], conn) -> None:
-    from kvtransfer import TransferConfig, make_receiver
+    from pdserve.kvtransfer import TransferConfig, make_receiver
 
     spec, fp = layout(num_blocks, block_size, device)
     cache = KVCache(spec, shared=shm)
@@ -91,7 +91,7 @@ def memcpy_gbps(num_blocks: int, block_size: int, device: str, single_thread: bo
 
 def backend_gbps(backend: str, shm: bool, num_blocks: int, block_size: int, device: str, rounds: int,
                  dst: list[int]) -> tuple[float, str]:
-    from kvtransfer import TransferConfig, make_sender
+    from pdserve.kvtransfer import TransferConfig, make_sender
 
     spec, fp = layout(num_blocks, block_size, device)
     ctx = mp.get_context("spawn")

@@ -7,15 +7,15 @@ import logging
 import time
 import uuid
 
-from decode.service import DecodeServicer, WorkerIdentity
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.engine_loop import EngineLoop
-from kvtransfer import make_receiver
-from kvtransfer.base import TransferConfig
-from protos import pdserve_pb2_grpc as pb_grpc
-from protos.observability import STEP_SECONDS, register_worker_collector, serve_metrics
-from protos.rpc import TlsConfig, create_server, heartbeat, install_sigterm, set_serving
+from pdserve.decode.service import DecodeServicer, WorkerIdentity
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.kvtransfer import make_receiver
+from pdserve.kvtransfer.base import TransferConfig
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.observability import STEP_SECONDS, register_worker_collector, serve_metrics
+from pdserve.serving.rpc import TlsConfig, create_server, heartbeat, install_sigterm, set_serving
 
 logger = logging.getLogger(__name__)
 SERVICES = ["Decode"]

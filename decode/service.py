@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from engine.engine_loop import EngineLoop
-from engine.errors import CapacityError
-from engine.kv_cache import LayoutFingerprint
-from kvtransfer.base import FingerprintMismatchError, KVReceiver
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
-from protos.convert import (
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.errors import CapacityError
+from pdserve.engine.kv_cache import LayoutFingerprint
+from pdserve.kvtransfer.base import FingerprintMismatchError, KVReceiver
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.convert import (
     integrity,
     kv_event_stream,
     load_to_proto,
@@ -23,7 +23,7 @@ from protos.convert import (
     logprob_to_proto,
     sampling_from_proto,
 )
-from protos.rpc import TlsConfig, abort_with, channel
+from pdserve.serving.rpc import TlsConfig, abort_with, channel
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ class Proc:
 
 
 def _spawn(role: str, args: list[str], env: dict[str, str], echo: bool) -> Proc:
-    cmd = [sys.executable, "-u", "-m", "deploy.cli", role, *args]
+    cmd = [sys.executable, "-u", "-m", "pdserve", role, *args]
     popen = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )

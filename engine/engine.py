@@ -11,16 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.block_pool import BlockPool
-from engine.config import EngineConfig
-from engine.errors import CapacityError, InvalidRequestError, RequestNotFoundError
-from engine.model_runner import BatchItem, ModelRunner
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledSeq, Scheduler
-from engine.sequence import FinishReason, Sequence, SequenceStatus
-from engine.stops import StopChecker
-from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.errors import CapacityError, InvalidRequestError, RequestNotFoundError
+from pdserve.engine.model_runner import BatchItem, ModelRunner
+from pdserve.engine.sampler import Sampler
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import ScheduledSeq, Scheduler
+from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.engine.stops import StopChecker
+from pdserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from engine.engine import LLMEngine, StepOutput
+from pdserve.engine.engine import LLMEngine, StepOutput
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,10 +10,16 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import ATTN_IMPL, BACKENDS, AttentionMetadata, SeqAttnInfo, register_with_transformers
-from engine.config import EngineConfig
-from engine.kv_cache import KVCache, KVCacheSpec, LayoutFingerprint
-from engine.models import resolve_model
+from pdserve.engine.attention import (
+    ATTN_IMPL,
+    BACKENDS,
+    AttentionMetadata,
+    SeqAttnInfo,
+    register_with_transformers,
+)
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kv_cache import KVCache, KVCacheSpec, LayoutFingerprint
+from pdserve.engine.models import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +30,7 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     An explicit ``triton`` that cannot run here, or an unregistered name, is a ValueError naming the field.
     """
     if name == "triton" or (name == "auto" and device.type == "cuda"):
-        from engine.kernels import load_triton_backend, self_check
+        from pdserve.engine.kernels import load_triton_backend, self_check
 
         usable, why = load_triton_backend(device)
         if usable:

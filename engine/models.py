@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import env
+from pdserve.engine import env
 
 PRESET_VERSION = 1
 
@@ -114,7 +114,7 @@ def build_preset(name: str, out_dir: Path) -> None:
     """Write preset ``name`` to ``out_dir`` in HF format. Deterministic for a given torch version."""
     import torch
 
-    from engine.tokenizer import build_byte_tokenizer
+    from pdserve.engine.tokenizer import build_byte_tokenizer
 
     preset = PRESETS[name]
     hf_config = _config_class(preset.architecture)(**preset.config)

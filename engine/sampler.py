@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.hashing import hash_block
-from engine.sequence import Sequence
+from pdserve.engine.hashing import hash_block
+from pdserve.engine.sequence import Sequence
 
 
 @dataclass(slots=True)

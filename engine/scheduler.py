@@ -12,9 +12,9 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
-from engine.block_pool import BlockPool
-from engine.hashing import block_hashes
-from engine.sequence import Sequence, SequenceStatus
+from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.hashing import block_hashes
+from pdserve.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(slots=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.kv_cache import LayoutFingerprint
-from kvtransfer.base import (
+from pdserve.engine.kv_cache import LayoutFingerprint
+from pdserve.kvtransfer.base import (
     BACKENDS,
     ChecksumError,
     FingerprintMismatchError,
@@ -30,15 +30,15 @@ from kvtransfer.base import (
 
 def _classes(backend: str):
     if backend == "tcp":
-        from kvtransfer.tcp import TcpReceiver, TcpSender
+        from pdserve.kvtransfer.tcp import TcpReceiver, TcpSender
 
         return TcpReceiver, TcpSender
     if backend == "nccl":
-        from kvtransfer.nccl import NcclReceiver, NcclSender
+        from pdserve.kvtransfer.nccl import NcclReceiver, NcclSender
 
         return NcclReceiver, NcclSender
     if backend == "ucx":
-        from kvtransfer.ucx import UcxReceiver, UcxSender
+        from pdserve.kvtransfer.ucx import UcxReceiver, UcxSender
 
         return UcxReceiver, UcxSender
     raise ValueError(f"backend: must be one of {BACKENDS}, got {backend!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_cache import LayoutFingerprint
+from pdserve.engine.kv_cache import LayoutFingerprint
 
 BACKENDS = ("tcp", "ucx", "nccl")
 

@@ -20,9 +20,9 @@ import os
 import select
 import socket
 
-from engine.kv_cache import LayoutFingerprint
-from kvtransfer import wire
-from kvtransfer.base import FingerprintMismatchError, TransferAuthError, TransferError
+from pdserve.engine.kv_cache import LayoutFingerprint
+from pdserve.kvtransfer import wire
+from pdserve.kvtransfer.base import FingerprintMismatchError, TransferAuthError, TransferError
 
 NONCE_LEN = 16
 

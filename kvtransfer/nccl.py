@@ -26,11 +26,11 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from kvtransfer import wire
-from kvtransfer.base import TransferError
-from kvtransfer.receiver import Link, SocketReceiver
-from kvtransfer.sender import Connection, SocketSender, _Tx
-from kvtransfer.views import is_one_run
+from pdserve.kvtransfer import wire
+from pdserve.kvtransfer.base import TransferError
+from pdserve.kvtransfer.receiver import Link, SocketReceiver
+from pdserve.kvtransfer.sender import Connection, SocketSender, _Tx
+from pdserve.kvtransfer.views import is_one_run
 
 logger = logging.getLogger(__name__)
 

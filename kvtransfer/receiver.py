@@ -18,9 +18,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtransfer import control, wire
-from kvtransfer.base import ChecksumError, KVReceiver, TransferError, TransferStats, TransferTimeoutError
-from kvtransfer.views import byte_chunks, byte_view, host_view, run_views, staging_buffer
+from pdserve.kvtransfer import control, wire
+from pdserve.kvtransfer.base import (
+    ChecksumError,
+    KVReceiver,
+    TransferError,
+    TransferStats,
+    TransferTimeoutError,
+)
+from pdserve.kvtransfer.views import byte_chunks, byte_view, host_view, run_views, staging_buffer
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtransfer import control, wire
-from kvtransfer.base import (
+from pdserve.kvtransfer import control, wire
+from pdserve.kvtransfer.base import (
     ChecksumError,
     KVSender,
     TransferError,
@@ -27,7 +27,7 @@ from kvtransfer.base import (
     TransferStats,
     TransferTimeoutError,
 )
-from kvtransfer.views import byte_chunks, byte_view, host_view, pair_runs, run_views, staging_buffer
+from pdserve.kvtransfer.views import byte_chunks, byte_view, host_view, pair_runs, run_views, staging_buffer
 
 logger = logging.getLogger(__name__)
 

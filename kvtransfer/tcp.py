@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from engine.kv_cache import block_runs
-from kvtransfer import control, wire
-from kvtransfer.receiver import Link, SocketReceiver
-from kvtransfer.sender import Connection, SocketSender, _Tx
-from kvtransfer.views import byte_rows, copy_bytes, copy_ways, pair_runs
+from pdserve.engine.kv_cache import block_runs
+from pdserve.kvtransfer import control, wire
+from pdserve.kvtransfer.receiver import Link, SocketReceiver
+from pdserve.kvtransfer.sender import Connection, SocketSender, _Tx
+from pdserve.kvtransfer.views import byte_rows, copy_bytes, copy_ways, pair_runs
 
 logger = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ import threading
 
 import torch
 
-from engine import env
-from kvtransfer import wire
-from kvtransfer.base import TransferError
-from kvtransfer.receiver import Link, SocketReceiver
-from kvtransfer.sender import Connection, SocketSender, _Tx
-from kvtransfer.views import byte_view, is_one_run, pair_runs
+from pdserve.engine import env
+from pdserve.kvtransfer import wire
+from pdserve.kvtransfer.base import TransferError
+from pdserve.kvtransfer.receiver import Link, SocketReceiver
+from pdserve.kvtransfer.sender import Connection, SocketSender, _Tx
+from pdserve.kvtransfer.views import byte_view, is_one_run, pair_runs
 
 logger = logging.getLogger(__name__)
 

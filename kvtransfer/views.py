@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from engine.kv_cache import block_runs
+from pdserve.engine.kv_cache import block_runs
 
 
 def byte_view(t: torch.Tensor) -> memoryview:

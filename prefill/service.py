@@ -10,15 +10,21 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from engine.engine_loop import EngineLoop
-from engine.errors import CapacityError, InvalidRequestError
-from engine.scheduler import ScheduledSeq
-from kvtransfer.base import KVSender, TransferError, TransferHandle
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
-from protos.convert import integrity, kv_event_stream, load_to_proto, logprob_to_proto, sampling_from_proto
-from protos.observability import record_transfer, record_transfer_failure
-from protos.rpc import abort_with
+from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.errors import CapacityError, InvalidRequestError
+from pdserve.engine.scheduler import ScheduledSeq
+from pdserve.kvtransfer.base import KVSender, TransferError, TransferHandle
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.convert import (
+    integrity,
+    kv_event_stream,
+    load_to_proto,
+    logprob_to_proto,
+    sampling_from_proto,
+)
+from pdserve.serving.observability import record_transfer, record_transfer_failure
+from pdserve.serving.rpc import abort_with
 
 logger = logging.getLogger(__name__)
 

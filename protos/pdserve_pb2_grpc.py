@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import pdserve_pb2 as protos_dot_pdserve__pb2
+from pdserve.protos import pdserve_pb2 as pdserve_dot_protos_dot_pdserve__pb2
 
 GRPC_GENERATED_VERSION = '1.66.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/pdserve_pb2_grpc.py depends on'
+        + ' but the generated code in pdserve/protos/pdserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/pdserve.v1.Generation/Generate',
-                request_serializer=protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.GenerateResponse.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Complete = channel.unary_unary(
                 '/pdserve.v1.Generation/Complete',
-                request_serializer=protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.GenerateResponse.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
 
 
@@ -66,13 +66,13 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_pdserve__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateResponse.SerializeToString,
             ),
             'Complete': grpc.unary_unary_rpc_method_handler(
                     servicer.Complete,
-                    request_deserializer=protos_dot_pdserve__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -100,8 +100,8 @@ class Generation:
             request,
             target,
             '/pdserve.v1.Generation/Generate',
-            protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
-            protos_dot_pdserve__pb2.GenerateResponse.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -127,8 +127,8 @@ class Generation:
             request,
             target,
             '/pdserve.v1.Generation/Complete',
-            protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
-            protos_dot_pdserve__pb2.GenerateResponse.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -151,18 +151,18 @@ class PrefillStub:
         """
         self.Prefill = channel.unary_unary(
                 '/pdserve.v1.Prefill/Prefill',
-                request_serializer=protos_dot_pdserve__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.PrefillResponse.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.PrefillResponse.FromString,
                 _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/pdserve.v1.Prefill/GetLoad',
-                request_serializer=protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.WorkerLoad.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.WorkerLoad.FromString,
                 _registered_method=True)
         self.KVEvents = channel.unary_stream(
                 '/pdserve.v1.Prefill/KVEvents',
-                request_serializer=protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.KVEventBatch.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.FromString,
                 _registered_method=True)
 
 
@@ -192,18 +192,18 @@ def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=protos_dot_pdserve__pb2.PrefillRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.PrefillResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.PrefillRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.PrefillResponse.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
-                    request_deserializer=protos_dot_pdserve__pb2.LoadRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.WorkerLoad.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.LoadRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.WorkerLoad.SerializeToString,
             ),
             'KVEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.KVEvents,
-                    request_deserializer=protos_dot_pdserve__pb2.KVEventsRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.KVEventBatch.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,8 +231,8 @@ class Prefill:
             request,
             target,
             '/pdserve.v1.Prefill/Prefill',
-            protos_dot_pdserve__pb2.PrefillRequest.SerializeToString,
-            protos_dot_pdserve__pb2.PrefillResponse.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.PrefillRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -258,8 +258,8 @@ class Prefill:
             request,
             target,
             '/pdserve.v1.Prefill/GetLoad',
-            protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
-            protos_dot_pdserve__pb2.WorkerLoad.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.WorkerLoad.FromString,
             options,
             channel_credentials,
             insecure,
@@ -285,8 +285,8 @@ class Prefill:
             request,
             target,
             '/pdserve.v1.Prefill/KVEvents',
-            protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
-            protos_dot_pdserve__pb2.KVEventBatch.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.FromString,
             options,
             channel_credentials,
             insecure,
@@ -309,28 +309,28 @@ class DecodeStub:
         """
         self.Reserve = channel.unary_unary(
                 '/pdserve.v1.Decode/Reserve',
-                request_serializer=protos_dot_pdserve__pb2.ReserveRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.ReserveResponse.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ReserveResponse.FromString,
                 _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/pdserve.v1.Decode/Decode',
-                request_serializer=protos_dot_pdserve__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.DecodeChunk.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.DecodeChunk.FromString,
                 _registered_method=True)
         self.Release = channel.unary_unary(
                 '/pdserve.v1.Decode/Release',
-                request_serializer=protos_dot_pdserve__pb2.ReleaseRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.ReleaseResponse.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/pdserve.v1.Decode/GetLoad',
-                request_serializer=protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.WorkerLoad.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.WorkerLoad.FromString,
                 _registered_method=True)
         self.KVEvents = channel.unary_stream(
                 '/pdserve.v1.Decode/KVEvents',
-                request_serializer=protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.KVEventBatch.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.FromString,
                 _registered_method=True)
 
 
@@ -372,28 +372,28 @@ def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Reserve': grpc.unary_unary_rpc_method_handler(
                     servicer.Reserve,
-                    request_deserializer=protos_dot_pdserve__pb2.ReserveRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.ReserveResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ReserveRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.ReserveResponse.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
-                    request_deserializer=protos_dot_pdserve__pb2.DecodeRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.DecodeChunk.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.DecodeRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.DecodeChunk.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
-                    request_deserializer=protos_dot_pdserve__pb2.ReleaseRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.ReleaseResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ReleaseRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.ReleaseResponse.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
-                    request_deserializer=protos_dot_pdserve__pb2.LoadRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.WorkerLoad.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.LoadRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.WorkerLoad.SerializeToString,
             ),
             'KVEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.KVEvents,
-                    request_deserializer=protos_dot_pdserve__pb2.KVEventsRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.KVEventBatch.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -421,8 +421,8 @@ class Decode:
             request,
             target,
             '/pdserve.v1.Decode/Reserve',
-            protos_dot_pdserve__pb2.ReserveRequest.SerializeToString,
-            protos_dot_pdserve__pb2.ReserveResponse.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.ReserveRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.ReserveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -448,8 +448,8 @@ class Decode:
             request,
             target,
             '/pdserve.v1.Decode/Decode',
-            protos_dot_pdserve__pb2.DecodeRequest.SerializeToString,
-            protos_dot_pdserve__pb2.DecodeChunk.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.DecodeRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.DecodeChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -475,8 +475,8 @@ class Decode:
             request,
             target,
             '/pdserve.v1.Decode/Release',
-            protos_dot_pdserve__pb2.ReleaseRequest.SerializeToString,
-            protos_dot_pdserve__pb2.ReleaseResponse.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.ReleaseRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -502,8 +502,8 @@ class Decode:
             request,
             target,
             '/pdserve.v1.Decode/GetLoad',
-            protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
-            protos_dot_pdserve__pb2.WorkerLoad.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.LoadRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.WorkerLoad.FromString,
             options,
             channel_credentials,
             insecure,
@@ -529,8 +529,8 @@ class Decode:
             request,
             target,
             '/pdserve.v1.Decode/KVEvents',
-            protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
-            protos_dot_pdserve__pb2.KVEventBatch.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.FromString,
             options,
             channel_credentials,
             insecure,
@@ -553,23 +553,23 @@ class AdminStub:
         """
         self.ListWorkers = channel.unary_unary(
                 '/pdserve.v1.Admin/ListWorkers',
-                request_serializer=protos_dot_pdserve__pb2.ListWorkersRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.ListWorkersResponse.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
         self.Drain = channel.unary_unary(
                 '/pdserve.v1.Admin/Drain',
-                request_serializer=protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.DrainResponse.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.DrainResponse.FromString,
                 _registered_method=True)
         self.Undrain = channel.unary_unary(
                 '/pdserve.v1.Admin/Undrain',
-                request_serializer=protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.DrainResponse.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.DrainResponse.FromString,
                 _registered_method=True)
         self.Register = channel.unary_unary(
                 '/pdserve.v1.Admin/Register',
-                request_serializer=protos_dot_pdserve__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=protos_dot_pdserve__pb2.RegisterResponse.FromString,
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.RegisterResponse.FromString,
                 _registered_method=True)
 
 
@@ -605,23 +605,23 @@ def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ListWorkers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkers,
-                    request_deserializer=protos_dot_pdserve__pb2.ListWorkersRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.ListWorkersResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ListWorkersRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.ListWorkersResponse.SerializeToString,
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
-                    request_deserializer=protos_dot_pdserve__pb2.DrainRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.DrainResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.DrainRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.DrainResponse.SerializeToString,
             ),
             'Undrain': grpc.unary_unary_rpc_method_handler(
                     servicer.Undrain,
-                    request_deserializer=protos_dot_pdserve__pb2.DrainRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.DrainResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.DrainRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.DrainResponse.SerializeToString,
             ),
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=protos_dot_pdserve__pb2.RegisterRequest.FromString,
-                    response_serializer=protos_dot_pdserve__pb2.RegisterResponse.SerializeToString,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.RegisterRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.RegisterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -649,8 +649,8 @@ class Admin:
             request,
             target,
             '/pdserve.v1.Admin/ListWorkers',
-            protos_dot_pdserve__pb2.ListWorkersRequest.SerializeToString,
-            protos_dot_pdserve__pb2.ListWorkersResponse.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.ListWorkersRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -676,8 +676,8 @@ class Admin:
             request,
             target,
             '/pdserve.v1.Admin/Drain',
-            protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
-            protos_dot_pdserve__pb2.DrainResponse.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -703,8 +703,8 @@ class Admin:
             request,
             target,
             '/pdserve.v1.Admin/Undrain',
-            protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
-            protos_dot_pdserve__pb2.DrainResponse.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.DrainRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -730,8 +730,8 @@ class Admin:
             request,
             target,
             '/pdserve.v1.Admin/Register',
-            protos_dot_pdserve__pb2.RegisterRequest.SerializeToString,
-            protos_dot_pdserve__pb2.RegisterResponse.FromString,
+            pdserve_dot_protos_dot_pdserve__pb2.RegisterRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,

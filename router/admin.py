@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
-from router.membership import ROLES, Membership
-from router.prefix_index import PrefixIndex
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.router.membership import ROLES, Membership
+from pdserve.router.prefix_index import PrefixIndex
 
 
 class AdminServicer(pb_grpc.AdminServicer):

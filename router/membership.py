@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
-from protos.rpc import channel
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.rpc import channel
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from protos.observability import LATENCY_BUCKETS
+from pdserve.serving.observability import LATENCY_BUCKETS
 
 REQUESTS = Counter("pdserve_router_requests_total", "Requests by final gRPC status", ["status"])
 TTFT = Histogram("pdserve_router_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS)

@@ -26,9 +26,9 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from router.costs import CostModel, topology
-from router.membership import Worker
-from router.prefix_index import PrefixIndex
+from pdserve.router.costs import CostModel, topology
+from pdserve.router.membership import Worker
+from pdserve.router.prefix_index import PrefixIndex
 
 POLICIES = ("cache_aware", "round_robin", "least_loaded", "power_of_two", "session_affinity")
 ROUTED_HISTORY = 256  # per prefill worker: enough for any realistic number in flight

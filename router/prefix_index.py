@@ -11,7 +11,7 @@ import logging
 
 import grpc
 
-from protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2 as pb
 
 logger = logging.getLogger(__name__)
 

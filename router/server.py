@@ -9,17 +9,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.models import resolve_model
-from engine.tokenizer import load_tokenizer
-from protos.observability import serve_metrics
-from protos.rpc import TlsConfig, add_public_servicer, create_server, install_sigterm, set_serving
-from router.admin import AdminServicer
-from router.admission import Admission
-from router.auth import ApiKeyInterceptor
-from router.membership import Membership, Worker
-from router.policy import PairPolicy
-from router.prefix_index import PrefixIndex, follow
-from router.service import GenerationServicer
+from pdserve.engine.models import resolve_model
+from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.router.admin import AdminServicer
+from pdserve.router.admission import Admission
+from pdserve.router.auth import ApiKeyInterceptor
+from pdserve.router.membership import Membership, Worker
+from pdserve.router.policy import PairPolicy
+from pdserve.router.prefix_index import PrefixIndex, follow
+from pdserve.router.service import GenerationServicer
+from pdserve.serving.observability import serve_metrics
+from pdserve.serving.rpc import TlsConfig, add_public_servicer, create_server, install_sigterm, set_serving
 
 logger = logging.getLogger(__name__)
 SERVICES = ["Generation", "Admin"]

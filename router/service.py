@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from engine.hashing import ROOT_HASH, hash_block
-from protos import pdserve_pb2 as pb
-from protos.convert import sampling_from_proto
-from router import metrics
-from router.admission import Admission, AdmissionError
-from router.costs import topology
-from router.membership import Membership, Worker
-from router.policy import Decision, PairPolicy, RouteRequest
+from pdserve.engine.hashing import ROOT_HASH, hash_block
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router import metrics
+from pdserve.router.admission import Admission, AdmissionError
+from pdserve.router.costs import topology
+from pdserve.router.membership import Membership, Worker
+from pdserve.router.policy import Decision, PairPolicy, RouteRequest
+from pdserve.serving.convert import sampling_from_proto
 
 if TYPE_CHECKING:
-    from engine.sampling_params import SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

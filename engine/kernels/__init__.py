@@ -14,7 +14,7 @@ def load_triton_backend(device: torch.device | str) -> tuple[bool, str]:
 
     Returns (usable, reason): the reason is empty when usable, else a short sentence for an error message.
     """
-    from engine.kernels import triton_attention
+    from pdserve.engine.kernels import triton_attention
 
     if not triton_attention.TRITON_AVAILABLE:
         return False, "triton is not installed"
@@ -37,7 +37,7 @@ def self_check(device: torch.device | str) -> str:
     """Run a couple of the kernel checks on ``device`` against the torch reference before serving with the
     kernels: a miscompile or a driver problem must cost speed, never correct tokens. Returns "" when they
     pass, else the reason."""
-    from engine.kernels import check
+    from pdserve.engine.kernels import check
 
     for case in check.CASES:
         if case.name not in SELF_CHECK_CASES:

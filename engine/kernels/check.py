@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, SeqAttnInfo, torch_paged_attention
+from pdserve.engine.attention import AttentionMetadata, SeqAttnInfo, torch_paged_attention
 
 GARBAGE = 64.0  # in every slot attention must not read; exactly representable in bf16
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 5e-3}
@@ -108,7 +108,7 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def run_case(case: Case, device: str | torch.device = "cpu", seed: int = 0) -> dict:
     """Kernel vs reference on one case: rel_err (vs the reference in the case's dtype), rel_err_fp32 (vs an
     fp32 reference on the same inputs), ref_abs_mean (must be well above 0: never compare zeros), ok."""
-    from engine.kernels.triton_attention import paged_attention
+    from pdserve.engine.kernels.triton_attention import paged_attention
 
     cache, meta, q, scaling = build(case, device, seed)
     args = (scaling, case.sliding_window, case.softcap)
@@ -136,7 +136,7 @@ def run_cases(cases=CASES, device: str | torch.device = "cpu", seed: int = 0) ->
 def engine_parity(device: str = "cpu", model: str = "tiny", max_tokens: int = 8) -> dict:
     """Greedy tokens of the engine with backend triton vs torch (fp32): batched prompts with a shared prefix,
     so steps mix prefill-with-prefix and decode rows. Small on purpose: it runs under the interpreter on CPU."""
-    from engine import LLM, SamplingParams
+    from pdserve.engine import LLM, SamplingParams
 
     gen = torch.Generator().manual_seed(5)
     head = torch.randint(3, 300, (40,), generator=gen).tolist()
@@ -158,7 +158,7 @@ def engine_parity(device: str = "cpu", model: str = "tiny", max_tokens: int = 8)
 
 def negative_control(device: str | torch.device = "cpu") -> float:
     """Relative error of a deliberately wrong call (window dropped): proves the harness can fail."""
-    from engine.kernels.triton_attention import paged_attention
+    from pdserve.engine.kernels.triton_attention import paged_attention
 
     case = Case("negative", 4, 2, 32, 4, _MIXED, sliding_window=5)
     cache, meta, q, scaling = build(case, device)
@@ -174,7 +174,7 @@ def compile_for_gpu(arch: int = 90, full: bool = False) -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from engine.kernels import triton_attention as ta
+    from pdserve.engine.kernels import triton_attention as ta
 
     if ta.interpreter_enabled():
         raise RuntimeError("compile_for_gpu needs the kernels built without TRITON_INTERPRET")
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", action="store_true", help="also compare engine greedy tokens, triton vs torch")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from engine.kernels.triton_attention import TRITON_AVAILABLE, interpreter_enabled
+    from pdserve.engine.kernels.triton_attention import TRITON_AVAILABLE, interpreter_enabled
 
     if not TRITON_AVAILABLE:
         print("triton is not installed", file=sys.stderr)

@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from engine.attention import AttentionMetadata, decode_rows, register_backend
+from pdserve.engine.attention import AttentionMetadata, decode_rows, register_backend
 
 try:
     import triton

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from bench.arrivals import gamma_arrivals, poisson_arrivals, shape_for_cv
+from pdserve.bench.arrivals import gamma_arrivals, poisson_arrivals, shape_for_cv
 
 N = 20000
 

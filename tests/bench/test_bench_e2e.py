@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from bench.metrics import Record
-from bench.run import main
+from pdserve.bench.metrics import Record
+from pdserve.bench.run import main
 
 
 def test_bench_against_a_local_cluster(tmp_path, capsys):

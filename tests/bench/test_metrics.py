@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.metrics import Record, dist, percentile, run_duration, summarize
+from pdserve.bench.metrics import Record, dist, percentile, run_duration, summarize
 
 
 def rec(send, chunks, tokens=None, status="OK", prompt=10, cached=0, output_len=0, end=None):

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from bench.prefix_routing import TurnRecord, Workload, WorkloadConfig, format_table, measure, oracle_hits
-from deploy.local import LocalCluster
-from router.policy import PairPolicy, RouteRequest
-from router.prefix_index import PrefixIndex
+from pdserve.bench.prefix_routing import (
+    TurnRecord,
+    Workload,
+    WorkloadConfig,
+    format_table,
+    measure,
+    oracle_hits,
+)
+from pdserve.deploy.local import LocalCluster
+from pdserve.router.policy import PairPolicy, RouteRequest
+from pdserve.router.prefix_index import PrefixIndex
 from tests.router.test_routing_units import batch, worker
 
 

@@ -9,13 +9,13 @@ import threading
 import grpc
 import pytest
 
-from bench import plots
-from bench.client import run_closed_loop, run_open_loop
-from bench.metrics import Record, summarize
-from bench.run import build_parser, main, plan_runs
-from bench.workloads import BenchRequest
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.bench import plots
+from pdserve.bench.client import run_closed_loop, run_open_loop
+from pdserve.bench.metrics import Record, summarize
+from pdserve.bench.run import build_parser, main, plan_runs
+from pdserve.bench.workloads import BenchRequest
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 FAIL_TOKEN = 999  # a prompt starting with this is refused
 

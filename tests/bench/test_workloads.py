@@ -8,8 +8,8 @@ import statistics
 
 import pytest
 
-from bench import workloads
-from bench.workloads import LengthDist
+from pdserve.bench import workloads
+from pdserve.bench.workloads import LengthDist
 
 
 def test_uniform_lengths_vocab_and_determinism():

@@ -7,9 +7,9 @@ import asyncio
 import grpc
 import pytest
 
-from deploy.local import LocalCluster
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.deploy.local import LocalCluster
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 
 def generate(address: str, req: pb.GenerateRequest, timeout: float = 60.0) -> list[pb.GenerateResponse]:

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from deploy.local import LocalCluster
-from engine import LLM, SamplingParams
-from protos import pdserve_pb2 as pb
+from pdserve.deploy.local import LocalCluster
+from pdserve.engine import LLM, SamplingParams
+from pdserve.protos import pdserve_pb2 as pb
 from tests.cluster.conftest import direct_load, generate_many
 
 NUM_REQUESTS = 16

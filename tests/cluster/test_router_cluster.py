@@ -10,11 +10,11 @@ import time
 import grpc
 import pytest
 
-from deploy.local import LocalCluster
-from engine import LLM, SamplingParams
-from engine.hashing import block_hashes
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.deploy.local import LocalCluster
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.hashing import block_hashes
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from tests.cluster.conftest import direct_load, generate, generate_many
 
 S = pb.SamplingParams

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.validate import apply_json6902, build, trees, validate
+from pdserve.deploy.validate import apply_json6902, build, trees, validate
 
 
 @pytest.mark.parametrize("tree", trees(), ids=lambda p: p.name)

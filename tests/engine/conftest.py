@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM
+from pdserve.engine import LLM
 from tests.engine.helpers import assert_idle
 
 

@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from engine import LLM, CapacityError, EngineConfig, InvalidRequestError, RequestNotFoundError, SamplingParams
+from pdserve.engine import (
+    LLM,
+    CapacityError,
+    EngineConfig,
+    InvalidRequestError,
+    RequestNotFoundError,
+    SamplingParams,
+)
 from tests.engine.helpers import assert_idle
 
 GOOD_PROMPT = [5, 6, 7, 8, 9]

@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from engine import SamplingParams
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
+from pdserve.engine import SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
 
 _REFERENCE: dict[tuple, list[int]] = {}
 

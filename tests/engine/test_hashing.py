@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import SamplingParams
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.hashing import ROOT_HASH, block_hashes, hash_block
+from pdserve.engine import SamplingParams
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.hashing import ROOT_HASH, block_hashes, hash_block
 
 HASHING_PY = Path(__file__).resolve().parents[2] / "engine" / "hashing.py"
 

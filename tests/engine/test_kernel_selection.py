@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine.kernels import check, self_check
+from pdserve.engine.kernels import check, self_check
 
 
 def test_self_check_reports_a_crashing_kernel(monkeypatch):

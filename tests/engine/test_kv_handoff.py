@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.kv_cache import (
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.kv_cache import (
     KVCache,
     KVCacheSpec,
     LayoutFingerprint,
@@ -110,7 +110,7 @@ def test_shared_cache_files_of_dead_workers_are_swept(tmp_path):
     import subprocess
     import sys
 
-    from engine.kv_cache import sweep_stale_shm
+    from pdserve.engine.kv_cache import sweep_stale_shm
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
@@ -134,8 +134,8 @@ def test_shared_cache_files_of_dead_workers_are_swept(tmp_path):
 
 
 def test_engine_with_shared_kv_cache():
-    from engine.config import EngineConfig
-    from engine.engine import LLMEngine
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.engine import LLMEngine
 
     eng = LLMEngine(EngineConfig("tiny", num_blocks=16), shared_kv=True)
     path = eng.runner.kv.shm_path

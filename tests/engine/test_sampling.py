@@ -10,12 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import LLM, SamplingParams
-from engine.models import resolve_model
-from engine.sampler import Sampler, _filter
-from engine.sequence import Sequence
-from engine.stops import StopChecker
-from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.models import resolve_model
+from pdserve.engine.sampler import Sampler, _filter
+from pdserve.engine.sequence import Sequence
+from pdserve.engine.stops import StopChecker
+from pdserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 from tests.engine.helpers import assert_idle, hf_model
 
 P = [[10, 20, 30, 40, 50], [60, 61, 62], [70] * 33, [99, 98], list(range(100, 180))]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import itertools
 
-from engine.block_pool import BlockPool
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from pdserve.engine.block_pool import BlockPool
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import Sequence, SequenceStatus
 
 BS = 4
 SAMPLED = 7  # every "sampled" token

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.kernels.check import CASES, TOLERANCE, engine_parity, run_cases
-from engine.model_runner import resolve_attention_backend
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kernels.check import CASES, TOLERANCE, engine_parity, run_cases
+from pdserve.engine.model_runner import resolve_attention_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def interpreted():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.kernels.check", "--device", "cpu", "--json", "--engine"],
+        [sys.executable, "-m", "pdserve.engine.kernels.check", "--device", "cpu", "--json", "--engine"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode in (0, 1), f"check crashed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -85,8 +85,8 @@ def test_backend_selection_on_cpu():
 
 def test_explicit_triton_on_cpu_needs_the_interpreter():
     pytest.importorskip("triton")
-    from engine.attention import BACKENDS
-    from engine.kernels import triton_attention
+    from pdserve.engine.attention import BACKENDS
+    from pdserve.engine.kernels import triton_attention
 
     if triton_attention.interpreter_enabled():
         pytest.skip("this process runs with TRITON_INTERPRET=1")
@@ -99,8 +99,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter skips Triton's compiler; this runs it (to a cubin, with the bundled ptxas) so that
     GPU-only errors (constexpr branches, dot shapes/dtypes, layouts) fail here too."""
     pytest.importorskip("triton")
-    from engine.kernels import triton_attention
-    from engine.kernels.check import compile_for_gpu
+    from pdserve.engine.kernels import triton_attention
+    from pdserve.engine.kernels.check import compile_for_gpu
 
     if triton_attention.interpreter_enabled():
         pytest.skip("this process runs with TRITON_INTERPRET=1")
@@ -111,7 +111,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 @pytest.mark.gpu
 def test_kernel_matches_torch_reference_cuda():
     pytest.importorskip("triton")
-    from engine.kernels import triton_attention
+    from pdserve.engine.kernels import triton_attention
 
     if triton_attention.interpreter_enabled():
         pytest.skip("TRITON_INTERPRET=1 is set: the kernels are interpreted")

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from engine.kv_cache import KVCache, KVCacheSpec, LayoutFingerprint
-from kvtransfer import TransferConfig
+from pdserve.engine.kv_cache import KVCache, KVCacheSpec, LayoutFingerprint
+from pdserve.kvtransfer import TransferConfig
 
 LAYERS, BLOCKS, BS, HEADS, DIM = 4, 64, 16, 2, 8
 SRC = [5, 6, 7, 20, 3, 40, 41, 2]  # non-contiguous, out of order
@@ -66,7 +66,7 @@ def assert_landed(dst_layers, src_layers, src=SRC, dst=DST) -> None:
 def receiver_main(config, dst, shared: bool, transfer_id: str, wait_s: float, conn) -> None:
     """Child: start a receiver, send back (endpoint, shm path), wait for one transfer, send back the
     result and the cache, then wait for the parent's word."""
-    from kvtransfer import make_receiver
+    from pdserve.kvtransfer import make_receiver
 
     cache = KVCache(spec(), shared=shared)
     r = make_receiver(config, cache.layers, fingerprint(), cache.shm_path)
@@ -86,7 +86,7 @@ def receiver_main(config, dst, shared: bool, transfer_id: str, wait_s: float, co
 
 def sender_main(config, endpoint: str, src, dst, num_layers: int, conn) -> None:
     """Child: push some layers, report, then hang until killed."""
-    from kvtransfer import make_sender
+    from pdserve.kvtransfer import make_sender
 
     cache = filled_cache(1)
     s = make_sender(config, cache.layers, fingerprint())

@@ -10,14 +10,14 @@ import time
 import pytest
 import torch
 
-from kvtransfer import (
+from pdserve.kvtransfer import (
     FingerprintMismatchError,
     TransferAuthError,
     make_receiver,
     make_sender,
     wire,
 )
-from kvtransfer import control as ctl
+from pdserve.kvtransfer import control as ctl
 from tests.kvtransfer.helpers import (
     DST,
     LAYERS,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kv_cache import KVCache, KVCacheSpec
-from kvtransfer import TransferError, make_receiver, make_sender
+from pdserve.engine.kv_cache import KVCache, KVCacheSpec
+from pdserve.kvtransfer import TransferError, make_receiver, make_sender
 from tests.kvtransfer.helpers import (
     BLOCKS,
     BS,

@@ -12,14 +12,14 @@ import time
 import pytest
 import torch
 
-from kvtransfer import (
+from pdserve.kvtransfer import (
     ChecksumError,
     TransferError,
     TransferTimeoutError,
     make_receiver,
     make_sender,
 )
-from kvtransfer import control as ctl
+from pdserve.kvtransfer import control as ctl
 from tests.kvtransfer.helpers import (
     DST,
     LAYERS,

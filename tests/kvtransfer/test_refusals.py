@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from kvtransfer import TransferError, make_receiver, make_sender, wire
-from kvtransfer import control as ctl
+from pdserve.kvtransfer import TransferError, make_receiver, make_sender, wire
+from pdserve.kvtransfer import control as ctl
 from tests.kvtransfer.helpers import (
     BLOCKS,
     DST,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtransfer import wire
+from pdserve.kvtransfer import wire
 
 
 def frame_bytes(**kw) -> bytes:

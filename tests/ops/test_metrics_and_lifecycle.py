@@ -9,9 +9,9 @@ import threading
 import time
 import urllib.request
 
-from deploy.local import LocalCluster
-from engine import LLM, SamplingParams
-from protos import pdserve_pb2 as pb
+from pdserve.deploy.local import LocalCluster
+from pdserve.engine import LLM, SamplingParams
+from pdserve.protos import pdserve_pb2 as pb
 from tests.cluster.conftest import generate_many
 
 S = pb.SamplingParams

@@ -8,10 +8,10 @@ import json
 import grpc
 import pytest
 
-from deploy.local import LocalCluster
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
-from protos.rpc import TlsConfig, channel
+from pdserve.deploy.local import LocalCluster
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.rpc import TlsConfig, channel
 
 REQ = pb.GenerateRequest(prompt="hello tls", sampling=pb.SamplingParams(max_tokens=3))
 

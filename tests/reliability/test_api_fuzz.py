@@ -11,9 +11,9 @@ import grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.local import LocalCluster
-from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.deploy.local import LocalCluster
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 
 NUM_REQUESTS = 10_000
 VOCAB, MAX_LEN = 320, 2048

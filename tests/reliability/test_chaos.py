@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.chaos import FAULTS, expected, run_fault, workload
+from pdserve.bench.chaos import FAULTS, expected, run_fault, workload
 
 PROMPTS = workload(12)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.soak import report, rss_growth, soak
-from deploy.local import LocalCluster
+from pdserve.bench.soak import report, rss_growth, soak
+from pdserve.deploy.local import LocalCluster
 
 
 def test_rss_growth_windows():

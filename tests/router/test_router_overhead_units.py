@@ -10,13 +10,13 @@ import random
 import grpc
 import pytest
 
-from engine.hashing import block_hashes
-from protos import pdserve_pb2 as pb
-from router import metrics
-from router.membership import Membership, Worker
-from router.policy import PairPolicy
-from router.prefix_index import PrefixIndex
-from router.service import SAMPLING_CACHE_SIZE, GenerationServicer, RequestState
+from pdserve.engine.hashing import block_hashes
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router import metrics
+from pdserve.router.membership import Membership, Worker
+from pdserve.router.policy import PairPolicy
+from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.service import SAMPLING_CACHE_SIZE, GenerationServicer, RequestState
 
 FP = json.dumps(dict(model_id="tiny", revision="main", num_layers=4, num_kv_heads=2, head_dim=32,
                      block_size=4, dtype="float32", hash_seed=7))

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from protos import pdserve_pb2 as pb
-from router.admission import Admission, AdmissionError, TokenBucket, parse_tenant_rates
-from router.costs import REMOTE, SAME_GPU, SAME_HOST, CostModel, Ewma, topology
-from router.membership import Worker
-from router.policy import PairPolicy, RouteRequest
-from router.prefix_index import PrefixIndex
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router.admission import Admission, AdmissionError, TokenBucket, parse_tenant_rates
+from pdserve.router.costs import REMOTE, SAME_GPU, SAME_HOST, CostModel, Ewma, topology
+from pdserve.router.membership import Worker
+from pdserve.router.policy import PairPolicy, RouteRequest
+from pdserve.router.prefix_index import PrefixIndex
 
 FP = json.dumps(dict(model_id="tiny", revision="main", num_layers=4, num_kv_heads=2, head_dim=32,
                      block_size=16, dtype="float32", hash_seed=0))
@@ -171,7 +171,7 @@ def test_token_bucket_and_admission():
 def test_dns_discovery_adds_and_removes(monkeypatch):
     import asyncio
 
-    from router.membership import Membership
+    from pdserve.router.membership import Membership
 
     answers = {"pods": ["10.0.0.1", "10.0.0.2"]}
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import socket
 
-from engine.engine_loop import LoadStats
-from engine.sampling_params import SamplingParams
-from protos import pdserve_pb2 as pb
+from pdserve.engine.engine_loop import LoadStats
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.protos import pdserve_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16

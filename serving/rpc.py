@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos import pdserve_pb2
+from pdserve.protos import pdserve_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ async def heartbeat(
     tls: TlsConfig | None = None,
 ) -> None:
     """Register with every router and keep re-registering until ``stop``; then say goodbye."""
-    from protos import pdserve_pb2_grpc
+    from pdserve.protos import pdserve_pb2_grpc
 
     channels = {r: channel(r, tls) for r in routers}
     stubs = {r: pdserve_pb2_grpc.AdminStub(ch) for r, ch in channels.items()}

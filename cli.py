@@ -7,13 +7,13 @@ import asyncio
 import sys
 import time
 
-from engine import env
+from pdserve.engine import env
 
 EPILOG = "Workers bind 127.0.0.1 unless --host says otherwise. Port 0 picks a free port."
 
 
 def _setup_logging(role: str, fmt: str = "text") -> None:
-    from protos.observability import setup_logging
+    from pdserve.serving.observability import setup_logging
 
     setup_logging(role, env.log_level(), fmt)
     try:
@@ -52,8 +52,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _configs(a: argparse.Namespace):
-    from engine.config import EngineConfig
-    from kvtransfer.base import TransferConfig
+    from pdserve.engine.config import EngineConfig
+    from pdserve.kvtransfer.base import TransferConfig
 
     engine = EngineConfig(
         model=a.model,
@@ -93,9 +93,9 @@ def cmd_worker(a: argparse.Namespace) -> int:
     _setup_logging(a.cmd, a.log_format)
     engine, transfer = _configs(a)
     if a.cmd == "prefill":
-        from prefill.server import serve
+        from pdserve.prefill.server import serve
     else:
-        from decode.server import serve
+        from pdserve.decode.server import serve
     _run(serve(engine, transfer, f"{a.host}:{a.port}", routers=tuple(a.router), step_delay_s=a.debug_step_delay_ms / 1000,
                  metrics_port=a.metrics_port, tls=_tls(a), advertise_host=a.advertise_host))
     return 0
@@ -103,9 +103,9 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
 def cmd_router(a: argparse.Namespace) -> int:
     _setup_logging("router", a.log_format)
-    from router.admission import parse_tenant_rates
-    from router.auth import load_api_keys
-    from router.server import RouterConfig, load_worker_config, serve
+    from pdserve.router.admission import parse_tenant_rates
+    from pdserve.router.auth import load_api_keys
+    from pdserve.router.server import RouterConfig, load_worker_config, serve
 
     prefill, decode = load_worker_config(a.config, a.prefill, a.decode)
     dns = tuple(("prefill", t) for t in a.prefill_dns) + tuple(("decode", t) for t in a.decode_dns)
@@ -135,9 +135,9 @@ def cmd_router(a: argparse.Namespace) -> int:
 
 async def _generate(address: str, prompt: str, max_tokens: int, temperature: float, out=sys.stdout,
                     tls=None, api_key: str = "") -> dict:
-    from protos import pdserve_pb2 as pb
-    from protos import pdserve_pb2_grpc as pb_grpc
-    from protos.rpc import channel
+    from pdserve.protos import pdserve_pb2 as pb
+    from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+    from pdserve.serving.rpc import channel
 
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
     async with channel(address, tls) as ch:
@@ -175,14 +175,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     _setup_logging("bench")
-    from bench.run import main as bench_main
+    from pdserve.bench.run import main as bench_main
 
     return bench_main(args=a)
 
 
 def cmd_up(a: argparse.Namespace) -> int:
     _setup_logging("up")
-    from deploy.local import LocalCluster
+    from pdserve.deploy.local import LocalCluster
 
     extra = []
     if a.no_shm:
@@ -225,7 +225,7 @@ def _tls_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tls(a: argparse.Namespace):
-    from protos.rpc import TlsConfig
+    from pdserve.serving.rpc import TlsConfig
 
     tls = TlsConfig(a.tls_cert, a.tls_key, a.tls_ca, a.tls_server_name)
     return tls if tls.enabled else None
@@ -238,7 +238,7 @@ def _ops_args(p: argparse.ArgumentParser) -> None:
 
 
 def _router_policy_args(p: argparse.ArgumentParser) -> None:
-    from router.policy import POLICIES
+    from pdserve.router.policy import POLICIES
 
     p.add_argument("--policy", default="cache_aware", choices=POLICIES)
     p.add_argument(
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_router)
 
     b = sub.add_parser("bench", help="load-test a cluster over the public API (see bench/run.py)")
-    from bench.run import build_parser as bench_parser
+    from pdserve.bench.run import build_parser as bench_parser
 
     bench_parser(b)
     b.set_defaults(fn=cmd_bench)

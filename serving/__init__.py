@@ -1,0 +1,1 @@
+"""Serving layer: server setup, TLS and auth, observability, proto <-> domain conversion, the error table."""
