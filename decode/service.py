@@ -23,19 +23,17 @@ from pdserve.serving.convert import (
     logprob_to_proto,
     sampling_from_proto,
 )
-from pdserve.serving.rpc import TlsConfig, abort_with, channel
+from pdserve.serving.errors import RpcStatusError, abort_with
+from pdserve.serving.rpc import TlsConfig, channel
 
 logger = logging.getLogger(__name__)
 
 
-class PrefillLegError(Exception):
+class PrefillLegError(RpcStatusError):
     """The prefill worker this request was sent to failed; the router should blame it, not us."""
 
-    trailing_metadata = (("pdserve-failed-role", "prefill"),)
-
     def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.grpc_code = code.name
+        super().__init__(code, message, (("pdserve-failed-role", "prefill"),))
 
 
 @dataclass(slots=True)

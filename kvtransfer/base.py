@@ -15,27 +15,22 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.errors import PermissionDeniedError, PreconditionError, UnavailableError
 from pdserve.engine.kv_cache import LayoutFingerprint
 
 BACKENDS = ("tcp", "ucx", "nccl")
 
 
-class TransferError(Exception):
+class TransferError(UnavailableError):
     """A transfer failed (peer died, connection cut, bad frame)."""
 
-    grpc_code = "UNAVAILABLE"
 
-
-class FingerprintMismatchError(TransferError):
+class FingerprintMismatchError(PreconditionError, TransferError):
     """The two sides disagree on the KV layout; no KV is accepted."""
 
-    grpc_code = "FAILED_PRECONDITION"
 
-
-class TransferAuthError(TransferError):
+class TransferAuthError(PermissionDeniedError, TransferError):
     """The peer did not prove knowledge of the cluster secret."""
-
-    grpc_code = "PERMISSION_DENIED"
 
 
 class TransferTimeoutError(TransferError, TimeoutError):

@@ -23,8 +23,8 @@ from pdserve.serving.convert import (
     logprob_to_proto,
     sampling_from_proto,
 )
+from pdserve.serving.errors import abort_with
 from pdserve.serving.observability import record_transfer, record_transfer_failure
-from pdserve.serving.rpc import abort_with
 
 logger = logging.getLogger(__name__)
 

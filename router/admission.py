@@ -12,9 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from pdserve.engine.errors import CapacityError
 
-class AdmissionError(Exception):
-    grpc_code = "RESOURCE_EXHAUSTED"
+
+class AdmissionError(CapacityError):
+    """Refused by a rate limit or by load shedding; ``retry_after_s`` is the hint sent to the client."""
 
     def __init__(self, message: str, retry_after_s: float):
         super().__init__(f"{message}; retry after {retry_after_s * 1000:.0f} ms")

@@ -1,9 +1,6 @@
-"""gRPC helpers shared by every pdserve server: creation, health, reflection, error mapping, shutdown.
+"""gRPC helpers shared by every pdserve server: creation, health, reflection, TLS, channels, shutdown.
 
-Domain errors map to status codes here and nowhere else: an exception class may declare
-``grpc_code = "RESOURCE_EXHAUSTED"`` (a plain string, so inner packages need not import grpc); otherwise
-ValueError -> INVALID_ARGUMENT, KeyError -> NOT_FOUND, TimeoutError -> DEADLINE_EXCEEDED,
-ConnectionError -> UNAVAILABLE, anything else -> INTERNAL.
+Errors map to status in ``pdserve.serving.errors`` (the one table).
 """
 
 from __future__ import annotations
@@ -80,38 +77,6 @@ class TlsConfig:
         if not self.enabled:
             return None
         return grpc.ssl_channel_credentials(self._read("ca"), self._read("key"), self._read("cert"))
-
-
-def status_for(exc: BaseException) -> grpc.StatusCode:
-    code = getattr(exc, "grpc_code", None)
-    if isinstance(code, str) and hasattr(grpc.StatusCode, code):
-        return getattr(grpc.StatusCode, code)
-    if isinstance(exc, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, KeyError):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    if isinstance(exc, ConnectionError):
-        return grpc.StatusCode.UNAVAILABLE
-    return grpc.StatusCode.INTERNAL
-
-
-def message_for(exc: BaseException) -> str:
-    if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
-    return str(exc) or type(exc).__name__
-
-
-async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """Abort the RPC with the status that ``exc`` maps to (raises AbortError, as grpc.aio does)."""
-    code = status_for(exc)
-    trailing = getattr(exc, "trailing_metadata", None)
-    if trailing:
-        context.set_trailing_metadata(trailing)
-    if code is grpc.StatusCode.INTERNAL:
-        logger.error("internal error: %r", exc, exc_info=exc)
-    await context.abort(code, message_for(exc))
 
 
 def create_server(
