@@ -11,7 +11,7 @@ import grpc
 
 from pdserve.engine.engine_loop import EngineLoop
 from pdserve.engine.errors import CapacityError
-from pdserve.engine.kv_cache import LayoutFingerprint
+from pdserve.engine.layout import LayoutFingerprint
 from pdserve.kvtransfer.base import FingerprintMismatchError, KVReceiver
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc

@@ -14,31 +14,14 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from pdserve.engine.engine import LLMEngine, StepOutput
+from pdserve.engine.stats import LoadStats
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Listener = Callable[[StepOutput | BaseException], None]
-
-
-@dataclass(slots=True)
-class LoadStats:
-    """A snapshot for load reporting, replaced (never mutated) after every step."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    num_queued_tokens: int = 0
-    num_free_blocks: int = 0
-    num_total_blocks: int = 0
-    num_reserved: int = 0
-    step_s: float = 0.0
-    num_steps: int = 0
-    num_preemptions: int = 0
-    prefix_hit_tokens: int = 0
-    prompt_tokens: int = 0
 
 
 class EngineLoop:

@@ -1,4 +1,4 @@
-"""Paged KV cache tensors, the layout fingerprint, and block hand-off views for the transfer layer.
+"""Paged KV cache tensors and block hand-off views for the transfer layer.
 
 Layout: one contiguous tensor per layer, shaped [num_blocks, 2, block_size, num_kv_heads, head_dim]
 (2 = K, V). Block ``b`` of layer ``l`` is ``caches[l][b]``: one contiguous region holding both K and V,
@@ -7,49 +7,13 @@ so a list of block ids maps to views (a run of consecutive ids is a single slice
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True, slots=True)
-class LayoutFingerprint:
-    """What two workers must agree on before KV moves between them."""
-
-    model_id: str
-    revision: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: str
-    hash_seed: int
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> LayoutFingerprint:
-        try:
-            return cls(**json.loads(text))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"fingerprint: malformed layout fingerprint: {e}") from None
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
-
-    def block_bytes(self) -> int:
-        """Bytes of one block of one layer (K and V)."""
-        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
-
-    def diff(self, other: LayoutFingerprint) -> list[str]:
-        a, b = asdict(self), asdict(other)
-        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+from pdserve.engine.layout import LayoutFingerprint  # noqa: F401  (the cache's layout, re-exported)
 
 
 @dataclass(frozen=True, slots=True)

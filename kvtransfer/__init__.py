@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.engine.kv_cache import LayoutFingerprint
+from pdserve.engine.layout import LayoutFingerprint
 from pdserve.kvtransfer.base import (
     BACKENDS,
     ChecksumError,

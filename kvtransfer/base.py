@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.engine.errors import PermissionDeniedError, PreconditionError, UnavailableError
-from pdserve.engine.kv_cache import LayoutFingerprint
+from pdserve.engine.layout import LayoutFingerprint
 
 BACKENDS = ("tcp", "ucx", "nccl")
 

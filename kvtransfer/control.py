@@ -20,7 +20,7 @@ import os
 import select
 import socket
 
-from pdserve.engine.kv_cache import LayoutFingerprint
+from pdserve.engine.layout import LayoutFingerprint
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.base import FingerprintMismatchError, TransferAuthError, TransferError
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import socket
 
-from pdserve.engine.engine_loop import LoadStats
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.stats import LoadStats
 from pdserve.protos import pdserve_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
