@@ -46,7 +46,7 @@ def workload(n: int) -> list[list[int]]:
 
 
 def expected(prompts) -> list[list[int]]:
-    from pdserve.engine import LLM, SamplingParams
+    from pdserve import LLM, SamplingParams
 
     outs = LLM("tiny").generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     return [o.token_ids for o in outs]

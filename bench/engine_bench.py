@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from pdserve.engine import LLM, SamplingParams
+from pdserve import LLM, SamplingParams
 
 
 def make_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:

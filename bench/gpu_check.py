@@ -170,7 +170,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _engine_greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    from pdserve.engine import SamplingParams
+    from pdserve import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     first = llm.generate(prompts[:-2], params)
@@ -182,7 +182,7 @@ def _engine_greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[list[
 
 def _decode_ms_per_token(llm, prompt: list[int], steps: int) -> float:
     """Median engine.step() time at batch 1 once the prompt is prefilled."""
-    from pdserve.engine import SamplingParams
+    from pdserve import SamplingParams
 
     eng = llm.engine
     rid = f"timing-{time.monotonic_ns()}"
@@ -222,7 +222,7 @@ def _hf_ms_per_token(model, prompt: list[int], steps: int, device: str, **kw) ->
 def cuda_check(args) -> dict:
     import torch
 
-    from pdserve.engine import LLM
+    from pdserve import LLM
     from pdserve.engine.kernels.triton_attention import TRITON_AVAILABLE
 
     if not TRITON_AVAILABLE:

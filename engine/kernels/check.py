@@ -136,7 +136,8 @@ def run_cases(cases=CASES, device: str | torch.device = "cpu", seed: int = 0) ->
 def engine_parity(device: str = "cpu", model: str = "tiny", max_tokens: int = 8) -> dict:
     """Greedy tokens of the engine with backend triton vs torch (fp32): batched prompts with a shared prefix,
     so steps mix prefill-with-prefix and decode rows. Small on purpose: it runs under the interpreter on CPU."""
-    from pdserve.engine import LLM, SamplingParams
+    from pdserve.engine.llm import LLM
+    from pdserve.engine.sampling_params import SamplingParams
 
     gen = torch.Generator().manual_seed(5)
     head = torch.randint(3, 300, (40,), generator=gen).tolist()

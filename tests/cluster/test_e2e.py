@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from pdserve import LLM, SamplingParams
 from pdserve.deploy.local import LocalCluster
-from pdserve.engine import LLM, SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 from tests.cluster.conftest import direct_load, generate_many
 

@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
+from pdserve import LLM, SamplingParams
 from pdserve.deploy.local import LocalCluster
-from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.hashing import block_hashes
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.engine import LLM
+from pdserve import LLM
 from tests.engine.helpers import assert_idle
 
 

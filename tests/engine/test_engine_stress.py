@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from pdserve.engine import SamplingParams
+from pdserve import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 

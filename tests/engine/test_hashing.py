@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.engine import SamplingParams
+from pdserve import SamplingParams
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.hashing import ROOT_HASH, block_hashes, hash_block

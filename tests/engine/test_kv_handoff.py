@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from pdserve.engine import LLM, SamplingParams
+from pdserve import LLM, SamplingParams
 from pdserve.engine.kv_cache import (
     KVCache,
     KVCacheSpec,

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from pdserve.engine import LLM, SamplingParams
+from pdserve import LLM, SamplingParams
 from tests.engine.helpers import assert_idle, hf_greedy
 
 MODELS = ["tiny", "tiny-qwen2", "tiny-mistral", "tiny-qwen3"]

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.engine import LLM, SamplingParams
+from pdserve import LLM, SamplingParams
 from pdserve.engine.models import resolve_model
 from pdserve.engine.sampler import Sampler, _filter
 from pdserve.engine.sequence import Sequence

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pdserve.engine import SamplingParams
+from pdserve import SamplingParams
 from pdserve.engine.attention import AttentionMetadata, SeqAttnInfo, torch_paged_attention, write_kv
 from tests.engine.helpers import assert_idle
 
@@ -200,7 +200,7 @@ def test_write_kv_puts_each_token_in_its_slot():
 def test_cuda_forward_never_waits_for_the_gpu(backend):
     """On CUDA the forward pass (inputs, metadata, every layer) must not wait for the GPU: the step's only sync
     is the sampler's one device->host copy of the results (counted on CPU by the tests above)."""
-    from pdserve.engine import LLM
+    from pdserve import LLM
 
     llm = LLM("tiny", device="cuda", num_blocks=128, attention_backend=backend)
     eng = llm.engine

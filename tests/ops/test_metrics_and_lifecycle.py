@@ -9,8 +9,8 @@ import threading
 import time
 import urllib.request
 
+from pdserve import LLM, SamplingParams
 from pdserve.deploy.local import LocalCluster
-from pdserve.engine import LLM, SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 from tests.cluster.conftest import generate_many
 
