@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.serving.rpc import channel, create_server, install_sigterm, set_serving
 
-FINGERPRINT = json.dumps(dict(model_id="noop", revision="main", num_layers=1, num_kv_heads=1, head_dim=8,
-                              block_size=16, dtype="float32", hash_seed=0), sort_keys=True)
+FINGERPRINT = pb.LayoutFingerprint(model_id="noop", revision="main", num_layers=1, num_kv_heads=1, head_dim=8,
+                                   block_size=16, dtype="float32", hash_seed=0)
 
 
 def _load(role: str, address: str) -> pb.WorkerLoad:

@@ -109,8 +109,28 @@ class GenerateResponse(_message.Message):
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
+class LayoutFingerprint(_message.Message):
+    __slots__ = ("model_id", "revision", "num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "hash_seed")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HASH_SEED_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    revision: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+    hash_seed: int
+    def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., hash_seed: _Optional[int] = ...) -> None: ...
+
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "num_running", "num_waiting", "num_queued_tokens", "num_free_blocks", "num_total_blocks", "step_s", "draining", "fingerprint", "kv_endpoint", "transfer_backend", "num_steps", "prefix_hit_tokens", "prompt_tokens", "num_reserved", "max_model_len", "vocab_size", "num_aborted", "host", "device", "num_batched_tokens", "tokens_per_s", "last_abort_latency_s", "integrity_error", "num_live_blocks")
+    __slots__ = ("worker_id", "role", "address", "num_running", "num_waiting", "num_queued_tokens", "num_free_blocks", "num_total_blocks", "step_s", "draining", "kv_endpoint", "transfer_backend", "num_steps", "prefix_hit_tokens", "prompt_tokens", "num_reserved", "max_model_len", "vocab_size", "num_aborted", "host", "device", "num_batched_tokens", "tokens_per_s", "last_abort_latency_s", "integrity_error", "num_live_blocks", "fingerprint")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -121,7 +141,6 @@ class WorkerLoad(_message.Message):
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     STEP_S_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
-    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_BACKEND_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +157,7 @@ class WorkerLoad(_message.Message):
     LAST_ABORT_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     INTEGRITY_ERROR_FIELD_NUMBER: _ClassVar[int]
     NUM_LIVE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -148,7 +168,6 @@ class WorkerLoad(_message.Message):
     num_total_blocks: int
     step_s: float
     draining: bool
-    fingerprint: str
     kv_endpoint: str
     transfer_backend: str
     num_steps: int
@@ -165,7 +184,8 @@ class WorkerLoad(_message.Message):
     last_abort_latency_s: float
     integrity_error: str
     num_live_blocks: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., step_s: _Optional[float] = ..., draining: _Optional[bool] = ..., fingerprint: _Optional[str] = ..., kv_endpoint: _Optional[str] = ..., transfer_backend: _Optional[str] = ..., num_steps: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., num_reserved: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_aborted: _Optional[int] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., num_batched_tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., last_abort_latency_s: _Optional[float] = ..., integrity_error: _Optional[str] = ..., num_live_blocks: _Optional[int] = ...) -> None: ...
+    fingerprint: LayoutFingerprint
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., step_s: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_endpoint: _Optional[str] = ..., transfer_backend: _Optional[str] = ..., num_steps: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., num_reserved: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_aborted: _Optional[int] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., num_batched_tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., last_abort_latency_s: _Optional[float] = ..., integrity_error: _Optional[str] = ..., num_live_blocks: _Optional[int] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("check_integrity",)
@@ -253,9 +273,9 @@ class ReserveRequest(_message.Message):
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
-    fingerprint: str
+    fingerprint: LayoutFingerprint
     ttl_s: float
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., fingerprint: _Optional[str] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("block_ids", "kv_endpoint", "transfer_id")

@@ -6,8 +6,21 @@ import grpc
 
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
-from pdserve.router.membership import ROLES, Membership
+from pdserve.router.edge import load_to_proto
+from pdserve.router.membership import ROLES, Membership, Worker
 from pdserve.router.prefix_index import PrefixIndex
+
+
+def worker_status(w: Worker) -> pb.WorkerStatus:
+    return pb.WorkerStatus(
+        address=w.address,
+        role=w.role,
+        healthy=w.healthy,
+        draining=w.draining or w.load.draining,
+        load=load_to_proto(w.load),
+        in_flight=w.in_flight,
+        circuit_open=w.circuit_open,
+    )
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -19,7 +32,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
         out = pb.ListWorkersResponse()
         for w in sorted(self.membership.workers.values(), key=lambda w: (w.role, w.address)):
-            status = w.status()
+            status = worker_status(w)
             held = self.index.hashes_of(w.address)
             status.num_indexed_blocks = len(held)
             if request.include_index:
@@ -44,7 +57,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         if worker is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"address: no worker {request.address!r}")
         worker.draining = draining
-        return pb.DrainResponse(worker=worker.status())
+        return pb.DrainResponse(worker=worker_status(worker))
 
     async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
         if request.role not in ROLES:

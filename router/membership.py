@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import time
@@ -11,8 +10,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pdserve.engine.layout import LayoutFingerprint
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.router.edge import load_from_proto
+from pdserve.router.load import WorkerLoad
 from pdserve.serving.rpc import channel
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ class Worker:
     role: str
     channel: grpc.aio.Channel
     stub: object
-    load: pb.WorkerLoad = field(default_factory=pb.WorkerLoad)
+    load: WorkerLoad = field(default_factory=WorkerLoad)
     healthy: bool = False
     draining: bool = False
     in_flight: int = 0
@@ -35,37 +37,18 @@ class Worker:
     open_until: float = 0.0  # circuit breaker: no traffic before this time
     registered_ttl_s: float = 0.0  # > 0: dynamic member, dropped when heartbeats stop
     heartbeat: float = 0.0
-    layout_src: str = ""  # the fingerprint string ``layout_cache`` was parsed from
-    layout_cache: dict | None = None
 
-    def layout(self) -> dict | None:
-        """The worker's KV layout fingerprint as a dict (block_size, hash_seed, ...), or None if it has not
-        reported a usable one. Parsed once per change, not once per request."""
-        fp = self.load.fingerprint
-        if fp != self.layout_src:
-            try:
-                layout = json.loads(fp) if fp else None
-            except ValueError:
-                layout = None
-            if not isinstance(layout, dict) or not {"block_size", "hash_seed"} <= layout.keys():
-                layout = None
-            self.layout_src, self.layout_cache = fp, layout
-        return self.layout_cache
+    def layout(self) -> LayoutFingerprint | None:
+        """The worker's KV layout fingerprint, or None if it has not reported a usable one."""
+        return self.load.fingerprint
 
     @property
     def available(self) -> bool:
         return self.healthy and not self.draining and not self.load.draining and time.monotonic() >= self.open_until
 
-    def status(self) -> pb.WorkerStatus:
-        return pb.WorkerStatus(
-            address=self.address,
-            role=self.role,
-            healthy=self.healthy,
-            draining=self.draining or self.load.draining,
-            load=self.load,
-            in_flight=self.in_flight,
-            circuit_open=time.monotonic() < self.open_until,
-        )
+    @property
+    def circuit_open(self) -> bool:
+        return time.monotonic() < self.open_until
 
 
 class Membership:
@@ -135,7 +118,8 @@ class Membership:
 
     async def _poll(self, worker: Worker) -> None:
         try:
-            worker.load = await worker.stub.GetLoad(pb.LoadRequest(), timeout=max(2.0, self.poll_interval_s * 4))
+            msg = await worker.stub.GetLoad(pb.LoadRequest(), timeout=max(2.0, self.poll_interval_s * 4))
+            worker.load = load_from_proto(msg)
             if not worker.healthy:
                 logger.info("%s worker %s is healthy", worker.role, worker.address)
             if time.monotonic() >= worker.open_until:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import random
 from collections import deque
 from dataclasses import dataclass
 
 from pdserve.router.costs import CostModel, topology
+from pdserve.router.load import WorkerLoad
 from pdserve.router.membership import Worker
 from pdserve.router.prefix_index import PrefixIndex
 
@@ -64,12 +64,14 @@ def _stable_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
-def kv_bytes_per_token(load) -> float:
+def kv_bytes_per_token(load: WorkerLoad) -> float:
+    """KV bytes one token takes over all layers, from the worker's layout (0 when it has none)."""
+    fp = load.fingerprint
+    if fp is None:
+        return 0.0
     try:
-        fp = json.loads(load.fingerprint)
-        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(fp["dtype"], 2)
-        return 2 * fp["num_kv_heads"] * fp["head_dim"] * itemsize * fp["num_layers"]
-    except (ValueError, KeyError, TypeError):
+        return fp.block_bytes() / fp.block_size * fp.num_layers
+    except ValueError:  # a dtype this router does not know
         return 0.0
 
 

@@ -6,14 +6,18 @@ each worker's snapshot (the first batch of every KVEvents subscription) plus the
 
 from __future__ import annotations
 
-import asyncio
-import logging
+from dataclasses import dataclass
 
-import grpc
 
-from pdserve.protos import pdserve_pb2 as pb
+@dataclass(frozen=True, slots=True)
+class BlockEvents:
+    """One batch of a worker's KV events: a snapshot (every cached block hash) or a delta, in ``seq`` order."""
 
-logger = logging.getLogger(__name__)
+    seq: int = 0
+    snapshot: bool = False
+    cleared: bool = False
+    stored: tuple[int, ...] = ()
+    evicted: tuple[int, ...] = ()
 
 
 class PrefixIndex:
@@ -22,7 +26,7 @@ class PrefixIndex:
         self.by_worker: dict[str, set[int]] = {}
         self.last_seq: dict[str, int] = {}
 
-    def apply(self, worker: str, batch: pb.KVEventBatch) -> None:
+    def apply(self, worker: str, batch: BlockEvents) -> None:
         if batch.snapshot or batch.cleared:
             self.remove_worker(worker)
         held = self.by_worker.setdefault(worker, set())
@@ -65,23 +69,3 @@ class PrefixIndex:
 
     def hashes_of(self, worker: str) -> set[int]:
         return set(self.by_worker.get(worker, ()))
-
-
-async def follow(index: PrefixIndex, worker: str, stub, stop: asyncio.Event, backoff_s: float = 0.2) -> None:
-    """Keep ``worker``'s part of the index in sync; resubscribe (fresh snapshot) after any break."""
-    delay = backoff_s
-    while not stop.is_set():
-        try:
-            async for batch in stub.KVEvents(pb.KVEventsRequest()):
-                index.apply(worker, batch)
-                delay = backoff_s
-        except grpc.aio.AioRpcError as e:
-            logger.debug("KV events from %s broke: %s", worker, e.code().name)
-        except asyncio.CancelledError:
-            raise
-        index.remove_worker(worker)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        except TimeoutError:
-            pass
-        delay = min(delay * 2, 5.0)

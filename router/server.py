@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdserve.engine.models import resolve_model
-from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.engine.tokenizer import load_light_tokenizer
 from pdserve.router.admin import AdminServicer
 from pdserve.router.admission import Admission
 from pdserve.router.auth import ApiKeyInterceptor
+from pdserve.router.edge import follow
 from pdserve.router.membership import Membership, Worker
 from pdserve.router.policy import PairPolicy
-from pdserve.router.prefix_index import PrefixIndex, follow
+from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.service import GenerationServicer
 from pdserve.serving.observability import serve_metrics
 from pdserve.serving.rpc import TlsConfig, add_public_servicer, create_server, install_sigterm, set_serving
@@ -92,7 +93,7 @@ class IndexFeeds:
 
 async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: asyncio.Event | None = None) -> None:
     path, _ = resolve_model(cfg.model)
-    tokenizer = await asyncio.to_thread(load_tokenizer, path)
+    tokenizer = await asyncio.to_thread(load_light_tokenizer, path)
     index = PrefixIndex()
     feeds = IndexFeeds(index)
     membership = Membership(poll_interval_s=cfg.poll_interval_s, on_change=feeds.on_change, tls=cfg.tls,

@@ -164,7 +164,7 @@ class GenerationServicer:
         layout = next((lay for lay in map(Worker.layout, decodes) if lay is not None), None)
         hashes = []
         if layout is not None:
-            block_size, seed = layout["block_size"], layout["hash_seed"]
+            block_size, seed = layout.block_size, layout.hash_seed
             if self.policy.block_size != block_size:
                 self.policy.block_size = block_size
             hashes = self._prefix_hashes(st, block_size, seed)

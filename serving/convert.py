@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import socket
 
+from pdserve.engine.layout import LayoutFingerprint
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.stats import LoadStats
 from pdserve.protos import pdserve_pb2 as pb
@@ -36,6 +37,45 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+    )
+
+
+def sampling_to_proto(params: SamplingParams, max_tokens: int | None = None) -> pb.SamplingParams:
+    """Validated SamplingParams as the proto forwarded to workers, every default made explicit, so that
+    ``sampling_from_proto(sampling_to_proto(p)) == p``. ``max_tokens`` overrides the budget (migrations)."""
+    msg = pb.SamplingParams(
+        max_tokens=params.max_tokens if max_tokens is None else max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        stop=params.stop,
+        stop_token_ids=params.stop_token_ids,
+        ignore_eos=params.ignore_eos,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def fingerprint_to_proto(fp: LayoutFingerprint) -> pb.LayoutFingerprint:
+    return pb.LayoutFingerprint(
+        model_id=fp.model_id, revision=fp.revision, num_layers=fp.num_layers, num_kv_heads=fp.num_kv_heads,
+        head_dim=fp.head_dim, block_size=fp.block_size, dtype=fp.dtype, hash_seed=fp.hash_seed,
+    )
+
+
+def fingerprint_from_proto(msg: pb.LayoutFingerprint) -> LayoutFingerprint:
+    """Raises ValueError naming the field when the message cannot describe a KV layout."""
+    for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+        if getattr(msg, name) <= 0:
+            raise ValueError(f"fingerprint: {name} must be > 0, got {getattr(msg, name)}")
+    if not msg.dtype:
+        raise ValueError("fingerprint: dtype is empty")
+    return LayoutFingerprint(
+        model_id=msg.model_id, revision=msg.revision, num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads,
+        head_dim=msg.head_dim, block_size=msg.block_size, dtype=msg.dtype, hash_seed=msg.hash_seed,
     )
 
 
@@ -77,7 +117,9 @@ async def kv_event_stream(loop, worker_id: str):
         yield kv_batch_to_proto(worker_id, seq, is_snapshot, payload)
 
 
-def load_to_proto(stats: LoadStats, **fields) -> pb.WorkerLoad:
+def load_to_proto(stats: LoadStats, fingerprint: LayoutFingerprint | None = None, **fields) -> pb.WorkerLoad:
+    if fingerprint is not None:
+        fields["fingerprint"] = fingerprint_to_proto(fingerprint)
     return pb.WorkerLoad(
         num_running=stats.num_running,
         num_waiting=stats.num_waiting,

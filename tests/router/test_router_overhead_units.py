@@ -4,22 +4,23 @@ layouts, answering as soon as the decode stream finishes (then draining it), and
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 
 import grpc
 import pytest
 
 from pdserve.engine.hashing import block_hashes
+from pdserve.engine.layout import LayoutFingerprint
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router import metrics
+from pdserve.router.load import WorkerLoad
 from pdserve.router.membership import Membership, Worker
 from pdserve.router.policy import PairPolicy
-from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.prefix_index import BlockEvents, PrefixIndex
 from pdserve.router.service import SAMPLING_CACHE_SIZE, GenerationServicer, RequestState
 
-FP = json.dumps(dict(model_id="tiny", revision="main", num_layers=4, num_kv_heads=2, head_dim=32,
-                     block_size=4, dtype="float32", hash_seed=7))
+FP = LayoutFingerprint(model_id="tiny", revision="main", num_layers=4, num_kv_heads=2, head_dim=32,
+                       block_size=4, dtype="float32", hash_seed=7)
 
 
 class FakeCall:
@@ -75,8 +76,8 @@ def servicer(chunks, index: PrefixIndex | None = None) -> tuple[GenerationServic
     m = Membership()
     loads = dict(fingerprint=FP, vocab_size=1000, max_model_len=4096, num_total_blocks=100, num_free_blocks=100,
                  host="h", device="cpu")
-    p = Worker("p:1", "prefill", None, None, load=pb.WorkerLoad(address="p:1", **loads), healthy=True)
-    d = Worker("d:1", "decode", None, FakeDecodeStub(chunks), load=pb.WorkerLoad(address="d:1", **loads), healthy=True)
+    p = Worker("p:1", "prefill", None, None, load=WorkerLoad(address="p:1", **loads), healthy=True)
+    d = Worker("d:1", "decode", None, FakeDecodeStub(chunks), load=WorkerLoad(address="d:1", **loads), healthy=True)
     m.workers = {p.address: p, d.address: d}
     return GenerationServicer(m, PairPolicy("cache_aware", index or PrefixIndex()), tokenizer=None), p, d
 
@@ -94,7 +95,7 @@ def test_prefix_hashes_stop_after_the_first_block_nobody_holds_and_overlap_is_un
         held = full[: rng.randrange(len(full) + 1)]
         if held and rng.random() < 0.3:  # a hole: a later block held, an earlier one not
             held = held[:-2] + held[-1:]
-        idx.apply("p:1", pb.KVEventBatch(stored=held, snapshot=True))
+        idx.apply("p:1", BlockEvents(stored=tuple(held), snapshot=True))
         g, _, _ = servicer([], idx)
         st = RequestState("r", prompt, pb.GenerateRequest(), 4)
         lazy = g._prefix_hashes(st, 4, 7)
@@ -102,7 +103,7 @@ def test_prefix_hashes_stop_after_the_first_block_nobody_holds_and_overlap_is_un
         assert idx.overlap(lazy, ["p:1", "d:1"]) == idx.overlap(full, ["p:1", "d:1"]), trial
         # a migration appends tokens: the chain is extended, and matches a fresh computation
         st.sent = [rng.randrange(1000) for _ in range(9)]
-        idx.apply("p:1", pb.KVEventBatch(stored=block_hashes(prompt + st.sent, 4, 7), seq=2))
+        idx.apply("p:1", BlockEvents(stored=tuple(block_hashes(prompt + st.sent, 4, 7)), seq=2))
         assert g._prefix_hashes(st, 4, 7) == block_hashes(prompt + st.sent, 4, 7), trial
 
 
@@ -127,17 +128,6 @@ def test_parse_checks_vocabulary_and_generates_ids():
         g.parse(pb.GenerateRequest(token_ids=[1, -1]))
     ids = {g.parse(pb.GenerateRequest(token_ids=[1]))[0] for _ in range(100)}
     assert len(ids) == 100 and all(len(i) == 16 and i.startswith("req-") for i in ids)
-
-
-def test_worker_layout_is_parsed_once_per_fingerprint():
-    w = Worker("d:1", "decode", None, None, load=pb.WorkerLoad(fingerprint=FP))
-    first = w.layout()
-    assert first["block_size"] == 4 and w.layout() is first
-    w.load = pb.WorkerLoad(fingerprint=FP.replace('"block_size": 4', '"block_size": 8'))
-    assert w.layout()["block_size"] == 8
-    for bad in ("", "not json", "[1]", json.dumps({"block_size": 4})):
-        w.load = pb.WorkerLoad(fingerprint=bad)
-        assert w.layout() is None
 
 
 def test_complete_answers_at_finish_and_drains_the_decode_stream():

@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import pytest
 
-from pdserve.protos import pdserve_pb2 as pb
+from pdserve.engine.layout import LayoutFingerprint
 from pdserve.router.admission import Admission, AdmissionError, TokenBucket, parse_tenant_rates
 from pdserve.router.costs import REMOTE, SAME_GPU, SAME_HOST, CostModel, Ewma, topology
+from pdserve.router.load import WorkerLoad
 from pdserve.router.membership import Worker
 from pdserve.router.policy import PairPolicy, RouteRequest
-from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.prefix_index import BlockEvents, PrefixIndex
 
-FP = json.dumps(dict(model_id="tiny", revision="main", num_layers=4, num_kv_heads=2, head_dim=32,
-                     block_size=16, dtype="float32", hash_seed=0))
+FP = LayoutFingerprint(model_id="tiny", revision="main", num_layers=4, num_kv_heads=2, head_dim=32,
+                       block_size=16, dtype="float32", hash_seed=0)
 
 
 def worker(addr, role, queued=0, running=0, free=100, host="h1", device="cpu"):
-    load = pb.WorkerLoad(address=addr, role=role, num_queued_tokens=queued, num_running=running,
+    load = WorkerLoad(address=addr, role=role, num_queued_tokens=queued, num_running=running,
                          num_free_blocks=free, num_total_blocks=100, fingerprint=FP, host=host, device=device,
                          step_s=0.001)
     return Worker(addr, role, channel=None, stub=None, load=load, healthy=True)
 
 
 def batch(stored=(), evicted=(), snapshot=False, cleared=False, seq=1):
-    return pb.KVEventBatch(stored=list(stored), evicted=list(evicted), snapshot=snapshot, cleared=cleared, seq=seq)
+    return BlockEvents(stored=tuple(stored), evicted=tuple(evicted), snapshot=snapshot, cleared=cleared, seq=seq)
+
+
+def set_load(w: Worker, **changes) -> None:
+    w.load = dataclasses.replace(w.load, **changes)
 
 
 def test_prefix_index_snapshot_deltas_and_overlap():
@@ -53,7 +58,7 @@ def test_cache_aware_prefers_the_worker_holding_the_prefix():
     d = pol.choose(RouteRequest(320, list(range(100, 120))), ps, ds)
     assert d.prefill.address == "p2:1" and d.cached_blocks == 20
     # but not when that worker has a long queue
-    ps[1].load.num_queued_tokens = 100_000
+    set_load(ps[1], num_queued_tokens=100_000)
     d = pol.choose(RouteRequest(320, list(range(100, 120))), ps, ds)
     assert d.prefill.address == "p1:1"
 
@@ -77,7 +82,7 @@ def test_conditional_disaggregation():
     assert pol.choose(RouteRequest(60, []), ps, ds).prefill is not None
     assert pol.choose(RouteRequest(60, []), [], ds).reason == "no prefill worker"
     sat = PairPolicy("least_loaded", saturation_s=0.01)
-    ps[0].load.num_queued_tokens = 10_000
+    set_load(ps[0], num_queued_tokens=10_000)
     assert sat.choose(RouteRequest(60, []), ps, ds).reason == "prefill pool saturated"
     with pytest.raises(LookupError):
         pol.choose(RouteRequest(60, []), ps, [])
@@ -139,10 +144,10 @@ def test_cost_model_learns_online():
     e = Ewma(1.0, alpha=0.5, samples=1)
     e.update(3.0)
     assert e.value == 2.0
-    a = pb.WorkerLoad(host="x", device="cuda:0")
-    assert topology(a, pb.WorkerLoad(host="x", device="cuda:0")) == SAME_GPU
-    assert topology(a, pb.WorkerLoad(host="x", device="cuda:1")) == SAME_HOST
-    assert topology(a, pb.WorkerLoad(host="y", device="cuda:0")) == REMOTE
+    a = WorkerLoad(host="x", device="cuda:0")
+    assert topology(a, WorkerLoad(host="x", device="cuda:0")) == SAME_GPU
+    assert topology(a, WorkerLoad(host="x", device="cuda:1")) == SAME_HOST
+    assert topology(a, WorkerLoad(host="y", device="cuda:0")) == REMOTE
 
 
 def test_token_bucket_and_admission():

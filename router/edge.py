@@ -1,0 +1,63 @@
+"""The router's edge: worker protos -> router domain types (load snapshots, KV events) and back for Admin.
+
+Each conversion runs once per message received (a poll, an event batch); nothing inside the router keeps a
+proto. The KV-event subscription that feeds the prefix index lives here too, since it reads the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import fields
+
+import grpc
+
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router.load import WorkerLoad
+from pdserve.router.prefix_index import BlockEvents, PrefixIndex
+from pdserve.serving.convert import fingerprint_from_proto, fingerprint_to_proto
+
+logger = logging.getLogger(__name__)
+
+_SCALARS = tuple(f.name for f in fields(WorkerLoad) if f.name != "fingerprint")
+
+
+def load_from_proto(msg: pb.WorkerLoad) -> WorkerLoad:
+    """A poll's answer as the router's snapshot; an unusable fingerprint counts as none reported."""
+    fingerprint = None
+    if msg.HasField("fingerprint"):
+        try:
+            fingerprint = fingerprint_from_proto(msg.fingerprint)
+        except ValueError as e:
+            logger.warning("worker %s reports an unusable layout: %s", msg.address or msg.worker_id, e)
+    return WorkerLoad(fingerprint=fingerprint, **{name: getattr(msg, name) for name in _SCALARS})
+
+
+def load_to_proto(load: WorkerLoad) -> pb.WorkerLoad:
+    msg = pb.WorkerLoad(**{name: getattr(load, name) for name in _SCALARS})
+    if load.fingerprint is not None:
+        msg.fingerprint.CopyFrom(fingerprint_to_proto(load.fingerprint))
+    return msg
+
+
+def events_from_proto(batch: pb.KVEventBatch) -> BlockEvents:
+    return BlockEvents(seq=batch.seq, snapshot=batch.snapshot, cleared=batch.cleared, stored=tuple(batch.stored),
+                       evicted=tuple(batch.evicted))
+
+
+async def follow(index: PrefixIndex, worker: str, stub, stop: asyncio.Event, backoff_s: float = 0.2) -> None:
+    """Keep ``worker``'s part of the index in sync; resubscribe (fresh snapshot) after any break."""
+    delay = backoff_s
+    while not stop.is_set():
+        try:
+            async for batch in stub.KVEvents(pb.KVEventsRequest()):
+                index.apply(worker, events_from_proto(batch))
+                delay = backoff_s
+        except grpc.aio.AioRpcError as e:
+            logger.debug("KV events from %s broke: %s", worker, e.code().name)
+        index.remove_worker(worker)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+        delay = min(delay * 2, 5.0)
