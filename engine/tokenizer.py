@@ -49,6 +49,32 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+class LightTokenizer:
+    """Encoding only, from a model's ``tokenizer.json`` through the ``tokenizers`` library: no torch and no
+    transformers, so the router (which only counts and hashes token ids) stays light. Special tokens are
+    added by the file's post-processor, exactly as the fast HF tokenizer built from the same file does."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+def load_light_tokenizer(path: str):
+    """A torch-free encoder when the model ships ``tokenizer.json``; otherwise (slow-only tokenizers)
+    fall back to transformers, which loads torch."""
+    file = Path(path) / "tokenizer.json"
+    if file.is_file():
+        return LightTokenizer(file)
+    return load_tokenizer(path)
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without splitting multi-byte characters."""
 
