@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 
+from pdserve.deploy import cli_checks as checks
+from pdserve.deploy.cli_checks import OneLineParser, UsageError
 from pdserve.engine import env
 
-EPILOG = "Workers bind 127.0.0.1 unless --host says otherwise. Port 0 picks a free port."
+EPILOG = "Every process binds 127.0.0.1 unless --host says otherwise. Port 0 picks a free port."
 
 
 def _setup_logging(role: str, fmt: str = "text") -> None:
     from pdserve.serving.observability import setup_logging
 
     setup_logging(role, env.log_level(), fmt)
+    if role not in ("prefill", "decode"):
+        return  # only workers load transformers; importing it here would pull torch into the router
     try:
         from transformers.utils import logging as hf_logging
 
@@ -26,25 +29,26 @@ def _setup_logging(role: str, fmt: str = "text") -> None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="preset name, local HF directory or hub id (default: tiny)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--model", default="tiny", help="preset name (tiny, tiny-qwen2, ...), local HF directory or hub id")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=0, help="KV blocks per layer (0: from --kv-cache-mib)")
-    p.add_argument("--kv-cache-mib", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=0)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--block-size", type=checks.positive_int, default=16, help="tokens per KV block")
+    p.add_argument("--num-blocks", type=checks.non_negative_int, default=0, help="KV blocks per layer (0: from --kv-cache-mib)")
+    p.add_argument("--kv-cache-mib", type=checks.positive_int, default=256, help="KV cache size, MiB")
+    p.add_argument("--max-model-len", type=checks.non_negative_int, default=0, help="longest sequence (0: the model's)")
+    p.add_argument("--max-num-batched-tokens", type=checks.positive_int, default=2048, help="tokens per engine step at most")
+    p.add_argument("--max-num-seqs", type=checks.positive_int, default=64, help="sequences per engine step at most")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     p.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"], help="KV transfer backend")
-    p.add_argument("--transfer-timeout", type=float, default=30.0)
-    p.add_argument("--transfer-checksum", action="store_true")
+    p.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
+    p.add_argument("--transfer-checksum", action="store_true", help="checksum every KV frame")
     p.add_argument("--no-shm", action="store_true", help="tcp: disable the same-host shared-memory path")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=checks.port, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--router", action="append", default=[], help="router host:port to register with (repeatable)")
-    p.add_argument("--advertise-host", default="", help="address peers dial (e.g. the pod IP when --host 0.0.0.0)")
+    p.add_argument("--advertise-host", default="", help="address peers dial, e.g. the pod IP when --host 0.0.0.0 "
+                   "(default: --host)")
     p.add_argument("--debug-step-delay-ms", type=float, default=0.0, help="fault injection: sleep after each step")
     p.add_argument("--debug-kv-cut-every", type=int, default=0, metavar="N",
                    help="fault injection: cut the KV connection midway through every Nth transfer sent (0: never)")
@@ -90,6 +94,10 @@ def _run(coro) -> None:
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
+    checks.check_model(a.model)
+    checks.check_port_free("--port", a.host, a.port)
+    checks.check_port_free("--metrics-port", a.host, a.metrics_port)
+    checks.check_device(a.device)
     _setup_logging(a.cmd, a.log_format)
     engine, transfer = _configs(a)
     if a.cmd == "prefill":
@@ -102,6 +110,9 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
 
 def cmd_router(a: argparse.Namespace) -> int:
+    checks.check_model(a.model)
+    checks.check_port_free("--port", a.host, a.port)
+    checks.check_port_free("--metrics-port", a.host, a.metrics_port)
     _setup_logging("router", a.log_format)
     from pdserve.router.admission import parse_tenant_rates
     from pdserve.router.auth import load_api_keys
@@ -133,44 +144,10 @@ def cmd_router(a: argparse.Namespace) -> int:
     return 0
 
 
-async def _generate(address: str, prompt: str, max_tokens: int, temperature: float, out=sys.stdout,
-                    tls=None, api_key: str = "") -> dict:
-    from pdserve.protos import pdserve_pb2 as pb
-    from pdserve.protos import pdserve_pb2_grpc as pb_grpc
-    from pdserve.serving.rpc import channel
-
-    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
-    async with channel(address, tls) as ch:
-        stub = pb_grpc.GenerationStub(ch)
-        req = pb.GenerateRequest(
-            prompt=prompt, sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=temperature)
-        )
-        last = None
-        async for resp in stub.Generate(req, timeout=120, metadata=metadata):
-            out.write(resp.text)
-            out.flush()
-            last = resp
-        out.write("\n")
-        return {
-            "finish_reason": last.finish_reason,
-            "usage": (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.cached_prompt_tokens),
-            "prefill_worker": last.prefill_worker,
-            "decode_worker": last.decode_worker,
-            "ttft_s": last.timings.first_token_s,
-        }
-
-
 def cmd_generate(a: argparse.Namespace) -> int:
-    import grpc
+    from pdserve.deploy.cli_client import api_key, run_and_print, sampling_from
 
-    try:
-        info = asyncio.run(_generate(a.router, a.prompt, a.max_tokens, a.temperature, tls=_tls(a),
-                                     api_key=env.api_key()))
-    except grpc.aio.AioRpcError as e:
-        print(f"pdserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    print(f"[{info}]", file=sys.stderr)
-    return 0
+    return run_and_print(a.router, a.prompt, sampling_from(a), a.json, _tls(a), api_key(a))
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -182,39 +159,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def cmd_up(a: argparse.Namespace) -> int:
     _setup_logging("up")
-    from pdserve.deploy.local import LocalCluster
+    from pdserve.deploy.cli_up import cmd_up as up
 
-    extra = []
-    if a.no_shm:
-        extra.append("--no-shm")
-    router_args = ["--local-prefill-tokens", str(a.local_prefill_tokens), "--max-retries", str(a.max_retries)]
-    if a.shed_ttft_ms:
-        router_args += ["--shed-ttft-ms", str(a.shed_ttft_ms)]
-    if a.saturation_ms:
-        router_args += ["--saturation-ms", str(a.saturation_ms)]
-    for t in a.tenant_rate:
-        router_args += ["--tenant-rate", t]
-    if a.default_rate:
-        router_args += ["--default-rate", a.default_rate]
-    cluster = LocalCluster(
-        a.prefill, a.decode, a.model, a.device, a.transfer, a.policy,
-        extra_worker_args=extra, router_args=router_args, echo=a.verbose,
-    )
-    t0 = time.monotonic()
-    with cluster:
-        print(f"pdserve cluster up in {time.monotonic() - t0:.1f}s: router at {cluster.router_address} "
-              f"({a.prefill} prefill, {a.decode} decode, transfer {a.transfer}, model {a.model})", flush=True)
-        if a.generate is not None:
-            info = asyncio.run(_generate(cluster.router_address, a.generate, a.max_tokens, a.temperature))
-            print(f"[{info}]", flush=True)
-            return 0
-        print("Ctrl-C to stop. Try: pdserve generate --router " + cluster.router_address + ' "Hello"', flush=True)
-        try:
-            while all(p.popen.poll() is None for p in cluster.procs):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-    return 0
+    return up(a)
 
 
 def _tls_args(p: argparse.ArgumentParser) -> None:
@@ -232,44 +179,37 @@ def _tls(a: argparse.Namespace):
 
 
 def _ops_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off, -1: any free port)")
-    p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--metrics-port", type=checks.metrics_port, default=0,
+                   help="serve Prometheus /metrics on this port (0: off, -1: any free port)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="log line format")
     _tls_args(p)
 
 
 def _router_policy_args(p: argparse.ArgumentParser) -> None:
     from pdserve.router.policy import POLICIES
 
-    p.add_argument("--policy", default="cache_aware", choices=POLICIES)
+    p.add_argument("--policy", default="cache_aware", choices=POLICIES, help="how a (prefill, decode) pair is picked")
     p.add_argument(
-        "--local-prefill-tokens", type=int, default=16,
+        "--local-prefill-tokens", type=checks.non_negative_int, default=16,
         help="decode workers prefill locally when the uncached prompt is at most this long (0: never)",
     )
     p.add_argument("--saturation-ms", type=float, default=0.0, help="prefill locally when the prefill queue exceeds this")
     p.add_argument("--shed-ttft-ms", type=float, default=0.0, help="refuse requests whose predicted TTFT exceeds this")
     p.add_argument("--tenant-rate", action="append", default=[], help="NAME=RATE[:BURST] requests/s (repeatable)")
     p.add_argument("--default-rate", default="", help="RATE[:BURST] for tenants without their own limit")
-    p.add_argument("--max-retries", type=int, default=3)
+    p.add_argument("--max-retries", type=checks.non_negative_int, default=3,
+                   help="times a failed request is retried or migrated to other workers")
     p.add_argument("--api-keys", default="", help='JSON file {"<key>": "<tenant>"}: require API keys')
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving", epilog=EPILOG)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    from pdserve.deploy.cli_client import add_generate_parser
+    from pdserve.deploy.cli_up import add_up_parser
 
-    up = sub.add_parser("up", help="start router + prefill + decode workers locally")
-    up.add_argument("--prefill", type=int, default=1, help="prefill workers (0: decode workers prefill locally)")
-    up.add_argument("--decode", type=int, default=1)
-    up.add_argument("--model", default="tiny")
-    up.add_argument("--device", default="cpu")
-    up.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"])
-    up.add_argument("--no-shm", action="store_true")
-    _router_policy_args(up)
-    up.add_argument("--generate", metavar="PROMPT", help="send one request, print it, then shut down")
-    up.add_argument("--max-tokens", type=int, default=32)
-    up.add_argument("--temperature", type=float, default=0.0)
-    up.add_argument("-v", "--verbose", action="store_true", help="echo worker logs")
-    up.set_defaults(fn=cmd_up)
+    parser = OneLineParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    add_up_parser(sub, _router_policy_args, _tls_args).set_defaults(fn=cmd_up)
 
     for role in ("prefill", "decode"):
         w = sub.add_parser(role, help=f"run one {role} worker")
@@ -277,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         w.set_defaults(fn=cmd_worker)
 
     r = sub.add_parser("router", help="run the router")
-    r.add_argument("--model", default="tiny", help="for the tokenizer")
+    r.add_argument("--model", default="tiny", help="the model whose tokenizer the router uses")
     r.add_argument("--prefill", action="append", default=[], help="prefill worker host:port (repeatable)")
     r.add_argument("--decode", action="append", default=[], help="decode worker host:port (repeatable)")
     r.add_argument("--config", help='JSON file {"prefill": [...], "decode": [...]}')
@@ -287,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discover decode workers by resolving HOST every poll")
     _router_policy_args(r)
     _ops_args(r)
-    r.add_argument("--host", default="127.0.0.1")
-    r.add_argument("--port", type=int, default=0)
+    r.add_argument("--host", default="127.0.0.1", help="address to bind")
+    r.add_argument("--port", type=checks.port, default=0, help="gRPC port (0: any free port)")
     r.set_defaults(fn=cmd_router)
 
     b = sub.add_parser("bench", help="load-test a cluster over the public API (see bench/run.py)")
@@ -297,13 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser(b)
     b.set_defaults(fn=cmd_bench)
 
-    g = sub.add_parser("generate", help="stream a completion from a running cluster")
-    g.add_argument("prompt")
-    g.add_argument("--router", default="127.0.0.1:50051")
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
-    _tls_args(g)
-    g.set_defaults(fn=cmd_generate)
+    add_generate_parser(sub, _tls_args).set_defaults(fn=cmd_generate)
     return parser
 
 
@@ -311,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ValueError as e:
-        print(f"pdserve {args.cmd}: {e}", file=sys.stderr)
+    except (UsageError, ValueError) as e:
+        print(f"pdserve {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
 """``pdserve bench`` / ``python -m bench.run``: load-test a pdserve cluster over the public gRPC API.
 
-    pdserve bench --router 127.0.0.1:50051 --workload chat --rate 4 --num-requests 200
-    pdserve bench --local 1,1 --workload uniform --input-len-range 64,1024 --output-len 128 --concurrency 8
-    pdserve bench --local 0,1 --rates 1,2,4 --num-requests 60 --burstiness 2    # sweep, one run per rate
+    pdserve bench --router 127.0.0.1:50051 --workload chat --request-rate 4 --num-prompts 200
+    pdserve bench --local 1,1 --workload uniform --input-len-range 64,1024 --output-len 128 --max-concurrency 8
+    pdserve bench --local 0,1 --rates 1,2,4 --num-prompts 60 --burstiness 2    # sweep, one run per rate
     pdserve bench --router ADDR --workload trace --trace requests.jsonl
     pdserve bench --local 1,1 --workload shared-prefix --num-system-prompts 2 --num-users 8 --num-turns 3
 
-Open loop (gamma arrivals, --burstiness = CV of the gaps, 1 = Poisson) when --rate or --rates is given,
-closed loop at --concurrency otherwise; a trace is replayed at its own timestamps. The same --seed gives the
+Open loop (gamma arrivals, --burstiness = CV of the gaps, 1 = Poisson) when --request-rate or --rates is
+given, closed loop at --max-concurrency otherwise; a trace is replayed at its own timestamps. The same --seed gives the
 same requests and send times; run i of a sweep draws its prompts with seed + 1000*i, so no run warms the
 prefix cache for the next. Writes one JSON per run (config, summary, per-request records) and PNG plots
-(latency CDFs; throughput and goodput vs offered rate for a sweep) into --out-dir.
+(latency CDFs; throughput and goodput vs offered rate for a sweep) into --result-dir.
+
+Flag names follow ``vllm bench serve`` where the meaning is the same (--num-prompts, --request-rate,
+--max-concurrency, --result-dir, --seed, --burstiness); the older --num-requests, --rate, --concurrency and
+--out-dir still work and are not shown.
 """
 
 from __future__ import annotations
@@ -35,9 +39,35 @@ logger = logging.getLogger(__name__)
 WORKLOADS = ("chat", "uniform", "shared-prefix", "long-context", "trace")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written; every flag's default shown."""
+
+
+class _Flag(argparse.Action):
+    """Stores like ``store`` and remembers which spelling was given, so errors name the flag the user typed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        given = dict(getattr(namespace, "_flags", {}))
+        given[self.dest] = option_string
+        namespace._flags = given
+
+
+def _alias(group, canonical: str, old: str, **kw) -> None:
+    """``canonical`` (vllm bench serve's name) in the help; ``old`` accepted, hidden."""
+    group.add_argument(canonical, action=_Flag, **kw)
+    group.add_argument(old, action=_Flag, dest=kw["dest"], type=kw.get("type"), default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
+
+
+def flag(a: argparse.Namespace, dest: str, canonical: str) -> str:
+    """The spelling of a flag the user gave (an old alias included), else its canonical name."""
+    return getattr(a, "_flags", {}).get(dest) or canonical
+
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="pdserve bench")
-    p.description, p.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
+    p.description, p.formatter_class = __doc__, _HelpFormatter
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--router", metavar="HOST:PORT", help="router host:port of a running cluster")
     target.add_argument("--local", metavar="P,D", help="start a local cluster (P prefill, D decode workers; "
@@ -47,7 +77,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    "--local-arg=--max-num-seqs=16 (repeatable)")
     p.add_argument("--local-router-arg", action="append", default=[], metavar="FLAG", help="--local: extra router flag (repeatable)")
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", default="chat", choices=WORKLOADS)
+    w.add_argument("--workload", default="chat", choices=WORKLOADS, help="what requests look like")
     w.add_argument("--input-len-range", default="64,1024", metavar="LO,HI", help="uniform: prompt lengths LO,HI (inclusive)")
     w.add_argument("--output-len", type=int, default=128, help="uniform, shared-prefix, long-context: output tokens")
     w.add_argument("--input-len-dist", default="200,0.8,4,1500", metavar="M,S,MIN,MAX", help="chat: lognormal MEDIAN,SIGMA,MIN,MAX")
@@ -61,21 +91,24 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     w.add_argument("--trace", metavar="FILE", help="trace: JSONL file, see bench/workloads.py")
     w.add_argument("--vocab-range", default="3,259", metavar="LO,HI", help="prompt token ids are drawn from [LO, HI)")
     t = p.add_argument_group("arrivals and bounds")
-    t.add_argument("--rate", type=float, default=0.0, help="open loop at this many requests/s (0: closed loop)")
+    _alias(t, "--request-rate", "--rate", dest="rate", type=float, default=0.0,
+           help="open loop at this many requests/s (0: closed loop at --max-concurrency)")
     t.add_argument("--rates", default="", metavar="R1,R2,...", help="sweep: comma-separated rates, one open-loop run each")
     t.add_argument("--burstiness", type=float, default=1.0, metavar="CV", help="CV of the gaps (1: Poisson; gamma shape 1/CV^2)")
-    t.add_argument("--concurrency", type=int, default=8, help="closed loop: requests in flight")
-    t.add_argument("--num-requests", type=int, default=100, help="requests per run (at most)")
+    _alias(t, "--max-concurrency", "--concurrency", dest="concurrency", type=int, default=8,
+           help="closed loop: requests in flight")
+    _alias(t, "--num-prompts", "--num-requests", dest="num_requests", type=int, default=100,
+           help="requests per run (at most)")
     t.add_argument("--duration", type=float, default=600.0, help="stop sending after this many seconds")
     t.add_argument("--timeout", type=float, default=120.0, help="per-request deadline (s)")
     m = p.add_argument_group("metrics and output")
     m.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput SLO on time to first token")
     m.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput SLO on time per output token")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--out-dir", default="bench/out")
+    m.add_argument("--seed", type=int, default=0, help="same seed, same requests and send times")
+    _alias(m, "--result-dir", "--out-dir", dest="out_dir", default="bench/out", help="where JSON results and plots go")
     m.add_argument("--label", default="", help="names the runs in files and plot legends")
-    m.add_argument("--no-plots", action="store_true")
-    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--no-plots", action="store_true", help="write JSON only")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -90,7 +123,7 @@ def _pair(text: str, flag: str, cast=int) -> tuple:
 def _rates(a: argparse.Namespace) -> list[float]:
     """Offered rates, one run each; 0.0 = closed loop (or trace replay)."""
     if a.rates and a.rate:
-        raise ValueError("--rates: give either --rate or --rates, not both")
+        raise ValueError(f"--rates: give either {flag(a, 'rate', '--request-rate')} or --rates, not both")
     try:
         rates = [float(x) for x in a.rates.split(",")] if a.rates else [a.rate]
     except ValueError:
@@ -98,7 +131,8 @@ def _rates(a: argparse.Namespace) -> list[float]:
     if any(not r >= 0 for r in rates) or (a.rates and 0 in rates):
         raise ValueError(f"--rates: rates must be > 0, got {rates}")
     if a.workload == "trace" and any(rates):
-        raise ValueError("--rate: a trace is replayed at its own timestamps; drop --rate/--rates")
+        raise ValueError(f"{flag(a, 'rate', '--request-rate')}: a trace is replayed at its own timestamps; "
+                         "drop --request-rate/--rates")
     return rates
 
 
@@ -119,7 +153,8 @@ def make_workload(a: argparse.Namespace, seed: int) -> list[BenchRequest]:
         raise ValueError("--trace: --workload trace needs --trace FILE")
     reqs = workloads.trace(a.trace, seed, vocab)
     if len(reqs) > n:
-        logger.warning("trace %s: replaying the first %d of %d requests (--num-requests)", a.trace, n, len(reqs))
+        logger.warning("trace %s: replaying the first %d of %d requests (%s)", a.trace, n, len(reqs),
+                       flag(a, "num_requests", "--num-prompts"))
     return reqs[:n]
 
 
@@ -138,9 +173,9 @@ class RunPlan:
 def plan_runs(a: argparse.Namespace) -> list[RunPlan]:
     """Pure and deterministic for the arguments: same --seed, same requests and send times."""
     if a.num_requests < 1:
-        raise ValueError(f"--num-requests: must be >= 1, got {a.num_requests}")
+        raise ValueError(f"{flag(a, 'num_requests', '--num-prompts')}: must be >= 1, got {a.num_requests}")
     if a.concurrency < 1:
-        raise ValueError(f"--concurrency: must be >= 1, got {a.concurrency}")
+        raise ValueError(f"{flag(a, 'concurrency', '--max-concurrency')}: must be >= 1, got {a.concurrency}")
     if not a.duration > 0 or not a.timeout > 0:
         raise ValueError("--duration, --timeout: must be > 0")
     plans = []
@@ -221,7 +256,7 @@ def _main(a: argparse.Namespace) -> int:
     plans = plan_runs(a)  # validates everything before a cluster starts
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(a).items() if k not in ("fn", "cmd")}
+    config = {k: v for k, v in vars(a).items() if k not in ("fn", "cmd", "_flags")}
     label = a.label or (f"local {a.local}" if a.local else a.router)
     name = _slug(a.label) if a.label else a.workload
     cluster = None

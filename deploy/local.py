@@ -1,7 +1,15 @@
-"""Start a local cluster (router + N prefill + M decode) as separate processes on 127.0.0.1."""
+"""Start a local cluster (router + N prefill + M decode) as separate processes on 127.0.0.1.
+
+Every child runs in its own process group (killed as a group on stop) and, on Linux, asks the kernel to
+SIGKILL it when the launcher dies (PR_SET_PDEATHSIG), so not even ``kill -9`` of the launcher leaves workers
+holding their ports. The death signal fires when the *thread* that forked the child exits, so children are
+spawned from the thread that owns the cluster (the main thread in ``pdserve up``), never from a helper thread.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -13,6 +21,32 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1
+NUM_LOG_LINES = 200  # tail of each child's output kept for error reports
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()  # loaded before any fork: the child only calls it
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the launcher's forking thread dies."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class StartupError(RuntimeError):
+    """A child exited or stayed silent before it printed its PDSERVE_READY line."""
+
 
 @dataclass(slots=True)
 class Proc:
@@ -22,28 +56,42 @@ class Proc:
     kv_endpoint: str = ""
     metrics_port: int = 0
     lines: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)  # the command-line flags after ``pdserve <role>``
+    ready: threading.Event = field(default_factory=threading.Event)
+    reader: threading.Thread | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, n: int = 10) -> list[str]:
+        return [line.rstrip("\n") for line in self.lines[-n:]]
+
+    def exit_reason(self) -> str:
+        """``exit code N`` or ``killed by signal SIGKILL``; empty while running."""
+        rc = self.popen.poll()
+        if rc is None:
+            return ""
+        if rc < 0:
+            try:
+                return f"killed by signal {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        return f"exit code {rc}"
 
 
-def _spawn(role: str, args: list[str], env: dict[str, str], echo: bool) -> Proc:
-    cmd = [sys.executable, "-u", "-m", "pdserve", role, *args]
-    popen = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    return Proc(role, popen)
-
-
-def _await_ready(proc: Proc, timeout_s: float, echo: bool) -> None:
-    """Read the child's output until its PDSERVE_READY line; keep draining it in a thread afterwards."""
-    deadline = time.monotonic() + timeout_s
-    assert proc.popen.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.popen.stdout.readline()
-        if not line:
-            break
+def _read_output(proc: Proc, popen: subprocess.Popen, echo: bool) -> None:
+    """Keep the tail of the child's output; parse its PDSERVE_READY line."""
+    assert popen.stdout is not None
+    for line in popen.stdout:
         proc.lines.append(line)
+        if len(proc.lines) > NUM_LOG_LINES:
+            del proc.lines[:-NUM_LOG_LINES]
         if echo:
             sys.stderr.write(f"[{proc.role}] {line}")
-        if line.startswith("PDSERVE_READY"):
+        if not proc.ready.is_set() and line.startswith("PDSERVE_READY"):
             parts = line.split()
             proc.address = parts[2]
             for p in parts[3:]:
@@ -51,22 +99,105 @@ def _await_ready(proc: Proc, timeout_s: float, echo: bool) -> None:
                     proc.kv_endpoint = p[3:]
                 elif p.startswith("metrics="):
                     proc.metrics_port = int(p[8:])
+            proc.ready.set()
 
-            def drain() -> None:
-                for rest in proc.popen.stdout:  # type: ignore[union-attr]
-                    proc.lines.append(rest)
-                    del proc.lines[:-200]
-                    if echo:
-                        sys.stderr.write(f"[{proc.role}] {rest}")
 
-            threading.Thread(target=drain, daemon=True).start()
-            return
-    tail = "".join(proc.lines[-30:])
-    raise RuntimeError(f"{proc.role} worker did not become ready in {timeout_s:.0f}s:\n{tail}")
+def _launch(proc: Proc, env: dict[str, str], echo: bool, extra: list[str] = ()) -> None:
+    cmd = [sys.executable, "-u", "-m", "pdserve", proc.role, *proc.args, *extra]
+    proc.popen = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True, preexec_fn=_die_with_parent if _PRCTL is not None else None,
+    )
+    proc.ready = threading.Event()
+    proc.started_at = time.monotonic()
+    proc.reader = threading.Thread(target=_read_output, args=(proc, proc.popen, echo), daemon=True,
+                                   name=f"pdserve-{proc.role}-output")
+    proc.reader.start()
+
+
+def _spawn(role: str, args: list[str], env: dict[str, str], echo: bool) -> Proc:
+    proc = Proc(role, None, args=list(args))  # type: ignore[arg-type]
+    _launch(proc, env, echo)
+    return proc
+
+
+def respawn(proc: Proc, env: dict[str, str], echo: bool) -> None:
+    """Start a dead child again on the address (and metrics port) it had, so routers find it where it was."""
+    extra = []
+    if proc.address:
+        extra += ["--port", proc.address.rsplit(":", 1)[1]]
+    if proc.metrics_port > 0:
+        extra += ["--metrics-port", str(proc.metrics_port)]
+    close_output(proc)
+    proc.lines = []
+    proc.restarts += 1
+    _launch(proc, env, echo, extra)
+
+
+def startup_failure(proc: Proc) -> str | None:
+    """Why a child that is not ready yet will never be (it exited); None while it may still come up."""
+    if proc.ready.is_set() or proc.popen.poll() is None:
+        return None
+    if proc.reader is not None:
+        proc.reader.join(2.0)  # let the last lines arrive
+    if proc.ready.is_set():
+        return None
+    return proc.exit_reason()
+
+
+def _await_ready(proc: Proc, timeout_s: float, echo: bool = False) -> None:
+    """Wait for the child's PDSERVE_READY line; fail as soon as it exits."""
+    deadline = time.monotonic() + timeout_s
+    while not proc.ready.wait(0.05):
+        reason = startup_failure(proc)
+        if reason:
+            tail = "\n".join(proc.tail(30))
+            raise StartupError(f"{proc.role} exited during startup ({reason}):\n{tail}")
+        if time.monotonic() > deadline:
+            tail = "\n".join(proc.tail(30))
+            raise StartupError(f"{proc.role} did not become ready in {timeout_s:.0f}s:\n{tail}")
+
+
+def kill_group(proc: Proc, sig: int) -> None:
+    """Signal the child's whole process group (it leads its own session)."""
+    try:
+        os.killpg(proc.popen.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def close_output(proc: Proc) -> None:
+    if proc.popen.stdout is not None and proc.popen.poll() is not None:
+        if proc.reader is not None:
+            proc.reader.join(2.0)
+        try:
+            proc.popen.stdout.close()
+        except OSError:
+            pass
+
+
+def stop_procs(procs: list[Proc], grace_s: float) -> None:
+    """SIGTERM every process group, wait up to ``grace_s``, then SIGKILL what is left."""
+    for p in reversed(procs):
+        if p.popen.poll() is None:
+            kill_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.popen.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s (pid %d) did not exit after SIGTERM; killing it", p.role, p.popen.pid)
+            kill_group(p, signal.SIGKILL)
+            p.popen.wait(5)
+        kill_group(p, signal.SIGKILL)  # anything the child left in its group
+        close_output(p)
 
 
 class LocalCluster:
-    """Context manager. ``router_address`` is valid after ``start()``."""
+    """Context manager. ``router_address`` is valid after ``start()``.
+
+    ``host`` is where every process binds; ``router_port`` 0 picks a free port. ``procs`` keeps one ``Proc``
+    per child in start order (workers, then routers); a supervisor restarts a child in place (``respawn``)."""
 
     def __init__(
         self,
@@ -81,6 +212,8 @@ class LocalCluster:
         echo: bool = False,
         env: dict[str, str] | None = None,
         ready_timeout_s: float = 180.0,
+        host: str = "127.0.0.1",
+        router_port: int = 0,
     ):
         if num_decode < 1:
             raise ValueError("num_decode: a cluster needs at least one decode worker")
@@ -97,11 +230,21 @@ class LocalCluster:
         self.echo = echo
         self.env = {**os.environ, **(env or {})}
         self.ready_timeout_s = ready_timeout_s
+        self.host = host
+        self.router_port = router_port
         self.procs: list[Proc] = []
         self.router_address = ""
 
     def worker_args(self) -> list[str]:
-        return ["--model", self.model, "--device", self.device, "--transfer", self.transfer, *self.extra]
+        return ["--model", self.model, "--device", self.device, "--transfer", self.transfer, "--host", self.host,
+                *self.extra]
+
+    def _router_cmd(self, router_args: list[str], port: int) -> list[str]:
+        args = ["--model", self.model, "--policy", self.policy, "--host", self.host, "--port", str(port), *router_args]
+        for p in self.procs:
+            if p.role in ("prefill", "decode"):
+                args += [f"--{p.role}", p.address]
+        return args
 
     def start(self) -> LocalCluster:
         try:
@@ -110,10 +253,7 @@ class LocalCluster:
             self.procs += workers
             for p in workers:
                 _await_ready(p, self.ready_timeout_s, self.echo)
-            args = ["--model", self.model, "--policy", self.policy, *self.router_args]
-            for p in workers:
-                args += [f"--{p.role}", p.address]
-            router = _spawn("router", args, self.env, self.echo)
+            router = _spawn("router", self._router_cmd(self.router_args, self.router_port), self.env, self.echo)
             self.procs.append(router)
             _await_ready(router, self.ready_timeout_s, self.echo)
             self.router_address = router.address
@@ -124,10 +264,7 @@ class LocalCluster:
 
     def add_router(self, router_args: list[str] | None = None) -> Proc:
         """Start another router replica over the same workers (stateless routers share a pool)."""
-        args = ["--model", self.model, "--policy", self.policy, *(router_args or self.router_args)]
-        for p in self.procs:
-            if p.role in ("prefill", "decode"):
-                args += [f"--{p.role}", p.address]
+        args = self._router_cmd(router_args or self.router_args, 0)
         router = _spawn("router", args, self.env, self.echo)
         self.procs.append(router)
         _await_ready(router, self.ready_timeout_s, self.echo)
@@ -137,19 +274,7 @@ class LocalCluster:
         return [p for p in self.procs if p.role == role]
 
     def stop(self, grace_s: float = 10.0) -> None:
-        for p in reversed(self.procs):
-            if p.popen.poll() is None:
-                p.popen.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for p in self.procs:
-            try:
-                p.popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not exit after SIGTERM; killing it", p.role)
-                p.popen.kill()
-                p.popen.wait(5)
-            if p.popen.stdout is not None:
-                p.popen.stdout.close()
+        stop_procs(self.procs, grace_s)
         self.procs.clear()
 
     def __enter__(self) -> LocalCluster:

@@ -1,0 +1,146 @@
+"""``pdserve generate``: stream a completion from a running cluster. Never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TextIO
+
+from pdserve.engine import env
+
+DEFAULT_ROUTER_PORT = 50051
+DEFAULT_ROUTER = f"127.0.0.1:{DEFAULT_ROUTER_PORT}"
+
+
+@dataclass(slots=True)
+class Sampling:
+    max_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    ttft_s: float  # client-side: request sent -> first text received
+    total_s: float
+    prefill_worker: str
+    decode_worker: str
+
+    def summary(self) -> str:
+        workers = (f"prefill {self.prefill_worker} -> decode {self.decode_worker}" if self.prefill_worker
+                   else f"decode {self.decode_worker} (prefilled locally)")
+        return (f"[{self.completion_tokens} tokens, finish {self.finish_reason or '?'}, "
+                f"TTFT {self.ttft_s * 1e3:.0f} ms, total {self.total_s:.2f} s, "
+                f"prompt {self.prompt_tokens} tokens ({self.cached_prompt_tokens} cached), {workers}]")
+
+
+async def generate(address: str, prompt: str, sampling: Sampling, out: TextIO | None = None, tls=None,
+                   api_key: str = "", timeout_s: float = 120.0) -> Completion:
+    """Send one request; write each text piece to ``out`` as it arrives (None: stay quiet)."""
+    from pdserve.protos import pdserve_pb2 as pb
+    from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+    from pdserve.serving.rpc import channel
+
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    params = pb.SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                               stop=list(sampling.stop))
+    if sampling.top_p is not None:
+        params.top_p = sampling.top_p
+    if sampling.top_k is not None:
+        params.top_k = sampling.top_k
+    if sampling.seed is not None:
+        params.seed = sampling.seed
+    pieces: list[str] = []
+    t0 = time.perf_counter()
+    ttft = None
+    last = None
+    async with channel(address, tls) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        async for resp in stub.Generate(pb.GenerateRequest(prompt=prompt, sampling=params), timeout=timeout_s,
+                                        metadata=metadata):
+            if ttft is None and (resp.text or resp.token_ids):
+                ttft = time.perf_counter() - t0
+            pieces.append(resp.text)
+            if out is not None and resp.text:
+                out.write(resp.text)
+                out.flush()
+            last = resp
+    total = time.perf_counter() - t0
+    if last is None:
+        raise ConnectionError(f"router {address} closed the stream without a response")
+    return Completion(
+        text="".join(pieces), request_id=last.request_id, finish_reason=last.finish_reason,
+        prompt_tokens=last.usage.prompt_tokens, completion_tokens=last.usage.completion_tokens,
+        cached_prompt_tokens=last.usage.cached_prompt_tokens, ttft_s=total if ttft is None else ttft, total_s=total,
+        prefill_worker=last.prefill_worker, decode_worker=last.decode_worker,
+    )
+
+
+def run_and_print(address: str, prompt: str, sampling: Sampling, as_json: bool, tls=None, api_key: str = "",
+                  prog: str = "pdserve generate", out: TextIO | None = None) -> int:
+    """Stream the text then a one-line summary on stderr, or (``as_json``) print one JSON object.
+    An RPC error prints one line and returns 1."""
+    import grpc
+
+    out = out or sys.stdout
+    try:
+        done = asyncio.run(generate(address, prompt, sampling, None if as_json else out, tls, api_key))
+    except grpc.aio.AioRpcError as e:
+        if as_json:
+            print(json.dumps({"error": e.code().name, "details": e.details()}), file=out)
+        print(f"{prog}: {e.code().name} from {address}: {e.details()}", file=sys.stderr)
+        return 1
+    except ConnectionError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(asdict(done)), file=out, flush=True)
+    else:
+        out.write("\n")
+        out.flush()
+        print(done.summary(), file=sys.stderr, flush=True)
+    return 0
+
+
+def sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (unset: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (unset: off)")
+    p.add_argument("--seed", type=int, default=None, help="per-request seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears; not included in the output (repeatable)")
+
+
+def api_key(a: argparse.Namespace) -> str:
+    return a.api_key or env.api_key()
+
+
+def sampling_from(a: argparse.Namespace) -> Sampling:
+    return Sampling(a.max_tokens, a.temperature, a.top_p, a.top_k, a.seed, list(a.stop))
+
+
+def add_generate_parser(sub, tls_args) -> argparse.ArgumentParser:
+    g = sub.add_parser("generate", help="stream a completion from a running cluster",
+                       description="Stream the text as it arrives, then a one-line summary on stderr.")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--router", default=DEFAULT_ROUTER, metavar="HOST:PORT", help="router address (pdserve up's default)")
+    sampling_args(g)
+    g.add_argument("--api-key", default="", help="API key sent as 'authorization: Bearer KEY' "
+                   "(default: $PDSERVE_API_KEY)")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, usage, timings, workers) only")
+    tls_args(g)
+    return g
