@@ -11,13 +11,16 @@ import pytest
 
 from pdserve.engine.hashing import block_hashes
 from pdserve.engine.layout import LayoutFingerprint
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router import metrics
 from pdserve.router.load import WorkerLoad
 from pdserve.router.membership import Membership, Worker
 from pdserve.router.policy import PairPolicy
 from pdserve.router.prefix_index import BlockEvents, PrefixIndex
-from pdserve.router.service import SAMPLING_CACHE_SIZE, GenerationServicer, RequestState
+from pdserve.router.request import SAMPLING_CACHE_SIZE, ClientRequest
+from pdserve.router.responses import RequestState
+from pdserve.router.service import GenerationServicer
 
 FP = LayoutFingerprint(model_id="tiny", revision="main", num_layers=4, num_kv_heads=2, head_dim=32,
                        block_size=4, dtype="float32", hash_seed=7)
@@ -97,36 +100,44 @@ def test_prefix_hashes_stop_after_the_first_block_nobody_holds_and_overlap_is_un
             held = held[:-2] + held[-1:]
         idx.apply("p:1", BlockEvents(stored=tuple(held), snapshot=True))
         g, _, _ = servicer([], idx)
-        st = RequestState("r", prompt, pb.GenerateRequest(), 4)
-        lazy = g._prefix_hashes(st, 4, 7)
+        st = RequestState.of(ClientRequest("r", tuple(prompt), SamplingParams(max_tokens=4)))
+        lazy = g.failover._prefix_hashes(st, 4, 7)
         assert lazy == full[: len(lazy)], trial
         assert idx.overlap(lazy, ["p:1", "d:1"]) == idx.overlap(full, ["p:1", "d:1"]), trial
         # a migration appends tokens: the chain is extended, and matches a fresh computation
         st.sent = [rng.randrange(1000) for _ in range(9)]
         idx.apply("p:1", BlockEvents(stored=tuple(block_hashes(prompt + st.sent, 4, 7)), seq=2))
-        assert g._prefix_hashes(st, 4, 7) == block_hashes(prompt + st.sent, 4, 7), trial
+        assert g.failover._prefix_hashes(st, 4, 7) == block_hashes(prompt + st.sent, 4, 7), trial
 
 
 def test_sampling_validation_is_cached_but_errors_are_not():
     g, _, _ = servicer([])
-    a = g._sampling_params(pb.SamplingParams(max_tokens=5, temperature=0))
-    assert a is g._sampling_params(pb.SamplingParams(max_tokens=5, temperature=0))
-    assert g._sampling_params(pb.SamplingParams(max_tokens=6)).max_tokens == 6
+    a = g.parser.sampling(pb.SamplingParams(max_tokens=5, temperature=0))
+    assert a is g.parser.sampling(pb.SamplingParams(max_tokens=5, temperature=0))
+    assert g.parser.sampling(pb.SamplingParams(max_tokens=6)).max_tokens == 6
     for _ in range(2):
         with pytest.raises(ValueError, match="temperature"):
-            g._sampling_params(pb.SamplingParams(temperature=-1))
+            g.parser.sampling(pb.SamplingParams(temperature=-1))
     for i in range(SAMPLING_CACHE_SIZE + 5):
-        g._sampling_params(pb.SamplingParams(seed=i))
-    assert len(g._sampling) <= SAMPLING_CACHE_SIZE
+        g.parser.sampling(pb.SamplingParams(seed=i))
+    assert len(g.parser._sampling) <= SAMPLING_CACHE_SIZE
 
 
-def test_parse_checks_vocabulary_and_generates_ids():
+def test_vocabulary_is_checked_against_the_chosen_pair_and_ids_are_generated():
+    async def go(token_ids):
+        g, _, d = servicer([chunk([5], "a", "stop")])
+        # a worker that reports a smaller model but is not available comes first: it is not the one checked
+        small = Worker("d:0", "decode", None, None, load=WorkerLoad(vocab_size=10, max_model_len=8), draining=True)
+        g.failover.membership.workers = {"d:0": small, **g.failover.membership.workers}
+        return await g.Complete(pb.GenerateRequest(token_ids=token_ids), FakeContext())
+
+    assert asyncio.run(go([1, 999, 2])).decode_worker == "d:1"
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT: token_ids: 1000 is outside the vocabulary"):
+        asyncio.run(go([1, 1000, 2]))
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT: token_ids: -1 is outside"):
+        asyncio.run(go([1, -1]))
     g, _, _ = servicer([])
-    with pytest.raises(ValueError, match="token_ids: 1000 is outside the vocabulary"):
-        g.parse(pb.GenerateRequest(token_ids=[1, 1000, 2]))
-    with pytest.raises(ValueError, match="token_ids: -1 is outside"):
-        g.parse(pb.GenerateRequest(token_ids=[1, -1]))
-    ids = {g.parse(pb.GenerateRequest(token_ids=[1]))[0] for _ in range(100)}
+    ids = {g.parser.parse(pb.GenerateRequest(token_ids=[1])).request_id for _ in range(100)}
     assert len(ids) == 100 and all(len(i) == 16 and i.startswith("req-") for i in ids)
 
 
@@ -139,11 +150,13 @@ def test_complete_answers_at_finish_and_drains_the_decode_stream():
         assert (list(resp.token_ids), resp.text, resp.finish_reason) == ([5, 6, 7], "abc", "length")
         assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (17, 3)
         assert resp.decode_worker == "d:1" and resp.prefill_worker == "p:1"
-        assert d.stub.requests[0].prefill_address == "p:1" and d.stub.requests[0].sampling.max_tokens == 3
+        forwarded = d.stub.requests[0]
+        assert forwarded.prefill_address == "p:1" and forwarded.sampling.max_tokens == 3
+        assert forwarded.sampling.HasField("top_p"), "the validated params are forwarded, defaults explicit"
         for _ in range(10):
             await asyncio.sleep(0)
         assert call.exhausted and not call.cancelled, "the finished stream is drained, never cancelled"
-        assert d.in_flight == 0 and p.in_flight == 0 and not g._draining
+        assert d.in_flight == 0 and p.in_flight == 0 and not g.failover.leg._draining
         return resp
 
     asyncio.run(go())
