@@ -128,6 +128,34 @@ def build_preset(name: str, out_dir: Path) -> None:
     model.save_pretrained(str(out_dir))
 
 
+def resolve_tokenizer(model: str) -> str:
+    """A directory holding ``model``'s tokenizer, built without torch: the router needs only this.
+
+    For a preset whose full checkpoint is not built yet, only its tokenizer is written (to a directory of
+    its own), so a router started before its workers never loads torch to build weights."""
+    if model not in PRESETS:
+        return resolve_model(model)[0]
+    full = env.cache_dir() / "models" / f"{model}-v{PRESET_VERSION}"
+    if (full / "tokenizer.json").exists():
+        return str(full)
+    out = env.cache_dir() / "models" / f"{model}-v{PRESET_VERSION}-tokenizer"
+    if not (out / "tokenizer.json").exists():
+        from pdserve.engine.tokenizer import build_byte_tokenizer
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{model}-tok-", dir=out.parent))
+        try:
+            build_byte_tokenizer(tmp, vocab_size=PRESETS[model].config["vocab_size"])
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not (out / "tokenizer.json").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
 def resolve_model(model: str) -> tuple[str, bool]:
     """Return (path or hub id, is_dummy). Builds presets on first use; checks local paths exist."""
     if model in PRESETS:

@@ -25,9 +25,11 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def build_byte_tokenizer(out_dir: Path, vocab_size: int = 259) -> None:
-    """Write a byte-level tokenizer (3 specials + 256 bytes, padded with unused tokens to vocab_size)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """Write a byte-level tokenizer (3 specials + 256 bytes, padded with unused tokens to vocab_size) in HF
+    format (tokenizer.json + tokenizer_config.json). Uses only ``tokenizers``: no torch, no transformers."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size: byte tokenizer needs >= 259 ids, got {vocab_size}")
@@ -39,8 +41,19 @@ def build_byte_tokenizer(out_dir: Path, vocab_size: int = 259) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.save_pretrained(str(out_dir))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "model_max_length": 1 << 30,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_tokenizer(path: str):

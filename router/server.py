@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdserve.engine.models import resolve_model
+from pdserve.engine.models import resolve_tokenizer
 from pdserve.engine.tokenizer import load_light_tokenizer
 from pdserve.router.admin import AdminServicer
 from pdserve.router.admission import Admission
@@ -92,7 +92,7 @@ class IndexFeeds:
 
 
 async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: asyncio.Event | None = None) -> None:
-    path, _ = resolve_model(cfg.model)
+    path = resolve_tokenizer(cfg.model)
     tokenizer = await asyncio.to_thread(load_light_tokenizer, path)
     index = PrefixIndex()
     feeds = IndexFeeds(index)
