@@ -1,32 +1,32 @@
-"""The Decode gRPC servicer."""
+"""The Decode gRPC servicer: reserves blocks for KV pushed from a prefill worker, then streams tokens."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Coroutine
 
 import grpc
 
 from pdserve.engine.engine_loop import EngineLoop
-from pdserve.engine.errors import CapacityError
-from pdserve.engine.layout import LayoutFingerprint
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kvtransfer.base import FingerprintMismatchError, KVReceiver
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.serving.convert import (
-    integrity,
-    kv_event_stream,
-    load_to_proto,
+    fingerprint_from_proto,
     logprob_from_proto,
     logprob_to_proto,
     sampling_from_proto,
 )
 from pdserve.serving.errors import RpcStatusError, abort_with
 from pdserve.serving.rpc import TlsConfig, channel
+from pdserve.serving.worker import WorkerIdentity, WorkerServicer
 
 logger = logging.getLogger(__name__)
+
+MAX_RESERVATION_TTL_S = 60.0  # a reservation whose Decode call never comes is freed after this at most
 
 
 class PrefillLegError(RpcStatusError):
@@ -36,66 +36,68 @@ class PrefillLegError(RpcStatusError):
         super().__init__(code, message, (("pdserve-failed-role", "prefill"),))
 
 
-@dataclass(slots=True)
-class WorkerIdentity:
-    worker_id: str
-    address: str
-    transfer_backend: str
+class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
+    service = "Decode"
 
-
-class DecodeServicer(pb_grpc.DecodeServicer):
     def __init__(
         self,
         loop: EngineLoop,
-        receiver: KVReceiver | None,
-        kv_endpoint: str,
         identity: WorkerIdentity,
+        receiver: KVReceiver,
+        kv_endpoint: str,
         transfer_timeout_s: float = 30.0,
-        max_reservation_ttl_s: float = 60.0,
         tls: TlsConfig | None = None,
     ):
-        self.tls = tls
-        self.loop = loop
+        super().__init__(loop, identity)
         self.receiver = receiver
         self.kv_endpoint = kv_endpoint
-        self.identity = identity
         self.transfer_timeout_s = transfer_timeout_s
-        self.max_reservation_ttl_s = max_reservation_ttl_s
-        self.fingerprint: LayoutFingerprint = loop.engine.fingerprint
-        self.deadlines: dict[str, float] = {}
-        self.draining = False
-        self.num_aborted = 0
-        self.num_expired = 0
-        self.in_flight = 0
+        self.tls = tls
+        self.deadlines: dict[str, float] = {}  # reservation -> when it expires unless its Decode call comes
         self.prefill_stubs: dict[str, pb_grpc.PrefillStub] = {}
+
+    # ---- the worker base's hooks ------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or bool(self.deadlines)
+
+    def ready_fields(self) -> list[str]:
+        return [f"kv={self.kv_endpoint}"]
+
+    def load_fields(self) -> dict:
+        return {"kv_endpoint": self.kv_endpoint}
+
+    def background(self) -> list[Coroutine]:
+        return [self.sweep_expired()]
 
     # ---- reservations -----------------------------------------------------------------------------
     async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.ReserveResponse:
         rid = request.request_id
         try:
-            if self.draining:
-                raise CapacityError("worker is draining")
-            if self.receiver is None:
-                raise FingerprintMismatchError("this decode worker has no KV receiver")
-            if request.fingerprint:
-                theirs = LayoutFingerprint.from_json(request.fingerprint)
-                if theirs != self.fingerprint:
-                    raise FingerprintMismatchError("KV layout mismatch: " + "; ".join(theirs.diff(self.fingerprint)))
-            params = sampling_from_proto(request.sampling)
-            tokens = list(request.token_ids)
-
-            def reserve(engine):
-                engine.validate(tokens, params)
-                return engine.reserve(rid, len(tokens))
-
-            block_ids = await self.loop.acall(reserve)
-            self.receiver.expect(rid, block_ids)
-            ttl = request.ttl_s if 0 < request.ttl_s <= self.max_reservation_ttl_s else self.max_reservation_ttl_s
+            self.refuse_if_draining()
+            if request.HasField("fingerprint"):
+                theirs = fingerprint_from_proto(request.fingerprint)
+                ours = self.loop.engine.fingerprint
+                if theirs != ours:
+                    raise FingerprintMismatchError("KV layout mismatch: " + "; ".join(theirs.diff(ours)))
+            block_ids = await self._reserve(rid, list(request.token_ids), sampling_from_proto(request.sampling))
+            ttl = request.ttl_s if 0 < request.ttl_s <= MAX_RESERVATION_TTL_S else MAX_RESERVATION_TTL_S
             self.deadlines[rid] = time.monotonic() + ttl
             logger.debug("[%s] reserved %d blocks", rid, len(block_ids))
             return pb.ReserveResponse(block_ids=block_ids, kv_endpoint=self.kv_endpoint, transfer_id=rid)
         except Exception as e:  # noqa: BLE001 - mapped to a status
             await abort_with(context, e)
+
+    async def _reserve(self, rid: str, tokens: list[int], params: SamplingParams) -> list[int]:
+        """Hold blocks for the prompt's KV and tell the receiver to expect it there."""
+
+        def reserve(engine):
+            engine.validate(tokens, params)
+            return engine.reserve(rid, len(tokens))
+
+        block_ids = await self.loop.acall(reserve)
+        self.receiver.expect(rid, block_ids)
+        return block_ids
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
         released = await self._release(request.request_id)
@@ -103,8 +105,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     async def _release(self, rid: str) -> bool:
         self.deadlines.pop(rid, None)
-        if self.receiver is not None:
-            self.receiver.cancel(rid)
+        self.receiver.cancel(rid)
         released = await self.loop.acall(lambda e: e.abort(rid))
         if released:
             self.num_aborted += 1
@@ -118,7 +119,6 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             now = time.monotonic()
             for rid in [r for r, d in self.deadlines.items() if d < now]:
                 logger.warning("[%s] reservation expired; freeing its blocks", rid)
-                self.num_expired += 1
                 await self._release(rid)
 
     # ---- decoding ---------------------------------------------------------------------------------
@@ -129,8 +129,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             params = sampling_from_proto(request.sampling)
             tokens = list(request.token_ids)
             head = pb.DecodeChunk()  # extra fields for the first chunk
-            if self.draining and not request.prefilled:
-                raise CapacityError("worker is draining")
+            if not request.prefilled:
+                self.refuse_if_draining()  # a prefilled request's KV already sits here: finish it
             if request.prefill_address:
                 leg = await self._remote_prefill(rid, tokens, params, request)
                 head = pb.DecodeChunk(
@@ -174,8 +174,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         except asyncio.CancelledError:
             logger.info("[%s] cancelled (client cancel or deadline); freeing its blocks", rid)
             self.deadlines.pop(rid, None)
-            if self.receiver is not None:
-                self.receiver.cancel(rid)
+            self.receiver.cancel(rid)
             self.loop.abort(rid, time.monotonic())
             self.num_aborted += 1
             raise
@@ -185,17 +184,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         finally:
             self.in_flight -= 1
 
-    async def _remote_prefill(self, rid: str, tokens: list[int], params, request: pb.DecodeRequest):
+    async def _remote_prefill(self, rid: str, tokens: list[int], params: SamplingParams, request: pb.DecodeRequest):
         """Decode-driven disaggregation: reserve blocks here, have the prefill worker fill them."""
-        if self.receiver is None:
-            raise FingerprintMismatchError("this decode worker has no KV receiver")
-
-        def reserve(engine):
-            engine.validate(tokens, params)
-            return engine.reserve(rid, len(tokens))
-
-        block_ids = await self.loop.acall(reserve)
-        self.receiver.expect(rid, block_ids)
+        block_ids = await self._reserve(rid, tokens, params)
         stub = self._prefill_stub(request.prefill_address)
         try:
             return await stub.Prefill(
@@ -209,7 +200,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         except grpc.aio.AioRpcError as e:
             raise PrefillLegError(e.code(), f"prefill worker {request.prefill_address}: {e.details()}") from None
 
-    def _prefill_stub(self, address: str):
+    def _prefill_stub(self, address: str) -> pb_grpc.PrefillStub:
         stub = self.prefill_stubs.get(address)
         if stub is None:
             stub = self.prefill_stubs[address] = pb_grpc.PrefillStub(channel(address, self.tls))
@@ -217,35 +208,5 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     async def _wait_transfer(self, rid: str) -> float:
         t0 = time.monotonic()
-        if self.receiver is None:
-            raise FingerprintMismatchError("this decode worker has no KV receiver")
         await asyncio.to_thread(self.receiver.wait, rid, self.transfer_timeout_s)
         return time.monotonic() - t0
-
-    async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.WorkerLoad:
-        load = self.load()
-        if request.check_integrity:
-            load.integrity_error, load.num_live_blocks = await self.loop.acall(integrity)
-        return load
-
-    async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext):
-        async for batch in kv_event_stream(self.loop, self.identity.worker_id):
-            yield batch
-
-    def load(self) -> pb.WorkerLoad:
-        e = self.loop.engine
-        return load_to_proto(
-            self.loop.stats,
-            worker_id=self.identity.worker_id,
-            role="decode",
-            address=self.identity.address,
-            draining=self.draining,
-            fingerprint=self.fingerprint.to_json(),
-            kv_endpoint=self.kv_endpoint,
-            transfer_backend=self.identity.transfer_backend,
-            max_model_len=e.max_model_len,
-            vocab_size=e.vocab_size,
-            num_aborted=self.num_aborted,
-            device=e.config.device,
-            last_abort_latency_s=self.loop.last_abort_latency_s,
-        )

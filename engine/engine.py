@@ -8,24 +8,21 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig
+from pdserve.engine.connector import KVConnector
 from pdserve.engine.errors import CapacityError, InvalidRequestError, RequestNotFoundError
 from pdserve.engine.model_runner import BatchItem, ModelRunner
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import ScheduledSeq, Scheduler
+from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from pdserve.engine.stops import StopChecker
 from pdserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-LayerHookFactory = Callable[[list[ScheduledSeq]], Callable[[int], None] | None]
-
 
 @dataclass(slots=True)
 class StepOutput:
@@ -52,8 +49,15 @@ def _token_slice(seq: Sequence, start: int, num: int) -> list[int]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, shared_kv: bool = False, record_events: bool = False):
+    def __init__(
+        self,
+        config: EngineConfig,
+        shared_kv: bool = False,
+        record_events: bool = False,
+        kv_connector: KVConnector | None = None,
+    ):
         self.config = config
+        self.kv_connector = kv_connector  # told each step's layers as their KV lands (see engine.connector)
         self.runner = ModelRunner(config, shared_kv=shared_kv)
         self.tokenizer = load_tokenizer(self.runner.model_path)
         self.max_model_len = self.runner.max_model_len
@@ -72,7 +76,6 @@ class LLMEngine:
         self.reservations: dict[str, list[int]] = {}
         self.held: dict[str, list[int]] = {}
         self._arrivals = itertools.count()
-        self.layer_hook_factory: LayerHookFactory | None = None
         self.num_steps = 0
         self.last_step_s = 0.0
 
@@ -240,8 +243,8 @@ class LLMEngine:
             )
             for s in scheduled
         ]
-        hook = self.layer_hook_factory(scheduled) if self.layer_hook_factory else None
-        logits = self.runner.execute(items, layer_hook=hook)
+        layer_ready = self.kv_connector.layer_ready(scheduled) if self.kv_connector is not None else None
+        logits = self.runner.execute(items, layer_hook=layer_ready)
         sampling = [s for s in scheduled if s.samples]
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens

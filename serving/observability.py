@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import sys
-import time
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
@@ -60,11 +59,16 @@ def setup_logging(role: str, level: str = "INFO", fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
-    """Expose /metrics on ``host:port``; 0 is off, -1 picks a free port. Returns the bound port (0: off)."""
+def serve_metrics(port: int, host: str = "127.0.0.1", collector: WorkerCollector | None = None) -> int:
+    """Expose /metrics on ``host:port``; 0 is off, -1 picks a free port. Returns the bound port (0: off).
+
+    ``collector`` (a worker's load) is registered only when metrics are served.
+    """
     if port == 0:
         return 0
     server, _ = start_http_server(max(port, 0), addr=host)
+    if collector is not None:
+        collector.register()
     return server.server_port
 
 
@@ -75,6 +79,16 @@ class WorkerCollector:
         self.role = role
         self.load_fn = load_fn
         self.in_flight_fn = in_flight_fn
+        self.registered = False
+
+    def register(self) -> None:
+        REGISTRY.register(self)
+        self.registered = True
+
+    def unregister(self) -> None:
+        if self.registered:
+            REGISTRY.unregister(self)
+            self.registered = False
 
     def collect(self):
         load = self.load_fn()
@@ -115,10 +129,6 @@ class WorkerCollector:
                     1.0 if load.draining and in_flight == 0 else 0.0)
 
 
-def register_worker_collector(role: str, load_fn, in_flight_fn) -> None:
-    REGISTRY.register(WorkerCollector(role, load_fn, in_flight_fn))
-
-
 STEP_SECONDS = Histogram("pdserve_worker_step_seconds", "Engine step duration", ["role"], buckets=LATENCY_BUCKETS)
 
 TRANSFER_BYTES = Counter("pdserve_kv_transfer_bytes_total", "KV bytes moved", ["peer", "path"])
@@ -138,11 +148,3 @@ def record_transfer(peer: str, path: str, num_bytes: int, seconds: float) -> Non
 
 def record_transfer_failure(peer: str) -> None:
     TRANSFER_FAILURES.labels(peer).inc()
-
-
-class Stopwatch:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0

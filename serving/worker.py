@@ -1,0 +1,203 @@
+"""The worker base prefill and decode share: identity, GetLoad, KVEvents, drain, registration, serve lifecycle.
+
+A role servicer subclasses ``WorkerServicer`` and keeps only its role logic; the role's ``serve`` builds its
+engine and KV transfer end, then hands ``run_worker`` a factory for the servicer. ``run_worker`` owns the
+rest: the gRPC server with health, the engine thread, metrics, the ready line, registration with routers
+and, on SIGTERM (or ``stop``), goodbye -> NOT_SERVING -> drain in-flight work within the grace -> stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import grpc
+
+from pdserve.engine.errors import CapacityError
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.convert import integrity, kv_event_stream, load_to_proto
+from pdserve.serving.observability import STEP_SECONDS, WorkerCollector, serve_metrics
+from pdserve.serving.rpc import TlsConfig, create_server, heartbeat, install_sigterm, set_serving
+
+if TYPE_CHECKING:
+    from pdserve.engine.engine_loop import EngineLoop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    role: str  # "prefill" | "decode"
+    worker_id: str
+    address: str  # what routers and peers dial
+    transfer_backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """How a worker serves, whatever its role (the CLI's worker flags)."""
+
+    addr: str = "127.0.0.1:0"
+    grace_s: float = 30.0
+    routers: tuple[str, ...] = ()
+    step_delay_s: float = 0.0  # fault injection / tests: slow every engine step down
+    metrics_port: int = 0  # 0: off, -1: any free port
+    tls: TlsConfig | None = None
+    advertise_host: str = ""  # the host peers dial, when the bind address is a wildcard
+
+    @property
+    def bind_host(self) -> str:
+        return self.addr.rsplit(":", 1)[0]
+
+
+def advertise(endpoint: str, host: str) -> str:
+    """Replace a wildcard bind address in ``scheme://host:port`` by the address peers should dial."""
+    scheme, _, rest = endpoint.partition("://")
+    bound, _, port = rest.rpartition(":")
+    if host and bound in ("0.0.0.0", "::", "[::]", ""):
+        return f"{scheme}://{host}:{port}"
+    return endpoint
+
+
+class WorkerServicer:
+    """What every worker answers (GetLoad, KVEvents) and the state the lifecycle drives (draining, in flight).
+
+    Subclasses set ``service`` (the proto service name) and list themselves after this class and before the
+    generated servicer base, e.g. ``class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer)``.
+    """
+
+    service: ClassVar[str]
+
+    def __init__(self, loop: EngineLoop, identity: WorkerIdentity):
+        self.loop = loop
+        self.identity = identity
+        self.draining = False
+        self.in_flight = 0
+        self.num_aborted = 0
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise CapacityError("worker is draining")
+
+    @property
+    def busy(self) -> bool:
+        """Work that a graceful stop waits for."""
+        return self.in_flight > 0
+
+    def ready_fields(self) -> list[str]:
+        """Role fields of the ready line, between the address and ``metrics=``."""
+        return []
+
+    def load_fields(self) -> dict:
+        """Role fields of WorkerLoad."""
+        return {}
+
+    def background(self) -> list[Coroutine]:
+        """Coroutines that run while the worker serves (cancelled at stop)."""
+        return []
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        getattr(pb_grpc, f"add_{self.service}Servicer_to_server")(self, server)
+
+    # ---- RPCs shared by both roles ------------------------------------------------------------------
+    async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.WorkerLoad:
+        load = self.load()
+        if request.check_integrity:
+            load.integrity_error, load.num_live_blocks = await self.loop.acall(integrity)
+        return load
+
+    async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.KVEventBatch]:
+        async for batch in kv_event_stream(self.loop, self.identity.worker_id):
+            yield batch
+
+    def load(self) -> pb.WorkerLoad:
+        e = self.loop.engine
+        return load_to_proto(
+            self.loop.stats,
+            worker_id=self.identity.worker_id,
+            role=self.identity.role,
+            address=self.identity.address,
+            draining=self.draining,
+            fingerprint=e.fingerprint,
+            transfer_backend=self.identity.transfer_backend,
+            max_model_len=e.max_model_len,
+            vocab_size=e.vocab_size,
+            num_aborted=self.num_aborted,
+            device=e.config.device,
+            last_abort_latency_s=self.loop.last_abort_latency_s,
+            **self.load_fields(),
+        )
+
+
+async def drain(servicer: WorkerServicer, grace_s: float, interval_s: float = 0.05) -> bool:
+    """Refuse new work and wait up to ``grace_s`` for in-flight work to finish; True if it all did."""
+    servicer.draining = True
+    deadline = time.monotonic() + grace_s
+    while servicer.busy and time.monotonic() < deadline:
+        await asyncio.sleep(interval_s)
+    return not servicer.busy
+
+
+async def run_worker(
+    role: str,
+    loop: EngineLoop,
+    make_servicer: Callable[[EngineLoop, WorkerIdentity], WorkerServicer],
+    options: WorkerOptions,
+    transfer_backend: str,
+    ready: asyncio.Future | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve ``role`` until SIGTERM/SIGINT (or ``stop``), then drain and stop. Starts and stops ``loop``.
+
+    Prints ``PDSERVE_READY <role> <address> [role fields] metrics=<port>`` once serving (the launcher
+    parses it) and sets ``ready`` to the address.
+    """
+    server, port, health = create_server(options.addr, [role.capitalize()], options.tls)
+    identity = WorkerIdentity(
+        role, f"{role}-{uuid.uuid4().hex[:6]}", f"{options.advertise_host or options.bind_host}:{port}",
+        transfer_backend,
+    )
+    servicer = make_servicer(loop, identity)
+    servicer.add_to_server(server)
+    loop.on_step = STEP_SECONDS.labels(role).observe
+    loop.start()
+    collector = WorkerCollector(role, servicer.load, lambda: servicer.in_flight)
+    bound_metrics = serve_metrics(options.metrics_port, options.bind_host, collector)
+    tasks: list[asyncio.Task] = []
+    stop = stop or asyncio.Event()
+    try:
+        await server.start()
+        await set_serving(health, [servicer.service], True)
+        tasks = [asyncio.create_task(c) for c in servicer.background()]
+        print(" ".join(["PDSERVE_READY", role, identity.address, *servicer.ready_fields(),
+                        f"metrics={bound_metrics}"]), flush=True)
+        logger.info("%s worker %s serving on %s", role, identity.worker_id, identity.address)
+        if ready is not None:
+            ready.set_result(identity.address)
+        install_sigterm(stop)
+        registration = None
+        if options.routers:
+            registration = asyncio.create_task(
+                heartbeat(list(options.routers), identity.address, role, stop, tls=options.tls)
+            )
+        await stop.wait()
+        if registration is not None:
+            await registration  # says goodbye: routers stop sending new work at once
+        logger.info("draining %s worker (%d in flight)", role, servicer.in_flight)
+        servicer.draining = True
+        await set_serving(health, [servicer.service], False)
+        if not await drain(servicer, options.grace_s):
+            logger.warning("grace period over with %d requests in flight; stopping", servicer.in_flight)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await server.stop(1.0)
+        loop.stop()
+        collector.unregister()
