@@ -137,7 +137,7 @@ def add_generate_parser(sub, tls_args) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a completion from a running cluster",
                        description="Stream the text as it arrives, then a one-line summary on stderr.")
     g.add_argument("prompt", help="the prompt text")
-    g.add_argument("--router", default=DEFAULT_ROUTER, metavar="HOST:PORT", help="router address (pdserve up's default)")
+    g.add_argument("--router", default=DEFAULT_ROUTER, metavar="HOST:PORT", help="router address (pdserve up listens on port 50051)")
     sampling_args(g)
     g.add_argument("--api-key", default="", help="API key sent as 'authorization: Bearer KEY' "
                    "(default: $PDSERVE_API_KEY)")

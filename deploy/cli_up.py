@@ -44,7 +44,7 @@ def add_up_parser(sub, router_policy_args, tls_args) -> argparse.ArgumentParser:
     c.add_argument("--decode", type=checks.positive_int, default=1, help="decode workers")
     c.add_argument("--host", default="127.0.0.1", help="address every process binds")
     c.add_argument("--port", type=checks.port, default=DEFAULT_ROUTER_PORT,
-                   help="router port, the one pdserve generate dials by default (0: any free port)")
+                   help="router port, where pdserve generate looks (default: %(default)s; 0: any free port)")
     c.add_argument("--metrics-port", type=checks.metrics_port, default=-1,
                    help="router's Prometheus port (-1: any free port; 0: no metrics anywhere); workers get free ports")
     c.add_argument("--log-format", default="text", choices=["text", "json"], help="every process's log format")

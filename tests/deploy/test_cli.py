@@ -1,0 +1,148 @@
+"""The CLI's surface: one-line usage errors with exit status 2, help with defaults, torch-free client paths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pdserve.cli import build_parser, main
+
+
+def _pdserve(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pdserve", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PDSERVE_API_KEY": ""})
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+BAD = [
+    (["up", "--port", "70000"], "--port"),
+    (["up", "--port", "-5"], "--port"),
+    (["up", "--metrics-port", "65536"], "--metrics-port"),
+    (["router", "--port", "x"], "--port"),
+    (["up", "--decode", "0"], "--decode"),
+    (["up", "--model", "/no/such/model-dir"], "--model"),
+    (["decode", "--model", "./missing-model", "--port", "0"], "--model"),
+    (["up", "--api-keys", "/no/such/keys.json"], "--api-keys"),
+    (["bench", "--router", "127.0.0.1:1", "--num-prompts", "0"], "--num-prompts"),
+    (["generate"], "prompt"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
+def test_bad_input_is_one_line_naming_the_flag_and_exit_2(argv, flag):
+    t0 = time.monotonic()
+    r = _pdserve(*argv)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 30, "a bad flag fails at once, before any process starts"
+
+
+@pytest.mark.parametrize("cmd", [["up"], ["router"], ["decode"]])
+def test_busy_port_is_refused_up_front(cmd, busy_port):
+    r = _pdserve(*cmd, "--port", str(busy_port))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "--port" in lines[0] and "in use" in lines[0], lines
+
+
+@pytest.mark.skipif(_cuda(), reason="this machine has CUDA")
+@pytest.mark.parametrize("cmd", [["up"], ["prefill"]])
+def test_missing_cuda_is_one_line(cmd):
+    r = _pdserve(*cmd, "--device", "cuda")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--device" in lines[0], r.stderr
+
+
+def test_up_and_generate_agree_on_the_router_port():
+    p = build_parser()
+    up = p.parse_args(["up"])
+    gen = p.parse_args(["generate", "hi"])
+    assert up.port == 50051 and gen.router.endswith(f":{up.port}")
+    assert up.metrics_port == -1 and up.host == "127.0.0.1"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    for name, sub in _subparsers(build_parser()).items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"pdserve {name} {action.option_strings}: no help"
+            if action.option_strings and action.default not in (None, argparse.SUPPRESS):
+                assert "default" in sub.formatter_class(prog="x")._get_help_string(action), \
+                    f"pdserve {name} {action.option_strings[0]}: default not shown"
+        assert "default" in text
+    up_help = _subparsers(build_parser())["up"].format_help()
+    for flag in ("--host", "--port", "--metrics-port", "--api-keys", "--log-format", "--tls-cert", "--tls-key",
+                 "--tls-ca", "--dtype", "--max-num-seqs", "--max-num-batched-tokens", "--kv-cache-mib",
+                 "--no-restart", "--generate", "--prefill", "--decode", "--transfer"):
+        assert flag in up_help, flag
+    assert "50051" in up_help
+
+
+def test_bench_uses_vllm_flag_names_and_keeps_the_old_ones_hidden():
+    bench = _subparsers(build_parser())["bench"]
+    text = bench.format_help()
+    for flag in ("--num-prompts", "--request-rate", "--max-concurrency", "--result-dir"):
+        assert flag in text, flag
+    hidden = {o for a in bench._actions if a.help == argparse.SUPPRESS for o in a.option_strings}
+    assert {"--num-requests", "--rate", "--concurrency", "--out-dir"} <= hidden
+    new = bench.parse_args(["--router", "x", "--num-prompts", "7", "--request-rate", "2", "--max-concurrency", "3",
+                            "--result-dir", "d"])
+    old = bench.parse_args(["--router", "x", "--num-requests", "7", "--rate", "2", "--concurrency", "3",
+                            "--out-dir", "d"])
+    for a in (new, old):
+        assert (a.num_requests, a.rate, a.concurrency, a.out_dir) == (7, 2.0, 3, "d")
+
+
+def test_generate_takes_sampling_flags():
+    a = build_parser().parse_args(["generate", "hi", "--seed", "3", "--top-p", "0.5", "--top-k", "4", "--stop", "x",
+                                   "--stop", "y", "--temperature", "0.7", "--api-key", "k", "--json"])
+    assert (a.seed, a.top_p, a.top_k, a.stop, a.temperature, a.api_key, a.json) == (3, 0.5, 4, ["x", "y"], 0.7, "k", True)
+
+
+def test_generate_json_on_rpc_error_parses(capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["generate", "hi", "--router", f"127.0.0.1:{port}", "--json"]) == 1
+    out = capsys.readouterr().out.strip()
+    assert json.loads(out)["error"] == "UNAVAILABLE"
+
+
+def test_client_and_parser_import_no_torch():
+    code = ("import sys; from pdserve.cli import build_parser; build_parser(); "
+            "from pdserve.deploy import cli_client, cli_up, cli_checks, supervisor, local; "
+            "cli_checks.check_device('cpu'); cli_checks.check_model('tiny'); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
