@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import grpc
-
+from pdserve.engine.errors import InvalidRequestError
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.edge import load_to_proto
 from pdserve.router.membership import ROLES, Membership, Worker
 from pdserve.router.prefix_index import PrefixIndex
+from pdserve.serving.errors import abort_with
 
 
 def worker_status(w: Worker) -> pb.WorkerStatus:
@@ -53,22 +53,23 @@ class AdminServicer(pb_grpc.AdminServicer):
         return await self._set(request, context, False)
 
     async def _set(self, request: pb.DrainRequest, context, draining: bool) -> pb.DrainResponse:
-        worker = self.membership.workers.get(request.address)
-        if worker is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"address: no worker {request.address!r}")
+        try:
+            worker = self.membership.get(request.address)
+        except KeyError as e:
+            await abort_with(context, e)
         worker.draining = draining
         return pb.DrainResponse(worker=worker_status(worker))
 
     async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
         if request.role not in ROLES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"role: must be one of {ROLES}")
+            await abort_with(context, InvalidRequestError(f"role: must be one of {ROLES}"))
         if request.leaving:
             await self.membership.remove(request.address)
             return pb.RegisterResponse(accepted=True)
         try:
             worker = self.membership.register(request.address, request.role, request.ttl_s or 5.0)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await abort_with(context, e)
         if not worker.healthy:
             await self.membership._poll(worker)
         return pb.RegisterResponse(accepted=True)

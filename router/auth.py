@@ -14,6 +14,9 @@ from pathlib import Path
 
 import grpc
 
+from pdserve.engine.errors import PermissionDeniedError, UnauthenticatedError
+from pdserve.serving.errors import abort_with
+
 ADMIN_TENANT = "admin"
 _PROTECTED = ("/pdserve.v1.Generation/", "/pdserve.v1.Admin/")
 
@@ -43,12 +46,12 @@ def _key_from(metadata) -> str:
     return key if isinstance(key, str) else ""
 
 
-def _refusal(handler, code: grpc.StatusCode, message: str):
+def _refusal(handler, exc: Exception):
     async def deny_unary(request, context):
-        await context.abort(code, message)
+        await abort_with(context, exc)
 
     async def deny_stream(request, context):
-        await context.abort(code, message)
+        await abort_with(context, exc)
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_stream:
@@ -75,7 +78,7 @@ def _with_tenant(handler, tenant: str):
         async def stream(request, context):
             msg = check(request, context)
             if msg:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, msg)
+                await abort_with(context, PermissionDeniedError(msg))
             async for resp in inner(request, context):
                 yield resp
 
@@ -85,7 +88,7 @@ def _with_tenant(handler, tenant: str):
     async def unary(request, context):
         msg = check(request, context)
         if msg:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, msg)
+            await abort_with(context, PermissionDeniedError(msg))
         return await inner(request, context)
 
     return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
@@ -105,10 +108,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         tenant = self.tenants.get(_digest(key)) if key else None
         if tenant is None:
             self.num_refused += 1
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown API key")
+            return _refusal(handler, UnauthenticatedError("missing or unknown API key"))
         if method.startswith("/pdserve.v1.Admin/"):
             if tenant != ADMIN_TENANT:
                 self.num_refused += 1
-                return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, "the Admin service needs an admin key")
+                return _refusal(handler, PermissionDeniedError("the Admin service needs an admin key"))
             return handler
         return _with_tenant(handler, tenant)
