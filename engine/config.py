@@ -28,6 +28,10 @@ class EngineConfig:
     num_blocks: KV blocks per layer; 0 means derive from ``kv_cache_bytes``.
     attention_backend: a registered attention backend (``torch``, ``triton``) or ``auto``: triton on CUDA
     when it is installed and usable, else torch.
+    model_impl: ``native`` (engine.native: Llama, Qwen2, Qwen3, Mistral), ``hf`` (transformers' modules over
+    the paged attention) or ``auto``: native for those families, hf for any other architecture.
+    cuda_graphs: capture the native decode step into CUDA graphs per batch-size bucket at start-up (CUDA and
+    the triton backend only; elsewhere the same static decode path runs eagerly).
     """
 
     model: str = "tiny"
@@ -45,6 +49,8 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "auto"
     attention_backend: str = "auto"
+    model_impl: str = "auto"
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -69,8 +75,15 @@ class EngineConfig:
             raise ValueError(f"load_format: must be 'auto' or 'dummy', got {self.load_format!r}")
         if not self.attention_backend or not isinstance(self.attention_backend, str):
             raise ValueError(f"attention_backend: must be 'auto' or a backend name, got {self.attention_backend!r}")
+        if self.model_impl not in ("auto", "native", "hf"):
+            raise ValueError(f"model_impl: must be 'auto', 'native' or 'hf', got {self.model_impl!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs: must be a bool, got {self.cuda_graphs!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def use_cuda_graphs(self) -> bool:
+        return self.cuda_graphs and self.device.startswith("cuda")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype != "auto":

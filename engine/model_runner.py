@@ -20,6 +20,7 @@ from pdserve.engine.attention import (
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec, LayoutFingerprint
 from pdserve.engine.models import resolve_model
+from pdserve.engine.native import load_native, resolve_model_impl
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def _geometry(hf_config) -> ModelGeometry:
 
 
 def _load_model(path: str, dummy: bool, config: EngineConfig, dtype: torch.dtype):
+    """(hf_config, model, impl): impl is ``native`` (engine.native) or ``hf`` (transformers' modules)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     register_with_transformers()
@@ -110,11 +112,17 @@ def _load_model(path: str, dummy: bool, config: EngineConfig, dtype: torch.dtype
         hf_config = AutoConfig.from_pretrained(path, revision=config.revision)
     except (OSError, ValueError) as e:
         raise ValueError(f"model: cannot load {config.model!r}: {e}") from None
-    if dummy or config.load_format == "dummy":
-        seed = config.seed
-        marker = Path(path) / "pdserve_dummy.json"
-        if marker.exists():
-            seed = json.loads(marker.read_text()).get("seed", seed)
+    impl = resolve_model_impl(config.model_impl, hf_config)
+    dummy = dummy or config.load_format == "dummy"
+    seed = config.seed
+    marker = Path(path) / "pdserve_dummy.json"
+    if dummy and marker.exists():
+        seed = json.loads(marker.read_text()).get("seed", seed)
+    if impl == "native":
+        max_len = _geometry(hf_config).max_position
+        model = load_native(hf_config, path, dummy, seed, dtype, torch.device(config.device), max_len)
+        return hf_config, model, impl
+    if dummy:
         torch.manual_seed(seed)
         with torch.device(config.device):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=ATTN_IMPL)
@@ -125,7 +133,7 @@ def _load_model(path: str, dummy: bool, config: EngineConfig, dtype: torch.dtype
             )
         except (OSError, ValueError) as e:
             raise ValueError(f"model: cannot load {config.model!r}: {e}") from None
-    return hf_config, model.to(config.device).eval()
+    return hf_config, model.to(config.device).eval(), impl
 
 
 def _split(buf: torch.Tensor, sizes: list[int]) -> list[torch.Tensor | None]:
@@ -147,7 +155,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype()
         path, dummy = resolve_model(config.model)
         self.model_path = path
-        self.hf_config, self.model = _load_model(path, dummy, config, self.dtype)
+        self.hf_config, self.model, self.model_impl = _load_model(path, dummy, config, self.dtype)
         self.geometry = g = _geometry(self.hf_config)
         self.max_model_len = min(config.max_model_len or g.max_position, g.max_position)
         spec0 = KVCacheSpec(
@@ -179,8 +187,9 @@ class ModelRunner:
             hash_seed=config.hash_seed,
         )
         logger.info(
-            "loaded %s: %d layers, %d kv heads x %d, %d KV blocks of %d tokens on %s/%s, attention %s",
+            "loaded %s (%s): %d layers, %d kv heads x %d, %d KV blocks of %d tokens on %s/%s, attention %s",
             config.model,
+            self.model_impl,
             g.num_layers,
             g.num_kv_heads,
             g.head_dim,
@@ -191,6 +200,17 @@ class ModelRunner:
             self.attention_backend,
         )
         self._no_mask = torch.empty(1, 1, 0, 0, dtype=torch.bool, device=self.device)
+        self.native = None
+        if self.model_impl == "native":
+            from pdserve.engine.native.executor import NativeExecutor
+
+            self.native = NativeExecutor(
+                self.model, self.kv.layers, config.block_size, self.attention_backend, self.max_model_len
+            )
+            if config.use_cuda_graphs():
+                from pdserve.engine.native.graphs import capture_decode_graphs
+
+                self.native.graphs = capture_decode_graphs(self.native, config.max_num_seqs)
 
     @property
     def num_blocks(self) -> int:
@@ -201,6 +221,8 @@ class ModelRunner:
         self, items: list[BatchItem], layer_hook: Callable[[int], None] | None = None
     ) -> torch.Tensor:
         """Run one flattened step. Returns float32 logits [num items with needs_logits, vocab]."""
+        if self.native is not None and layer_hook is None and self.native.is_decode(items):
+            return self.native.decode(items)  # the static (graph-ready) decode path
         inputs = self._prepare(items)
         meta = AttentionMetadata(
             kv_caches=self.kv.layers,
@@ -218,6 +240,8 @@ class ModelRunner:
             prefill_block_tables=inputs.prefill_block_tables,
             prefill_info=inputs.prefill_info,
         )
+        if self.native is not None:
+            return self.native.forward(inputs, meta)
         out = self.model(
             input_ids=inputs.input_ids,
             position_ids=inputs.positions,

@@ -1,0 +1,90 @@
+"""CUDA graphs for the native decode step: one graph per batch-size bucket, captured at start-up.
+
+Each bucket owns one persistent int64 input buffer (ids, positions, context lengths, KV rows, block tables of
+the full max-model-len width) and a static logits output. A step copies its host buffer into the smallest
+bucket that fits (rows past the batch repeat row 0: they compute the same values and write the same KV slot)
+and replays. Capture needs the triton backend (its decode kernel walks only each sequence's real context; the
+torch reference would gather the whole padded width). Any capture failure logs a warning and leaves the
+executor on the eager static path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def bucket_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += range(16, max_num_seqs, 16)
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class DecodeGraphs:
+    def __init__(self, executor):
+        self.executor = executor
+        self.width = executor.max_blocks
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.graphs, default=0)
+
+    def _new_buffer(self, batch: int) -> torch.Tensor:
+        ex = self.executor
+        buf = torch.zeros(batch * (5 + self.width), dtype=torch.int64, device=ex.device)
+        _, _, ctx, _, _ = ex.split_decode(buf, batch, self.width)
+        ctx.fill_(1)  # a valid context for warm-up and capture (they write KV into block 0: nothing lives there yet)
+        return buf
+
+    def capture(self, sizes: list[int]) -> None:
+        ex = self.executor
+        pool = None
+        for batch in sorted(sizes, reverse=True):  # largest first: the smaller ones reuse its memory pool
+            buf = self._new_buffer(batch)
+            args = ex.split_decode(buf, batch, self.width)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.inference_mode(), torch.cuda.stream(stream):
+                for _ in range(2):  # compiles the triton kernels, settles the allocator
+                    ex.decode_forward(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                out = ex.decode_forward(*args)
+            pool = graph.pool()
+            self.buffers[batch], self.outputs[batch], self.graphs[batch] = buf, out, graph
+        torch.cuda.synchronize()
+
+    def run(self, items) -> torch.Tensor | None:
+        """Logits [len(items), vocab] from the smallest fitting bucket, or None when none fits."""
+        n = len(items)
+        batch = next((b for b in sorted(self.graphs) if b >= n), None)
+        if batch is None:
+            return None
+        host = self.executor.decode_host(items, batch, self.width)
+        self.buffers[batch].copy_(torch.tensor(host, dtype=torch.int64, pin_memory=True), non_blocking=True)
+        self.graphs[batch].replay()
+        return self.outputs[batch][:n]
+
+
+def capture_decode_graphs(executor, max_num_seqs: int) -> DecodeGraphs | None:
+    """Capture every bucket, or return None (eager static decode) with a warning when it cannot be done."""
+    if executor.backend != "triton":
+        logger.warning("cuda graphs: off (they need the triton attention backend, got %r)", executor.backend)
+        return None
+    graphs = DecodeGraphs(executor)
+    sizes = bucket_sizes(max_num_seqs)
+    try:
+        graphs.capture(sizes)
+    except Exception as e:  # noqa: BLE001 - any capture failure means "run eagerly", never "fail to serve"
+        logger.warning("cuda graphs: capture failed (%s: %s); decoding eagerly", type(e).__name__, e)
+        torch.cuda.synchronize()
+        return None
+    logger.info("cuda graphs: captured %d decode buckets up to batch %d", len(sizes), max(sizes))
+    return graphs
