@@ -24,6 +24,7 @@ from pdserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(slots=True)
 class StepOutput:
     request_id: str
