@@ -1,8 +1,8 @@
 """The worker base prefill and decode share: identity, GetLoad, KVEvents, drain, registration, serve lifecycle.
 
-A role servicer subclasses ``WorkerServicer`` and keeps only its role logic; the role's ``serve`` builds its
-engine and KV transfer end, then hands ``run_worker`` a factory for the servicer. ``run_worker`` owns the
-rest: the gRPC server with health, the engine thread, metrics, the ready line, registration with routers
+A role servicer subclasses ``WorkerServicer`` and keeps only its role logic; the role's ``serve`` is
+``worker_server(role, start)``, where ``start`` builds its engine (with its KV connector) and KV transfer end and
+yields a factory for the servicer. ``run_worker`` owns the rest: the gRPC server with health, the engine thread, metrics, the ready line, registration with routers
 and, on SIGTERM (or ``stop``), goodbye -> NOT_SERVING -> drain in-flight work within the grace -> stop.
 """
 
@@ -13,8 +13,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import grpc
 
@@ -26,6 +27,8 @@ from pdserve.serving.observability import STEP_SECONDS, WorkerCollector, serve_m
 from pdserve.serving.rpc import TlsConfig, create_server, heartbeat, install_sigterm, set_serving
 
 if TYPE_CHECKING:
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.engine import LLMEngine
     from pdserve.engine.engine_loop import EngineLoop
 
 logger = logging.getLogger(__name__)
@@ -145,20 +148,56 @@ async def drain(servicer: WorkerServicer, grace_s: float, interval_s: float = 0.
     return not servicer.busy
 
 
+ServicerFactory = Callable[["EngineLoop", WorkerIdentity], WorkerServicer]
+
+
+class TransferSettings(Protocol):
+    backend: str  # all the lifecycle reads of a role's transfer config (the role owns the rest)
+
+
+RoleStart = Callable[
+    ["EngineConfig", TransferSettings, WorkerOptions], AbstractAsyncContextManager[tuple["LLMEngine", ServicerFactory]]
+]
+
+
+def worker_server(role: str, start: RoleStart):
+    """The ``serve`` of a role: ``start`` builds the role's engine and KV transfer end and yields the engine and
+    a servicer factory; it closes what it opened when the worker stops."""
+
+    async def serve(
+        engine_config: EngineConfig,
+        transfer_config: TransferSettings,
+        addr: str = "127.0.0.1:0",
+        *,
+        ready: asyncio.Future | None = None,
+        stop: asyncio.Event | None = None,
+        **options,
+    ) -> None:
+        """Serve until SIGTERM/SIGINT or ``stop``; ``options`` are ``WorkerOptions`` fields (grace_s, routers...)."""
+        opts = WorkerOptions(addr, **options)
+        async with start(engine_config, transfer_config, opts) as (engine, make_servicer):
+            await run_worker(role, engine, make_servicer, opts, transfer_config.backend, ready, stop)
+
+    return serve
+
+
 async def run_worker(
     role: str,
-    loop: EngineLoop,
-    make_servicer: Callable[[EngineLoop, WorkerIdentity], WorkerServicer],
+    engine: LLMEngine,
+    make_servicer: ServicerFactory,
     options: WorkerOptions,
     transfer_backend: str,
     ready: asyncio.Future | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve ``role`` until SIGTERM/SIGINT (or ``stop``), then drain and stop. Starts and stops ``loop``.
+    """Serve ``role`` until SIGTERM/SIGINT (or ``stop``), then drain and stop; ``engine`` runs on its own thread.
 
     Prints ``PDSERVE_READY <role> <address> [role fields] metrics=<port>`` once serving (the launcher
     parses it) and sets ``ready`` to the address.
     """
+    from pdserve.engine.engine_loop import EngineLoop  # torch: only a worker pays for it
+
+    loop = EngineLoop(engine, name=f"{role}-engine", step_delay_s=options.step_delay_s)
     server, port, health = create_server(options.addr, [role.capitalize()], options.tls)
     identity = WorkerIdentity(
         role, f"{role}-{uuid.uuid4().hex[:6]}", f"{options.advertise_host or options.bind_host}:{port}",
