@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pdserve.protos import pdserve_pb2
+from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,6 @@ async def heartbeat(
     tls: TlsConfig | None = None,
 ) -> None:
     """Register with every router and keep re-registering until ``stop``; then say goodbye."""
-    from pdserve.protos import pdserve_pb2_grpc
-
     channels = {r: channel(r, tls) for r in routers}
     stubs = {r: pdserve_pb2_grpc.AdminStub(ch) for r, ch in channels.items()}
     req = pdserve_pb2.RegisterRequest(address=address, role=role, ttl_s=interval_s * 3)
