@@ -50,6 +50,14 @@ class TransferConfig:
     checksum: bool = False
     secret: str | None = None
     allow_shm: bool = True
+    # the host senders dial, when it is none of this machine's addresses (a DNS name, a NAT address): the
+    # receiver's endpoint then names it, and handshakes signed for it are accepted (see control)
+    advertise_host: str = ""
+    # unauthenticated connections (see admission): whole-handshake deadline, pending slots in all and per
+    # source address
+    handshake_timeout_s: float = 1.5
+    max_pending: int = 64
+    max_pending_per_source: int = 8
     # fault injection (tests, chaos bench): cut the connection in the middle of every Nth transfer (0: never)
     debug_cut_every: int = 0
 
@@ -60,6 +68,12 @@ class TransferConfig:
             raise ValueError(f"backend: must be one of {BACKENDS}, got {self.backend!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
+        if not 0 < self.handshake_timeout_s <= 2.0:
+            raise ValueError(f"handshake_timeout_s: must be in (0, 2], got {self.handshake_timeout_s}")
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending: must be >= 1, got {self.max_pending}")
+        if self.max_pending_per_source < 1:
+            raise ValueError(f"max_pending_per_source: must be >= 1, got {self.max_pending_per_source}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port: out of range: {self.port}")
 

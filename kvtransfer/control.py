@@ -1,14 +1,50 @@
-"""Connection set-up shared by every backend: handshake, mutual authentication, JSON control frames.
+"""Connection set-up shared by every backend (tcp, tcp+shm, nccl/gloo, ucx): JSON control frames and the
+channel-bound, mutually authenticated handshake.
 
-Handshake (receiver speaks first):
-    receiver -> CHALLENGE {nonce}
-    sender   -> HELLO     {fingerprint, proof = HMAC-SHA256(secret, nonce || fingerprint), nonce2, host_id}
-    receiver -> HELLO_OK  {proof = HMAC-SHA256(secret, "rx" || nonce2 || fingerprint), ...backend extras}
-              | REFUSE    {kind: "fingerprint" | "auth" | "protocol", message}
-A mismatch or a bad proof is refused before any KV byte is accepted. Backend extras (a shared-memory path,
-a process-group rendezvous) travel only in HELLO_OK, i.e. only to peers that passed both checks. With a
-secret set, the sender also checks the receiver's proof, so KV never goes to an impostor.
-Every call here runs on a socket (or socket-like stream) with a timeout set: a silent peer is an error.
+Handshake (wire version 3; the receiver speaks first):
+
+    receiver -> CHALLENGE {nonce: Nr}                                        fresh per connection
+    sender   -> HELLO     {fingerprint: F, endpoint: E, host_id: H, nonce2: Ns,
+                           proof: MAC(K, "sender",   Nr, Ns, E, F, H)}
+    receiver -> HELLO_OK  {...extras X, proof: MAC(K, "receiver", Nr, Ns, E, F, H, X)}
+              | REFUSE    {kind: "auth" | "fingerprint" | "protocol" | "busy", message}
+
+K = HMAC-SHA256(cluster secret, "pdserve/kvtransfer/handshake/v3") (a key for this use only, so no proof
+here is ever valid in another protocol keyed by the same secret); MAC is HMAC-SHA256 over the
+length-prefixed fields, so no two transcripts encode alike.
+
+Why this stops a relay. The attack: a prefill worker can be made to dial an endpoint of the attacker's
+choosing, A. The attacker connects to the real decode receiver R, gets R's challenge Nr, plays it to the
+prefill worker as A's challenge, and forwards the proof it gets back. Here the prefill worker signs the
+endpoint it *dialed* (E = A, canonical form, ``names``), never a name the peer claims, and R accepts a
+proof only for one of its own names: the endpoint it is bound to or advertises (``advertise_host``), or
+the local address this very connection arrived on. A proof obtained through A names A and is refused by
+R; rewriting E in transit breaks the MAC. To make the prefill worker sign R's name, the attacker has to
+make it dial R's name, and then it reaches R itself. Nothing binds to the transport's addresses as the
+sender sees them: behind NAT or a Service VIP those differ on the two sides, whereas the dialed name is
+exactly what the decode worker advertised. The receiver-chosen nonce makes every proof good for one
+connection only (no replay), the sender's nonce does the same for the receiver's proof, and the role
+labels keep a proof from being reflected as the other side's.
+
+Mutual. The receiver proves too, over the same transcript plus the extras it hands out (a shared-memory
+path, a process-group rendezvous), so a sender never sends KV to, or maps a file named by, anyone but an
+authenticated receiver at the endpoint it dialed; a tampered extra fails the proof.
+
+Internals only to authenticated peers. A bad or missing proof, or a proof for another name, is refused
+before the layout is compared (so an unauthenticated peer learns neither the layout nor the receiver's
+names), and extras travel only in HELLO_OK. The host id H is signed, so a peer cannot claim to be on
+this host to be offered shared memory, and a loopback name (127.0.0.1, ::1, localhost) is accepted only
+from a peer on this host: the same name means a different machine to a peer elsewhere.
+
+Limits. Without a cluster secret nothing is authenticated (the development mode; every proof is empty).
+A name that means different machines to the two sides (overlapping private address spaces bridged by
+the attacker) or a network-level man in the middle, which can read and inject frames after the
+handshake, needs transport encryption (TLS, or UCX/NCCL over a trusted fabric), which this does not add.
+Backends share this code: tcp and its shm path, nccl/gloo (the TCPStore rendezvous is an extra, so
+only authenticated senders learn it and the link's random prefix) and ucx (over ``UcxStream``).
+
+Every call here runs on a socket (or socket-like stream) with a timeout set, and the receiver's whole
+handshake under a deadline (``admission``): a silent or trickling peer is an error within seconds.
 """
 
 from __future__ import annotations
@@ -19,14 +55,21 @@ import json
 import os
 import select
 import socket
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from functools import cache
 
 from pdserve.engine.layout import LayoutFingerprint
-from pdserve.kvtransfer import wire
-from pdserve.kvtransfer.base import FingerprintMismatchError, TransferAuthError, TransferError
+from pdserve.kvtransfer import names, wire
+from pdserve.kvtransfer.admission import HandshakeStream
+from pdserve.kvtransfer.base import FingerprintMismatchError, TransferAuthError, TransferConfig, TransferError
 
 NONCE_LEN = 16
+SENDER, RECEIVER = b"sender", b"receiver"
+HANDSHAKE_ATTEMPTS = 3
 
 
+@cache
 def host_id() -> str:
     """Identifies this machine (and boot), so peers know when shared memory is reachable."""
     parts = [socket.gethostname()]
@@ -37,12 +80,6 @@ def host_id() -> str:
         except OSError:
             pass
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def proof(secret: str | None, nonce: bytes, fingerprint_json: str, role: bytes = b"") -> str:
-    if not secret:
-        return ""
-    return hmac.new(secret.encode(), role + nonce + fingerprint_json.encode(), hashlib.sha256).hexdigest()
 
 
 def readable(sock, timeout: float) -> bool:
@@ -86,6 +123,46 @@ def expect_json(sock, ftype: int) -> dict:
     return read_json(sock, frame)
 
 
+def _key(secret: str) -> bytes:
+    return hmac.new(secret.encode(), b"pdserve/kvtransfer/handshake/v3", hashlib.sha256).digest()
+
+
+def mac(secret: str | None, role: bytes, *fields: str | bytes) -> str:
+    """HMAC-SHA256 under the handshake key over ``role`` and ``fields``, each length-prefixed ("" without
+    a secret)."""
+    if not secret:
+        return ""
+    m = hmac.new(_key(secret), digestmod=hashlib.sha256)
+    for f in (role, *fields):
+        b = f.encode() if isinstance(f, str) else f
+        m.update(len(b).to_bytes(4, "big") + b)
+    return m.hexdigest()
+
+
+def _canon_json(obj: dict) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A sender's HELLO: the transcript both proofs cover."""
+
+    nonce: bytes  # the receiver's challenge
+    nonce2: bytes  # the sender's
+    endpoint: str  # the receiver endpoint the sender dialed, canonical
+    fingerprint: str  # the sender's layout fingerprint, as JSON
+    host_id: str  # the sender's machine
+
+    def transcript(self) -> tuple:
+        return self.nonce, self.nonce2, self.endpoint, self.fingerprint, self.host_id
+
+    def sender_proof(self, secret: str | None) -> str:
+        return mac(secret, SENDER, *self.transcript())
+
+    def receiver_proof(self, secret: str | None, extra: dict) -> str:
+        return mac(secret, RECEIVER, *self.transcript(), _canon_json(extra))
+
+
 def _nonce(body: dict, key: str) -> bytes:
     try:
         nonce = bytes.fromhex(str(body.get(key, "")))
@@ -96,58 +173,102 @@ def _nonce(body: dict, key: str) -> bytes:
     return nonce
 
 
-def client_handshake(sock, fingerprint: LayoutFingerprint, secret: str | None) -> dict:
-    """Sender side. Returns the HELLO_OK body; raises on refusal or an unauthenticated receiver."""
+def client_handshake(sock, fingerprint: LayoutFingerprint, secret: str | None, endpoint: str) -> dict:
+    """Sender side, with the receiver at ``endpoint`` (the one dialed). Returns the HELLO_OK body (the
+    receiver's extras); raises on refusal or a receiver that cannot prove the secret for this session."""
     nonce = _nonce(expect_json(sock, wire.CHALLENGE), "nonce")
-    fp = fingerprint.to_json()
-    nonce2 = os.urandom(NONCE_LEN)
-    send_json(sock, wire.HELLO, {"fingerprint": fp, "proof": proof(secret, nonce, fp), "nonce2": nonce2.hex(),
-                                 "host_id": host_id()})
+    hello = Hello(nonce, os.urandom(NONCE_LEN), names.canonical(endpoint), fingerprint.to_json(), host_id())
+    send_json(sock, wire.HELLO, {"fingerprint": hello.fingerprint, "endpoint": hello.endpoint,
+                                 "host_id": hello.host_id, "nonce2": hello.nonce2.hex(),
+                                 "proof": hello.sender_proof(secret)})
     welcome = expect_json(sock, wire.HELLO_OK)
-    if secret and not hmac.compare_digest(str(welcome.get("proof", "")), proof(secret, nonce2, fp, b"rx")):
-        raise TransferAuthError("KV receiver failed authentication (wrong cluster secret)")
-    return welcome
+    extra = {k: v for k, v in welcome.items() if k != "proof"}
+    if secret and not hmac.compare_digest(str(welcome.get("proof", "")), hello.receiver_proof(secret, extra)):
+        raise TransferAuthError(f"KV receiver failed authentication (wrong cluster secret, or not the "
+                                f"receiver at {endpoint})")
+    return extra
 
 
-def server_handshake(sock, fingerprint: LayoutFingerprint, secret: str | None) -> dict:
-    """Receiver side, up to (not including) HELLO_OK. Returns the HELLO body; sends REFUSE and raises on a
-    layout mismatch or a bad proof."""
+def _refuse(sock, kind: str, message: str) -> None:
+    send_json(sock, wire.REFUSE, {"kind": kind, "message": message})
+
+
+def names_me(hello: Hello, my_names: Collection[str]) -> bool:
+    """Whether the endpoint the sender signed is one of this receiver's names (loopback names only for a
+    peer on this host)."""
+    if hello.endpoint not in my_names:
+        return False
+    return not names.is_loopback(hello.endpoint) or hello.host_id == host_id()
+
+
+def server_handshake(sock, fingerprint: LayoutFingerprint, secret: str | None,
+                     my_names: Collection[str] = ()) -> Hello:
+    """Receiver side, up to (not including) HELLO_OK. ``my_names``: this receiver's canonical endpoint
+    names. Returns the verified HELLO; sends REFUSE and raises on a bad proof, a proof for another
+    endpoint, or a layout mismatch."""
     nonce = os.urandom(NONCE_LEN)
     send_json(sock, wire.CHALLENGE, {"nonce": nonce.hex()})
-    hello = expect_json(sock, wire.HELLO)
-    fp_json = str(hello.get("fingerprint", ""))
-    if secret and not hmac.compare_digest(str(hello.get("proof", "")), proof(secret, nonce, fp_json)):
-        msg = "KV handshake: bad or missing cluster secret"
-        send_json(sock, wire.REFUSE, {"kind": "auth", "message": msg})
-        raise TransferAuthError("peer failed authentication")
+    body = expect_json(sock, wire.HELLO)
+    hello = Hello(nonce, _nonce(body, "nonce2"), str(body.get("endpoint", "")), str(body.get("fingerprint", "")),
+                  str(body.get("host_id", "")))
+    if secret:
+        if not hmac.compare_digest(str(body.get("proof", "")), hello.sender_proof(secret)):
+            _refuse(sock, "auth", "KV handshake: bad or missing cluster secret")
+            raise TransferAuthError("peer failed authentication")
+        if not names_me(hello, my_names):
+            _refuse(sock, "auth", f"KV handshake: the proof is for {hello.endpoint!r}, which is not this "
+                                  "receiver (a relayed handshake, or a name it is not told: advertise_host)")
+            raise TransferAuthError(f"peer's proof is for {hello.endpoint!r}, not one of {sorted(my_names)}")
     try:
-        theirs = LayoutFingerprint.from_json(fp_json)
+        theirs = LayoutFingerprint.from_json(hello.fingerprint)
     except ValueError as e:
-        send_json(sock, wire.REFUSE, {"kind": "protocol", "message": str(e)})
+        _refuse(sock, "protocol", str(e))
         raise TransferError(str(e)) from None
     if theirs != fingerprint:
         msg = "KV layout mismatch (sender != receiver): " + "; ".join(theirs.diff(fingerprint))
-        send_json(sock, wire.REFUSE, {"kind": "fingerprint", "message": msg})
+        _refuse(sock, "fingerprint", msg)
         raise FingerprintMismatchError(msg)
-    hello["nonce2"] = _nonce(hello, "nonce2")
     return hello
 
 
-def welcome(sock, hello: dict, fingerprint: LayoutFingerprint, secret: str | None, extra: dict) -> None:
-    """Receiver side: accept the peer (HELLO_OK with the receiver's proof and the backend's extras)."""
-    body = {**extra, "proof": proof(secret, hello["nonce2"], fingerprint.to_json(), b"rx")}
-    send_json(sock, wire.HELLO_OK, body)
+def welcome(sock, hello: Hello, fingerprint: LayoutFingerprint, secret: str | None, extra: dict) -> None:
+    """Receiver side: accept the peer (HELLO_OK with the backend's extras and the receiver's proof over the
+    session and those extras). ``fingerprint`` equals the sender's (checked by ``server_handshake``)."""
+    send_json(sock, wire.HELLO_OK, {**extra, "proof": hello.receiver_proof(secret, extra)})
+
+
+def refuse_busy(sock, message: str) -> None:
+    _refuse(sock, "busy", message)
+
+
+def dial(connect: Callable, endpoint: str, scheme: str, fingerprint: LayoutFingerprint, config: TransferConfig):
+    """Sender side: connect to ``endpoint`` and handshake under the handshake deadline; returns (socket,
+    the receiver's extras). A connection dropped before HELLO_OK (a receiver shedding unauthenticated
+    connections under a flood) is dialed again, up to HANDSHAKE_ATTEMPTS times; refusals and timeouts
+    are not."""
+    host, port = parse_endpoint(endpoint, scheme)
+    error = None
+    for _ in range(HANDSHAKE_ATTEMPTS):
+        try:
+            sock = connect(host, port)
+        except OSError as e:
+            raise TransferError(f"cannot connect to KV receiver {endpoint}: {e}") from None
+        try:
+            stream = HandshakeStream(sock, min(config.handshake_timeout_s, config.timeout_s))
+            extra = client_handshake(stream, fingerprint, config.secret, endpoint)
+            sock.settimeout(config.timeout_s)
+            return sock, extra
+        except ConnectionError as e:
+            sock.close()
+            error = e
+        except (OSError, wire.WireError) as e:
+            sock.close()
+            raise TransferError(f"KV handshake with {endpoint} failed: {e}") from None
+        except TransferError:
+            sock.close()
+            raise
+    raise TransferError(f"KV handshake with {endpoint} failed: {error}")
 
 
 def parse_endpoint(endpoint: str, scheme: str) -> tuple[str, int]:
-    prefix = f"{scheme}://"
-    if not endpoint.startswith(prefix):
-        raise TransferError(f"endpoint {endpoint!r} is not a {scheme} endpoint")
-    host, _, port = endpoint[len(prefix) :].rpartition(":")
-    try:
-        port_num = int(port)
-    except ValueError:
-        raise TransferError(f"endpoint {endpoint!r} has no port") from None
-    if not host or not 0 < port_num < 65536:
-        raise TransferError(f"endpoint {endpoint!r} has no host or a bad port")
-    return host.strip("[]"), port_num
+    return names.split_endpoint(endpoint, scheme)

@@ -26,7 +26,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from pdserve.kvtransfer import wire
+from pdserve.kvtransfer import control, wire
 from pdserve.kvtransfer.base import TransferError
 from pdserve.kvtransfer.receiver import Link, SocketReceiver
 from pdserve.kvtransfer.sender import Connection, SocketSender, _Tx
@@ -89,11 +89,11 @@ class NcclReceiver(SocketReceiver):
         super().close()  # links are closed and their groups gone; now the rendezvous store
         self._store = None
 
-    def welcome_extra(self, link: Link, hello: dict) -> dict:
+    def welcome_extra(self, link: Link, hello: control.Hello) -> dict:
         local = link.sock.getsockname()[0]  # the address this peer reached us on
         return {"store_host": local, "store_port": self._store.port, "link": uuid.uuid4().hex}
 
-    def on_connected(self, link: Link, hello: dict, extra: dict) -> None:
+    def on_connected(self, link: Link, hello: control.Hello, extra: dict) -> None:
         store = dist.PrefixStore(f"{STORE_PREFIX}/{extra['link']}/", self._store)
         link.plane = new_group(store, 0, self.device, extra["store_host"], self.config.timeout_s)
 

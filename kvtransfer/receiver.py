@@ -6,6 +6,10 @@ written unless the frame names a live transfer, a layer in range and only blocks
 ``expect``; anything else is drained and dropped, and a known transfer is marked failed. A frame that
 breaks the protocol (bad header, wrong payload size, NOTIFY where no shared memory was offered) drops the
 connection, which fails every transfer that was using it.
+
+Until its peer authenticates (``control``: channel-bound to one of this receiver's ``names``), a
+connection holds a slot of the pending-handshake budget and runs under the handshake deadline
+(``admission``); only then does it count as a link (at most ``MAX_LINKS``).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.kvtransfer import control, wire
+from pdserve.kvtransfer import control, names, wire
+from pdserve.kvtransfer.admission import HandshakeBudget, HandshakeStream
 from pdserve.kvtransfer.base import (
     ChecksumError,
     KVReceiver,
+    TransferAuthError,
     TransferError,
     TransferStats,
     TransferTimeoutError,
@@ -32,7 +38,9 @@ logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
 CLOSE_JOIN_S = 3.0
-MAX_LINKS = 256
+MAX_LINKS = 256  # authenticated links (each a thread)
+BACKLOG = 1024
+WARN_EVERY_S = 10.0
 
 
 @dataclass(slots=True)
@@ -60,6 +68,7 @@ class Link:
     plane: object | None = None  # backend data plane (a process group, ...)
     staging: torch.Tensor | None = None  # pinned host buffer, for CUDA caches on the socket data plane
     transfer_ids: set[str] = field(default_factory=set)
+    authenticated: bool = False
 
 
 class SocketReceiver(KVReceiver):
@@ -84,16 +93,43 @@ class SocketReceiver(KVReceiver):
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._closed = threading.Event()
+        self._budget = HandshakeBudget(config.max_pending, config.max_pending_per_source)
+        self._names: frozenset[str] = frozenset()
+        self._port = 0
+        self._auth_warned_at = 0.0
 
     # ---- KVReceiver --------------------------------------------------------------------------------
     def start(self) -> str:
-        ls = socket.create_server((self.config.host, self.config.port))
+        ls = socket.create_server((self.config.host, self.config.port), backlog=BACKLOG)
         ls.settimeout(IDLE_POLL_S)
         self._listener = ls
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"kv-{self.scheme}-accept", daemon=True)
         self._acceptor.start()
         host, port = ls.getsockname()[:2]
-        return f"{self.scheme}://{host}:{port}"
+        return self.bind_names(host, port)
+
+    def bind_names(self, host: str, port: int) -> str:
+        """Record the names senders may dial this receiver by (its bound address, or every local address
+        for a wildcard bind, and ``advertise_host``); returns the endpoint to advertise."""
+        own = {names.name(self.scheme, host, port)} if not names.is_wildcard(host) else {
+            names.name(self.scheme, a, port) for a in names.local_addresses()}
+        if self.config.advertise_host:
+            own.add(names.name(self.scheme, self.config.advertise_host, port))
+        self._names, self._port = frozenset(own), port
+        return names.name(self.scheme, self.config.advertise_host or host, port)
+
+    def names(self, link: Link) -> frozenset[str]:
+        """This receiver's names for one connection: the recorded ones and the local address the connection
+        arrived on (plus "localhost" when that is a loopback address)."""
+        try:
+            local = link.sock.getsockname()[0]
+        except (OSError, IndexError, TypeError):
+            local = ""
+        if not local:
+            return self._names
+        here = names.name(self.scheme, local, self._port)
+        extra = {here, names.name(self.scheme, "localhost", self._port)} if names.is_loopback(here) else {here}
+        return self._names | extra
 
     def expect(self, transfer_id: str, block_ids: list[int]) -> None:
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
@@ -148,11 +184,11 @@ class SocketReceiver(KVReceiver):
             self._acceptor.join(IDLE_POLL_S * 2)  # woken by the shutdown above, or by its poll timeout
 
     # ---- backend hooks -----------------------------------------------------------------------------
-    def welcome_extra(self, link: Link, hello: dict) -> dict:
+    def welcome_extra(self, link: Link, hello: control.Hello) -> dict:
         """Extras for HELLO_OK (only authenticated peers with a matching layout get them)."""
         return {}
 
-    def on_connected(self, link: Link, hello: dict, extra: dict) -> None:
+    def on_connected(self, link: Link, hello: control.Hello, extra: dict) -> None:
         """Set up the link's data plane once HELLO_OK is sent."""
 
     def on_disconnected(self, link: Link) -> None:
@@ -193,26 +229,24 @@ class SocketReceiver(KVReceiver):
                 continue
             except OSError:
                 return
-            peer = f"{addr[0]}:{addr[1]}"
             with self._lock:
-                num_links = len(self._links)
-            if num_links >= MAX_LINKS:  # each link is a thread; unauthenticated ones hold it up to timeout_s
-                logger.warning("KV receiver: %d connections open, refusing %s", num_links, peer)
+                num_threads = len(self._serving)
+            if num_threads >= 2 * MAX_LINKS + self.config.max_pending:  # a safety net: evicted ones exit fast
                 conn.close()
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            name = f"kv-{self.scheme}-rx"
-            threading.Thread(target=self.serve, args=(conn, peer), name=name, daemon=True).start()
+            args = (conn, f"{addr[0]}:{addr[1]}", names.canonical_host(addr[0]))
+            threading.Thread(target=self.serve, args=args, name=f"kv-{self.scheme}-rx", daemon=True).start()
 
-    def serve(self, sock, peer: str) -> None:
-        """Run one connection to its end (the calling thread owns it)."""
+    def serve(self, sock, peer: str, source: str = "") -> None:
+        """Run one connection to its end (the calling thread owns it). ``source``: the peer's address, for
+        the per-source handshake budget ("" if unknown)."""
         link = Link(sock, peer)
         with self._lock:
             self._links.add(link)
             self._serving.add(threading.current_thread())
         try:
-            sock.settimeout(self.config.timeout_s)
-            hello = control.server_handshake(sock, self.fingerprint, self.config.secret)
+            hello = self._authenticate(link, source)
             extra = self.welcome_extra(link, hello)
             control.welcome(sock, hello, self.fingerprint, self.config.secret, extra)
             self.on_connected(link, hello, extra)
@@ -221,8 +255,11 @@ class SocketReceiver(KVReceiver):
                 if control.readable(sock, IDLE_POLL_S):  # idle is fine; a stall inside a frame times out
                     self._handle(link, wire.read_frame(sock))
         except (ConnectionError, OSError, wire.WireError, TransferError) as e:
-            if not self._closed.is_set():
-                logger.info("KV link from %s closed: %s", peer, e)
+            if isinstance(e, TransferAuthError):
+                self._warn_auth(peer, e)
+            elif not self._closed.is_set():
+                log = logger.info if link.authenticated else logger.debug  # a flood must not flood the log
+                log("KV link from %s closed: %s", peer, e)
             self._fail(link.transfer_ids, f"connection lost: {e}")
         except Exception as e:  # noqa: BLE001 - a bug must fail the transfers, not strand them
             logger.exception("KV link from %s crashed", peer)
@@ -237,6 +274,35 @@ class SocketReceiver(KVReceiver):
                 sock.close()
             except OSError:
                 pass
+
+    def _authenticate(self, link: Link, source: str) -> control.Hello:
+        """The handshake, in a pending slot and under the handshake deadline; then the link counts."""
+        ticket, victims = self._budget.admit(link, source)
+        for victim in victims:
+            self.close_link(victim.item)
+        try:
+            stream = HandshakeStream(link.sock, self.config.handshake_timeout_s, ticket)
+            hello = control.server_handshake(stream, self.fingerprint, self.config.secret, self.names(link))
+        finally:
+            kept = self._budget.leave(ticket)
+        if not kept:
+            raise ConnectionError("dropped from the pending-handshake budget")
+        with self._lock:
+            link.authenticated = sum(lk.authenticated for lk in self._links) < MAX_LINKS
+        if not link.authenticated:
+            logger.warning("KV receiver: %d links open, refusing an authenticated peer %s", MAX_LINKS, link.peer)
+            control.refuse_busy(link.sock, f"KV receiver has {MAX_LINKS} links open")
+            raise TransferError(f"{MAX_LINKS} links open, refused an authenticated peer")
+        link.sock.settimeout(self.config.timeout_s)
+        return hello
+
+    def _warn_auth(self, peer: str, e: Exception) -> None:
+        now = time.monotonic()
+        if now - self._auth_warned_at >= WARN_EVERY_S:  # at most one a period: bad proofs cost nothing to send
+            self._auth_warned_at = now
+            logger.warning("KV handshake from %s refused: %s", peer, e)
+        else:
+            logger.debug("KV handshake from %s refused: %s", peer, e)
 
     def _fail(self, transfer_ids, reason: str) -> None:
         with self._lock:

@@ -59,19 +59,13 @@ class Connection:
         self.path = sender.scheme
         self.plane: object | None = None  # backend data plane (shm mapping, process group, ...)
         self.staging: torch.Tensor | None = None  # pinned host buffer, for CUDA caches on the socket plane
-        self.welcome: dict = {}
         self.pending: dict[str, _Tx] = {}
         self.lock = threading.Lock()
         self.dead: str | None = None
         self.q: queue.SimpleQueue = queue.SimpleQueue()
-        host, port = control.parse_endpoint(endpoint, sender.scheme)
+        self.sock, self.welcome = control.dial(sender.connect, endpoint, sender.scheme, sender.fingerprint,
+                                               sender.config)
         try:
-            self.sock = sender.connect(host, port)
-        except OSError as e:
-            raise TransferError(f"cannot connect to KV receiver {endpoint}: {e}") from None
-        try:
-            self.sock.settimeout(sender.config.timeout_s)
-            self.welcome = control.client_handshake(self.sock, sender.fingerprint, sender.config.secret)
             sender.on_connected(self)
         except (OSError, ConnectionError, wire.WireError, RuntimeError) as e:  # RuntimeError: torch.distributed
             self.sock.close()

@@ -37,8 +37,8 @@ class TcpReceiver(SocketReceiver):
     scheme = "tcp"
     data_path = "tcp"
 
-    def welcome_extra(self, link: Link, hello: dict) -> dict:
-        if not (self.shm_path and self.config.allow_shm and hello.get("host_id") == control.host_id()):
+    def welcome_extra(self, link: Link, hello: control.Hello) -> dict:
+        if not (self.shm_path and self.config.allow_shm and hello.host_id == control.host_id()):
             return {}
         link.shm = True
         return {"shm_path": self.shm_path, "num_blocks": self.num_blocks}

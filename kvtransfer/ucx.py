@@ -237,7 +237,7 @@ class UcxReceiver(SocketReceiver):
 
         fut = asyncio.run_coroutine_threadsafe(make(), loop)
         self._ucx_listener = fut.result(self.config.timeout_s)
-        return f"ucx://{self.config.host}:{self._ucx_listener.port}"
+        return self.bind_names(self.config.host, self._ucx_listener.port)
 
     def close(self) -> None:
         super().close()  # closes every link's endpoint and waits for its serving thread

@@ -13,7 +13,7 @@ import zlib
 from dataclasses import dataclass, field
 
 MAGIC = b"PDKV"
-VERSION = 2  # 2: BEGIN frame, mutual auth, backend extras only in HELLO_OK
+VERSION = 3  # 2: BEGIN frame, mutual auth, extras only in HELLO_OK; 3: channel-bound handshake
 HEADER = struct.Struct("<4sBBHHHiIQI")
 assert HEADER.size == 32
 

@@ -35,7 +35,7 @@ class RawPeer:
         host, port = ctl.parse_endpoint(endpoint, "tcp")
         self.sock = socket.create_connection((host, port), timeout=5)
         if handshake:
-            ctl.client_handshake(self.sock, fingerprint(), secret)
+            ctl.client_handshake(self.sock, fingerprint(), secret, endpoint)
 
     def frame(self, ftype: int, tid: str, layer: int = 0, blocks=(), payload: bytes = b"",
               payload_len: int | None = None) -> None:
