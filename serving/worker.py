@@ -205,13 +205,12 @@ async def run_worker(
     )
     servicer = make_servicer(loop, identity)
     servicer.add_to_server(server)
+    collector = WorkerCollector(role, servicer.load, lambda: servicer.in_flight)
     loop.on_step = STEP_SECONDS.labels(role).observe
     loop.start()
-    collector = WorkerCollector(role, servicer.load, lambda: servicer.in_flight)
-    bound_metrics = serve_metrics(options.metrics_port, options.bind_host, collector)
     tasks: list[asyncio.Task] = []
-    stop = stop or asyncio.Event()
     try:
+        bound_metrics = serve_metrics(options.metrics_port, options.bind_host, collector)
         await server.start()
         await set_serving(health, [servicer.service], True)
         tasks = [asyncio.create_task(c) for c in servicer.background()]
@@ -220,17 +219,9 @@ async def run_worker(
         logger.info("%s worker %s serving on %s", role, identity.worker_id, identity.address)
         if ready is not None:
             ready.set_result(identity.address)
-        install_sigterm(stop)
-        registration = None
-        if options.routers:
-            registration = asyncio.create_task(
-                heartbeat(list(options.routers), identity.address, role, stop, tls=options.tls)
-            )
-        await stop.wait()
-        if registration is not None:
-            await registration  # says goodbye: routers stop sending new work at once
+        await _until_stopped(identity, options, stop or asyncio.Event())
         logger.info("draining %s worker (%d in flight)", role, servicer.in_flight)
-        servicer.draining = True
+        servicer.draining = True  # before NOT_SERVING: whoever sees it finds new work refused
         await set_serving(health, [servicer.service], False)
         if not await drain(servicer, options.grace_s):
             logger.warning("grace period over with %d requests in flight; stopping", servicer.in_flight)
@@ -240,3 +231,16 @@ async def run_worker(
         await server.stop(1.0)
         loop.stop()
         collector.unregister()
+
+
+async def _until_stopped(identity: WorkerIdentity, options: WorkerOptions, stop: asyncio.Event) -> None:
+    """Wait for SIGTERM/SIGINT or ``stop``, registered with the routers meanwhile; they hear goodbye at once."""
+    install_sigterm(stop)
+    if not options.routers:
+        await stop.wait()
+        return
+    registration = asyncio.create_task(
+        heartbeat(list(options.routers), identity.address, identity.role, stop, tls=options.tls)
+    )
+    await stop.wait()
+    await registration  # says goodbye: routers stop sending new work at once

@@ -164,3 +164,37 @@ def test_worker_options_reject_unknown_flags():
 
     with pytest.raises(TypeError, match="no_such_flag"):
         run(serve(dataclasses.replace(ENGINE), None, no_such_flag=1), timeout=10)
+
+
+class Registry(pb_grpc.AdminServicer):
+    """A router's Admin.Register, recording what workers say."""
+
+    def __init__(self):
+        self.requests: list[pb.RegisterRequest] = []
+        self.first = asyncio.Event()
+
+    async def Register(self, request, context):
+        self.requests.append(request)
+        self.first.set()
+        return pb.RegisterResponse(accepted=True)
+
+
+def test_worker_registers_with_routers_and_says_goodbye_before_draining():
+    async def go():
+        registry = Registry()
+        router = grpc.aio.server()
+        pb_grpc.add_AdminServicer_to_server(registry, router)
+        port = router.add_insecure_port("127.0.0.1:0")
+        await router.start()
+        try:
+            async with running("decode", routers=(f"127.0.0.1:{port}",)) as d:
+                await asyncio.wait_for(registry.first.wait(), 20)
+                await d.stopped()
+                return d.address, registry.requests
+        finally:
+            await router.stop(None)
+
+    address, requests = run(go())
+    assert {(r.address, r.role) for r in requests} == {(address, "decode")}
+    assert [r.leaving for r in requests] == [False] * (len(requests) - 1) + [True], "goodbye last, once"
+    assert requests[0].ttl_s > 0
