@@ -170,6 +170,24 @@ def test_no_restart_fails_fast(up_factory):
     assert _wait_gone(list(up.pids.values()), 10) == []
 
 
+def test_api_keys_are_passed_to_the_router_and_enforced(up_factory, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"k-alice": "alice"}))
+    up = up_factory("--prefill", "0", "--decode", "1", "--api-keys", str(keys))
+    up.wait_ready()
+    base = [sys.executable, "-m", "pdserve", "generate", "--router", up.router, "--max-tokens", "2", "--json", "hi"]
+    env = {**os.environ, "PDSERVE_API_KEY": ""}
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 1 and json.loads(refused.stdout)["error"] == "UNAUTHENTICATED", refused.stderr
+    by_flag = subprocess.run([*base, "--api-key", "k-alice"], capture_output=True, text=True, timeout=120, env=env)
+    by_env = subprocess.run(base, capture_output=True, text=True, timeout=120, env={**env, "PDSERVE_API_KEY": "k-alice"})
+    for r in (by_flag, by_env):
+        assert r.returncode == 0 and json.loads(r.stdout)["completion_tokens"] == 2, r.stderr
+    os.kill(up.popen.pid, signal.SIGINT)
+    assert up.popen.wait(60) == 0
+    assert _wait_gone(list(up.pids.values()), 10) == []
+
+
 def test_up_generate_answers_once_and_exits_0():
     r = subprocess.run([sys.executable, "-m", "pdserve", "up", "--port", "0", "--prefill", "0", "--decode", "1",
                         "--max-tokens", "4", "--generate", "Hello from pdserve"], capture_output=True, text=True,
