@@ -1,8 +1,8 @@
-"""``pdserve up``: a supervised local cluster (router + prefill + decode processes).
+"""pdserve up: a supervised local cluster (router + prefill + decode processes).
 
 SIGTERM, SIGINT and SIGHUP stop every child; a child that dies is reported (exit code or signal, last log
-lines) and restarted with backoff while the rest keep serving, or with ``--no-restart`` the cluster is torn
-down and ``up`` exits 1. Bad flags fail before anything starts, in one line, with exit status 2.
+lines) and restarted with backoff while the rest keep serving, or with --no-restart the cluster is torn
+down and up exits 1. Bad flags fail before anything starts, in one line, with exit status 2.
 """
 
 from __future__ import annotations
