@@ -122,7 +122,7 @@ class NativeExecutor:
             step.head_views = self.head_views
             bs, hkv = self.block_size, self.num_kv_heads
             idx = torch.add(self._gather_base, tables.view(1, batch, 1, width, 1), alpha=2 * bs * hkv)
-            step.gather_idx = idx.view(2, batch, hkv, width * bs)
+            step.gather_idx = idx.view(-1)
             key_pos = self._key_pos[: width * bs]
             ctx = ctx_lens.view(batch, 1, 1, 1)
             visible = key_pos < ctx

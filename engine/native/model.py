@@ -34,7 +34,7 @@ class NativeStep:
     sin: torch.Tensor  # [T, 1, D]
     row_views: list[torch.Tensor]  # per layer: the cache as [num_blocks * 2 * block_size, Hkv, D]
     head_views: list[torch.Tensor] | None = None  # per layer: the cache as [num_blocks * 2 * bs * Hkv, D]
-    gather_idx: torch.Tensor | None = None  # int64 [2, B, Hkv, C]: lean decode gather into head_views
+    gather_idx: torch.Tensor | None = None  # int64 [2 * B * Hkv * C]: lean decode rows of head_views
     masks: dict = field(default_factory=dict)  # sliding window -> bool [B, 1, 1, C] (lean decode only)
 
 
@@ -87,7 +87,9 @@ class NativeLayer(nn.Module):
         if step.gather_idx is not None:
             group = nh // nkv
             q = qkv.as_strided((t, nkv, group, d), (width, group * d, d, 1), off)
-            k, v = step.head_views[self.layer_idx][step.gather_idx].unbind(0)
+            # index_select of whole rows, then a view: ~2.5x faster on CPU than advanced indexing
+            kv_ctx = step.head_views[self.layer_idx].index_select(0, step.gather_idx)
+            k, v = kv_ctx.view(2, t, nkv, -1, d).unbind(0)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.masks[self.window], scale=self.scale)
             o = o.view(t, nh * d)
         else:

@@ -48,8 +48,8 @@ def ops_per_token_per_layer(llm: LLM, k: int = 16) -> float:
     return (count(k + 1) - count(1)) / k / llm.engine.runner.geometry.num_layers
 
 
-# measured: tiny 24.5, tiny-qwen3 26.5 (HF generate on the same models: ~80-88; the HF-module engine path: 88-99)
-@pytest.mark.parametrize(("model", "bound"), [("tiny", 24.5), ("tiny-qwen3", 26.5)])
+# measured: tiny 25.5, tiny-qwen3 27.5 (HF generate on the same models: ~80-88; the HF-module engine path: 88-99)
+@pytest.mark.parametrize(("model", "bound"), [("tiny", 25.5), ("tiny-qwen3", 27.5)])
 def test_ops_per_generated_token_per_layer(model, bound):
     llm = LLM(model, num_blocks=64)
     assert llm.engine.runner.model_impl == "native"
