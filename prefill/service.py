@@ -42,6 +42,7 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
         rid = request.request_id
         t_arrive = time.monotonic()
         handle: TransferHandle | None = None
+        plan: TransferPlan | None = None
         self.in_flight += 1
         try:
             self.refuse_if_draining()
@@ -60,11 +61,11 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
             plan = TransferPlan(handle, list(target.block_ids))
 
             def add(engine):
-                engine.validate(tokens, params)
-                self.pusher.plans[rid] = plan
-                return engine.add_request(
+                seq = engine.add_request(  # validates; refuses an id already in use
                     rid, tokens, params, request.priority, prefill_only=True, sample_offset=request.num_prior_tokens
                 )
+                self.pusher.plans[rid] = plan  # from now on this call owns ``rid`` (see _cleanup)
+                return seq
 
             first = None
             async for out in self.loop.stream(rid, add):
@@ -107,8 +108,12 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
             self.in_flight -= 1
             if handle is not None:
                 handle.abort("prefill did not complete")
-            self.loop.call(lambda e: self._cleanup(e, rid))
+            if plan is not None:
+                self.loop.call(lambda e: self._cleanup(e, rid, plan))
 
-    def _cleanup(self, engine, rid: str) -> None:
-        self.pusher.plans.pop(rid, None)
-        engine.abort(rid)  # frees held blocks (release) or a still-running prefill
+    def _cleanup(self, engine, rid: str, plan: TransferPlan) -> None:
+        """On the engine thread, after ``add`` (FIFO). A call that never got ``rid`` (e.g. a duplicate id)
+        leaves alone the request that has it."""
+        if self.pusher.plans.get(rid) is plan:
+            del self.pusher.plans[rid]
+            engine.abort(rid)  # frees held blocks (release) or a still-running prefill
