@@ -3,17 +3,20 @@
 Until a peer has proved the cluster secret it holds a *pending* slot, never a link slot, so a flood of
 idle or slow connections cannot starve authenticated peers:
 
-- **Deadline.** A handshake must complete within ``handshake_timeout_s`` (default 1.5 s) in total,
-  however the peer trickles its bytes (``HandshakeStream``); a slow-loris is cut at that deadline.
+- **Deadline.** A handshake must complete within ``handshake_timeout_s`` (default 1.5 s, at most 2) in
+  total, however the peer trickles its bytes; a slow-loris is cut at that deadline.
 - **Per-source budget.** A source address holds at most ``max_pending_per_source`` pending slots. A new
   connection from a source at its cap evicts that source's idlest slot (one that sent nothing yet, the
   oldest first), so one host can only ever churn its own slots.
 - **Global budget.** At most ``max_pending`` slots in all. When full, a new connection evicts the idlest
   slot of the source holding the most, so a flood from one or a few sources never evicts a lone peer.
 - A newcomer is always admitted (evicting someone): a real sender arriving after a flood gets in and
-  needs only its handshake's round trips (milliseconds) before it leaves the budget. A sender whose
-  pending connection was evicted before HELLO_OK dials again (``sender.HANDSHAKE_ATTEMPTS``).
+  needs only one round trip (milliseconds) before its HELLO marks it active and then verified. A sender
+  whose pending connection was evicted before HELLO_OK dials again (``control.HANDSHAKE_ATTEMPTS``), which
+  matters only against an attacker churning connections from the sender's own address.
 - Authenticated links never count here; they have their own cap (``receiver.MAX_LINKS``).
+- A pending connection costs no thread on the socket backends (``doorman``); on ucx it holds its thread
+  until authenticated or dropped, so the budget bounds those threads too.
 
 Sources are IP addresses as the receiver sees them; a backend that cannot tell (ucx) passes "", which is
 subject to the global budget only.

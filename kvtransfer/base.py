@@ -56,8 +56,8 @@ class TransferConfig:
     # unauthenticated connections (see admission): whole-handshake deadline, pending slots in all and per
     # source address
     handshake_timeout_s: float = 1.5
-    max_pending: int = 64
-    max_pending_per_source: int = 8
+    max_pending: int = 128
+    max_pending_per_source: int = 16
     # fault injection (tests, chaos bench): cut the connection in the middle of every Nth transfer (0: never)
     debug_cut_every: int = 0
 

@@ -66,7 +66,7 @@ from pdserve.kvtransfer.base import FingerprintMismatchError, TransferAuthError,
 
 NONCE_LEN = 16
 SENDER, RECEIVER = b"sender", b"receiver"
-HANDSHAKE_ATTEMPTS = 3
+HANDSHAKE_ATTEMPTS = 5
 
 
 @cache
@@ -189,10 +189,6 @@ def client_handshake(sock, fingerprint: LayoutFingerprint, secret: str | None, e
     return extra
 
 
-def _refuse(sock, kind: str, message: str) -> None:
-    send_json(sock, wire.REFUSE, {"kind": kind, "message": message})
-
-
 def names_me(hello: Hello, my_names: Collection[str]) -> bool:
     """Whether the endpoint the sender signed is one of this receiver's names (loopback names only for a
     peer on this host)."""
@@ -201,34 +197,61 @@ def names_me(hello: Hello, my_names: Collection[str]) -> bool:
     return not names.is_loopback(hello.endpoint) or hello.host_id == host_id()
 
 
-def server_handshake(sock, fingerprint: LayoutFingerprint, secret: str | None,
-                     my_names: Collection[str] = ()) -> Hello:
-    """Receiver side, up to (not including) HELLO_OK. ``my_names``: this receiver's canonical endpoint
-    names. Returns the verified HELLO; sends REFUSE and raises on a bad proof, a proof for another
-    endpoint, or a layout mismatch."""
-    nonce = os.urandom(NONCE_LEN)
-    send_json(sock, wire.CHALLENGE, {"nonce": nonce.hex()})
-    body = expect_json(sock, wire.HELLO)
+class Refusal(Exception):
+    """A HELLO that must be refused: ``kind`` and ``message`` go to the peer, ``error`` is what we raise."""
+
+    def __init__(self, kind: str, message: str, error: TransferError):
+        super().__init__(message)
+        self.kind, self.message, self.error = kind, message, error
+
+
+def challenge(nonce: bytes) -> bytes:
+    """The CHALLENGE frame carrying ``nonce``."""
+    body = json.dumps({"nonce": nonce.hex()}).encode()
+    return wire.encode_header(wire.Frame(wire.CHALLENGE, payload_len=len(body))) + body
+
+
+def refusal_frame(r: Refusal) -> bytes:
+    body = json.dumps({"kind": r.kind, "message": r.message}).encode()
+    return wire.encode_header(wire.Frame(wire.REFUSE, payload_len=len(body))) + body
+
+
+def check_hello(body: dict, nonce: bytes, fingerprint: LayoutFingerprint, secret: str | None,
+                my_names: Collection[str]) -> Hello:
+    """Verify a HELLO answering the challenge ``nonce``: the proof, that it is for one of ``my_names`` (this
+    receiver's canonical endpoint names), then the layout. Raises Refusal (or WireError: malformed)."""
     hello = Hello(nonce, _nonce(body, "nonce2"), str(body.get("endpoint", "")), str(body.get("fingerprint", "")),
                   str(body.get("host_id", "")))
     if secret:
         if not hmac.compare_digest(str(body.get("proof", "")), hello.sender_proof(secret)):
-            _refuse(sock, "auth", "KV handshake: bad or missing cluster secret")
-            raise TransferAuthError("peer failed authentication")
+            raise Refusal("auth", "KV handshake: bad or missing cluster secret",
+                          TransferAuthError("peer failed authentication"))
         if not names_me(hello, my_names):
-            _refuse(sock, "auth", f"KV handshake: the proof is for {hello.endpoint!r}, which is not this "
-                                  "receiver (a relayed handshake, or a name it is not told: advertise_host)")
-            raise TransferAuthError(f"peer's proof is for {hello.endpoint!r}, not one of {sorted(my_names)}")
+            raise Refusal("auth", f"KV handshake: the proof is for {hello.endpoint!r}, which is not this receiver "
+                                  "(a relayed handshake, or a name it is not told: advertise_host)",
+                          TransferAuthError(f"peer's proof is for {hello.endpoint!r}, not one of {sorted(my_names)}"))
     try:
         theirs = LayoutFingerprint.from_json(hello.fingerprint)
     except ValueError as e:
-        _refuse(sock, "protocol", str(e))
-        raise TransferError(str(e)) from None
+        raise Refusal("protocol", str(e), TransferError(str(e))) from None
     if theirs != fingerprint:
         msg = "KV layout mismatch (sender != receiver): " + "; ".join(theirs.diff(fingerprint))
-        _refuse(sock, "fingerprint", msg)
-        raise FingerprintMismatchError(msg)
+        raise Refusal("fingerprint", msg, FingerprintMismatchError(msg))
     return hello
+
+
+def server_handshake(sock, fingerprint: LayoutFingerprint, secret: str | None,
+                     my_names: Collection[str] = ()) -> Hello:
+    """Receiver side on a blocking stream, up to (not including) HELLO_OK. Returns the verified HELLO; sends
+    REFUSE and raises on a bad proof, a proof for another endpoint, or a layout mismatch."""
+    nonce = os.urandom(NONCE_LEN)
+    sock.sendall(challenge(nonce))
+    body = expect_json(sock, wire.HELLO)
+    try:
+        return check_hello(body, nonce, fingerprint, secret, my_names)
+    except Refusal as r:
+        sock.sendall(refusal_frame(r))
+        raise r.error from None
 
 
 def welcome(sock, hello: Hello, fingerprint: LayoutFingerprint, secret: str | None, extra: dict) -> None:
@@ -238,7 +261,7 @@ def welcome(sock, hello: Hello, fingerprint: LayoutFingerprint, secret: str | No
 
 
 def refuse_busy(sock, message: str) -> None:
-    _refuse(sock, "busy", message)
+    send_json(sock, wire.REFUSE, {"kind": "busy", "message": message})
 
 
 def dial(connect: Callable, endpoint: str, scheme: str, fingerprint: LayoutFingerprint, config: TransferConfig):

@@ -9,7 +9,10 @@ connection, which fails every transfer that was using it.
 
 Until its peer authenticates (``control``: channel-bound to one of this receiver's ``names``), a
 connection holds a slot of the pending-handshake budget and runs under the handshake deadline
-(``admission``); only then does it count as a link (at most ``MAX_LINKS``).
+(``admission``), and no thread of its own: the socket receivers' ``doorman`` runs every handshake up to a
+verified HELLO; a backend that gets its connections elsewhere (ucx) calls ``serve``, which runs it on the
+connection's thread under the same budget and deadline. Only then does it count as a link (at most
+``MAX_LINKS``, each a thread).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pdserve.kvtransfer.base import (
     TransferStats,
     TransferTimeoutError,
 )
+from pdserve.kvtransfer.doorman import Doorman
 from pdserve.kvtransfer.views import byte_chunks, byte_view, host_view, run_views, staging_buffer
 
 logger = logging.getLogger(__name__)
@@ -103,7 +107,9 @@ class SocketReceiver(KVReceiver):
         ls = socket.create_server((self.config.host, self.config.port), backlog=BACKLOG)
         ls.settimeout(IDLE_POLL_S)
         self._listener = ls
-        self._acceptor = threading.Thread(target=self._accept_loop, name=f"kv-{self.scheme}-accept", daemon=True)
+        doorman = Doorman(ls, self._budget, self.config.handshake_timeout_s, self._check_hello, self._admit,
+                          self._refused, self._closed)
+        self._acceptor = threading.Thread(target=doorman.run, name=f"kv-{self.scheme}-accept", daemon=True)
         self._acceptor.start()
         host, port = ls.getsockname()[:2]
         return self.bind_names(host, port)
@@ -118,11 +124,11 @@ class SocketReceiver(KVReceiver):
         self._names, self._port = frozenset(own), port
         return names.name(self.scheme, self.config.advertise_host or host, port)
 
-    def names(self, link: Link) -> frozenset[str]:
+    def names(self, sock) -> frozenset[str]:
         """This receiver's names for one connection: the recorded ones and the local address the connection
         arrived on (plus "localhost" when that is a loopback address)."""
         try:
-            local = link.sock.getsockname()[0]
+            local = sock.getsockname()[0]
         except (OSError, IndexError, TypeError):
             local = ""
         if not local:
@@ -221,32 +227,29 @@ class SocketReceiver(KVReceiver):
             pass
 
     # ---- connections -------------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, addr = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                num_threads = len(self._serving)
-            if num_threads >= 2 * MAX_LINKS + self.config.max_pending:  # a safety net: evicted ones exit fast
-                conn.close()
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            args = (conn, f"{addr[0]}:{addr[1]}", names.canonical_host(addr[0]))
-            threading.Thread(target=self.serve, args=args, name=f"kv-{self.scheme}-rx", daemon=True).start()
+    def _check_hello(self, sock, body: dict, nonce: bytes) -> control.Hello:
+        return control.check_hello(body, nonce, self.fingerprint, self.config.secret, self.names(sock))
 
-    def serve(self, sock, peer: str, source: str = "") -> None:
-        """Run one connection to its end (the calling thread owns it). ``source``: the peer's address, for
-        the per-source handshake budget ("" if unknown)."""
+    def _admit(self, sock, peer: str, source: str, hello: control.Hello) -> None:
+        """Serve a peer the doorman authenticated, on a thread of its own."""
+        args = (sock, peer, source, hello)
+        threading.Thread(target=self.serve, args=args, name=f"kv-{self.scheme}-rx", daemon=True).start()
+
+    def _refused(self, peer: str, error: TransferError) -> None:
+        if isinstance(error, TransferAuthError):
+            self._warn_auth(peer, error)
+        else:
+            logger.info("KV link from %s refused: %s", peer, error)
+
+    def serve(self, sock, peer: str, source: str = "", hello: control.Hello | None = None) -> None:
+        """Run one connection to its end (the calling thread owns it): the handshake, unless ``hello`` says
+        the doorman did it. ``source``: the peer's address, for the per-source budget ("" if unknown)."""
         link = Link(sock, peer)
         with self._lock:
             self._links.add(link)
             self._serving.add(threading.current_thread())
         try:
-            hello = self._authenticate(link, source)
+            hello = self._authenticate(link, source) if hello is None else self._promote(link, hello)
             extra = self.welcome_extra(link, hello)
             control.welcome(sock, hello, self.fingerprint, self.config.secret, extra)
             self.on_connected(link, hello, extra)
@@ -282,11 +285,15 @@ class SocketReceiver(KVReceiver):
             self.close_link(victim.item)
         try:
             stream = HandshakeStream(link.sock, self.config.handshake_timeout_s, ticket)
-            hello = control.server_handshake(stream, self.fingerprint, self.config.secret, self.names(link))
+            hello = control.server_handshake(stream, self.fingerprint, self.config.secret, self.names(link.sock))
         finally:
             kept = self._budget.leave(ticket)
         if not kept:
             raise ConnectionError("dropped from the pending-handshake budget")
+        return self._promote(link, hello)
+
+    def _promote(self, link: Link, hello: control.Hello) -> control.Hello:
+        """An authenticated peer becomes a link, if fewer than MAX_LINKS are open."""
         with self._lock:
             link.authenticated = sum(lk.authenticated for lk in self._links) < MAX_LINKS
         if not link.authenticated:
