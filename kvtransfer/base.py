@@ -57,7 +57,7 @@ class TransferConfig:
     # source address
     handshake_timeout_s: float = 1.5
     max_pending: int = 128
-    max_pending_per_source: int = 16
+    max_pending_per_source: int = 32
     # fault injection (tests, chaos bench): cut the connection in the middle of every Nth transfer (0: never)
     debug_cut_every: int = 0
 

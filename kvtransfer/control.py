@@ -53,8 +53,10 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import select
 import socket
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import cache
@@ -67,6 +69,7 @@ from pdserve.kvtransfer.base import FingerprintMismatchError, TransferAuthError,
 NONCE_LEN = 16
 SENDER, RECEIVER = b"sender", b"receiver"
 HANDSHAKE_ATTEMPTS = 5
+RETRY_PAUSE_S = 0.02
 
 
 @cache
@@ -267,11 +270,13 @@ def refuse_busy(sock, message: str) -> None:
 def dial(connect: Callable, endpoint: str, scheme: str, fingerprint: LayoutFingerprint, config: TransferConfig):
     """Sender side: connect to ``endpoint`` and handshake under the handshake deadline; returns (socket,
     the receiver's extras). A connection dropped before HELLO_OK (a receiver shedding unauthenticated
-    connections under a flood) is dialed again, up to HANDSHAKE_ATTEMPTS times; refusals and timeouts
-    are not."""
+    connections under a flood) is dialed again, up to HANDSHAKE_ATTEMPTS times (0.3 s of pauses in all);
+    refusals and timeouts are not."""
     host, port = parse_endpoint(endpoint, scheme)
     error = None
-    for _ in range(HANDSHAKE_ATTEMPTS):
+    for attempt in range(HANDSHAKE_ATTEMPTS):
+        if attempt:  # a jittered pause, so a retry does not land in the same burst of flood connections
+            time.sleep(random.uniform(0.5, 1.5) * RETRY_PAUSE_S * attempt)
         try:
             sock = connect(host, port)
         except OSError as e:
