@@ -277,3 +277,50 @@ def test_a_slow_handshake_is_cut_within_two_seconds(trickle):
     finally:
         sock.close()
         r.close()
+
+
+@pytest.mark.timeout(60)
+def test_ucx_handshakes_are_bounded_too():
+    """ucx gets its connections from UCX, not the doorman: a silent endpoint is still cut within 2 s, and a
+    flood of idle endpoints does not lock a real sender out."""
+    import asyncio
+
+    import ucxx
+
+    from pdserve.kvtransfer.ucx import UcxStream, ucx_loop
+
+    cache = KVCache(spec())
+    r = make_receiver(cfg("ucx", secret=SECRET, timeout_s=30.0), cache.layers, fingerprint())
+    ep = r.start()
+    loop = ucx_loop()
+    endpoints = []
+
+    def dial() -> UcxStream:
+        coro = ucxx.create_endpoint(*ctl.parse_endpoint(ep, "ucx"))
+        endpoints.append(UcxStream(asyncio.run_coroutine_threadsafe(coro, loop).result(10), loop, 5.0))
+        return endpoints[-1]
+
+    src = filled_cache(1)
+    s = make_sender(cfg("ucx", secret=SECRET, timeout_s=5.0), src.layers, fingerprint())
+    try:
+        silent = dial()
+        t0 = time.monotonic()
+        ctl.expect_json(silent, wire.CHALLENGE)
+        with pytest.raises(ConnectionError):
+            silent.readable(2 * CUT_BOUND_S)
+        assert time.monotonic() - t0 <= CUT_BOUND_S
+        for _ in range(150):
+            dial()
+        r.expect("t", DST)
+        t0 = time.monotonic()
+        h = s.open("t", ep, DST)
+        push_all(h)
+        h.finish(5)
+        r.wait("t", 5)
+        assert time.monotonic() - t0 < 2 * FLOOD_BOUND_S
+        assert_landed(cache.layers, src.layers)
+    finally:
+        s.close()
+        for e in endpoints:
+            e.close()
+        r.close()
