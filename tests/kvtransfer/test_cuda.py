@@ -110,3 +110,33 @@ def test_push_waits_for_the_ready_event(backend):
     finally:
         s.close()
         r.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend,path", [("tcp", "tcp"), ("nccl", "nccl")])
+def test_cuda_transfer_over_the_channel_bound_handshake(backend, path):
+    """With a cluster secret: the channel-bound, mutually authenticated handshake, across processes."""
+    c = cfg(backend, checksum=True, timeout_s=20.0, secret="s3cret")
+    proc, pipe = spawn(cuda_receiver_main, c, DST)
+    try:
+        endpoint = recv(pipe, 60)
+        src = cuda_cache(1)
+        s = make_sender(c, src.layers, fingerprint())
+        try:
+            h = s.open("t", endpoint, DST)
+            push_all(h)
+            stats = h.finish(30)
+        except TransferError as e:
+            if backend == "nccl":
+                pytest.xfail(f"nccl with both ranks on one GPU: {e}")
+            raise
+        finally:
+            s.close()
+        status, rx_path, layers = recv(pipe, 60)
+        assert (status, rx_path, stats.path) == ("ok", path, path)
+        for layer in range(LAYERS):
+            for a, b in zip(SRC, DST, strict=True):
+                assert torch.equal(layers[layer][b], src.layers[layer][a].cpu())
+        pipe.send("bye")
+    finally:
+        kill(proc)
