@@ -89,3 +89,35 @@ def local_addresses() -> set[str]:
     except (OSError, ValueError, IndexError):
         pass
     return out
+
+
+class ReceiverNames:
+    """The names one receiver answers to: its bound address (every local address for a wildcard bind),
+    ``advertise_host``, and per connection the local address it arrived on (plus "localhost" for a
+    loopback one)."""
+
+    def __init__(self, scheme: str, advertise_host: str = ""):
+        self.scheme = scheme
+        self.advertise_host = advertise_host
+        self.own: frozenset[str] = frozenset()
+        self.port = 0
+
+    def bind(self, host: str, port: int) -> str:
+        """Record the names for a receiver bound to ``host:port``; returns the endpoint to advertise."""
+        own = {name(self.scheme, host, port)} if not is_wildcard(host) else {
+            name(self.scheme, a, port) for a in local_addresses()}
+        if self.advertise_host:
+            own.add(name(self.scheme, self.advertise_host, port))
+        self.own, self.port = frozenset(own), port
+        return name(self.scheme, self.advertise_host or host, port)
+
+    def of(self, sock) -> frozenset[str]:
+        """The names for one connection."""
+        try:
+            local = sock.getsockname()[0]
+        except (OSError, IndexError, TypeError):
+            local = ""
+        if not local:
+            return self.own
+        here = name(self.scheme, local, self.port)
+        return self.own | ({here, name(self.scheme, "localhost", self.port)} if is_loopback(here) else {here})

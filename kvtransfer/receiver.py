@@ -98,8 +98,7 @@ class SocketReceiver(KVReceiver):
         self._acceptor: threading.Thread | None = None
         self._closed = threading.Event()
         self._budget = HandshakeBudget(config.max_pending, config.max_pending_per_source)
-        self._names: frozenset[str] = frozenset()
-        self._port = 0
+        self._names = names.ReceiverNames(self.scheme, config.advertise_host)
         self._auth_warned_at = 0.0
 
     # ---- KVReceiver --------------------------------------------------------------------------------
@@ -115,27 +114,8 @@ class SocketReceiver(KVReceiver):
         return self.bind_names(host, port)
 
     def bind_names(self, host: str, port: int) -> str:
-        """Record the names senders may dial this receiver by (its bound address, or every local address
-        for a wildcard bind, and ``advertise_host``); returns the endpoint to advertise."""
-        own = {names.name(self.scheme, host, port)} if not names.is_wildcard(host) else {
-            names.name(self.scheme, a, port) for a in names.local_addresses()}
-        if self.config.advertise_host:
-            own.add(names.name(self.scheme, self.config.advertise_host, port))
-        self._names, self._port = frozenset(own), port
-        return names.name(self.scheme, self.config.advertise_host or host, port)
-
-    def names(self, sock) -> frozenset[str]:
-        """This receiver's names for one connection: the recorded ones and the local address the connection
-        arrived on (plus "localhost" when that is a loopback address)."""
-        try:
-            local = sock.getsockname()[0]
-        except (OSError, IndexError, TypeError):
-            local = ""
-        if not local:
-            return self._names
-        here = names.name(self.scheme, local, self._port)
-        extra = {here, names.name(self.scheme, "localhost", self._port)} if names.is_loopback(here) else {here}
-        return self._names | extra
+        """Record the names senders may dial this receiver by; returns the endpoint to advertise."""
+        return self._names.bind(host, port)
 
     def expect(self, transfer_id: str, block_ids: list[int]) -> None:
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
@@ -228,7 +208,7 @@ class SocketReceiver(KVReceiver):
 
     # ---- connections -------------------------------------------------------------------------------
     def _check_hello(self, sock, body: dict, nonce: bytes) -> control.Hello:
-        return control.check_hello(body, nonce, self.fingerprint, self.config.secret, self.names(sock))
+        return control.check_hello(body, nonce, self.fingerprint, self.config.secret, self._names.of(sock))
 
     def _admit(self, sock, peer: str, source: str, hello: control.Hello) -> None:
         """Serve a peer the doorman authenticated, on a thread of its own."""
@@ -285,7 +265,8 @@ class SocketReceiver(KVReceiver):
             self.close_link(victim.item)
         try:
             stream = HandshakeStream(link.sock, self.config.handshake_timeout_s, ticket)
-            hello = control.server_handshake(stream, self.fingerprint, self.config.secret, self.names(link.sock))
+            hello = control.server_handshake(stream, self.fingerprint, self.config.secret,
+                                             self._names.of(link.sock))
         finally:
             kept = self._budget.leave(ticket)
         if not kept:
