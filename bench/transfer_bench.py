@@ -48,7 +48,7 @@ def receiver(backend: str, shm: bool, num_blocks: int, block_size: int, device: 
     from pdserve.kvtransfer import TransferConfig, make_receiver
 
     spec, fp = layout(num_blocks, block_size, device)
-    cache = KVCache(spec, shared=shm)
+    cache = KVCache(spec, shared=shm and device == "cpu")  # CUDA caches: the direct path is cuda_ipc
     cfg = TransferConfig(backend=backend, allow_shm=shm, timeout_s=60)
     r = make_receiver(cfg, cache.layers, fp, cache.shm_path)
     conn.send((r.start(), cache.shm_path))
@@ -136,7 +136,8 @@ def backend_gbps(backend: str, shm: bool, num_blocks: int, block_size: int, devi
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", default="shm,tcp,nccl,ucx", help="shm = the tcp backend's same-host path")
+    ap.add_argument("--backends", default="shm,tcp,nccl,ucx",
+                    help="shm / cuda_ipc = the same-host direct path (host file / CUDA IPC handles)")
     ap.add_argument("--mib", type=int, default=256, help="KV bytes per transfer")
     ap.add_argument("--block-kib", type=int, default=64, help="bytes per block per layer (multiple of 4)")
     ap.add_argument("--pattern", choices=["contiguous", "shuffled"], default="contiguous")
@@ -164,8 +165,8 @@ def main() -> None:
     sample_memcpy()
     rows = []
     for name in a.backends.split(","):
-        backend, shm = ("tcp", True) if name == "shm" else (name, False)
-        label = f"{backend}{' (same-host shm)' if shm else ''}"
+        backend, shm = ("tcp", True) if name in ("shm", "cuda_ipc") else (name, False)
+        label = f"{backend}{f' (same-host {name})' if shm else ''}"
         try:
             gbps, path = backend_gbps(backend, shm, num_blocks, block_size, a.device, a.rounds, dst)
         except Exception as e:  # noqa: BLE001 - one backend failing must not lose the others' numbers

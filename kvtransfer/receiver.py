@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.kvtransfer import control, names, wire
+from pdserve.kvtransfer import control, cuda_ipc, names, wire
 from pdserve.kvtransfer.admission import HandshakeBudget, HandshakeStream
 from pdserve.kvtransfer.base import (
     ChecksumError,
@@ -68,7 +68,8 @@ class Link:
 
     sock: object
     peer: str
-    shm: bool = False  # the sender was offered our shared-memory cache (NOTIFY frames allowed)
+    shm: bool = False  # the sender was offered our cache to write into directly (NOTIFY frames allowed)
+    notify_path: str = "shm"  # that direct path's name: "shm" (host file) or "cuda_ipc"
     plane: object | None = None  # backend data plane (a process group, ...)
     staging: torch.Tensor | None = None  # pinned host buffer, for CUDA caches on the socket data plane
     transfer_ids: set[str] = field(default_factory=set)
@@ -172,7 +173,16 @@ class SocketReceiver(KVReceiver):
     # ---- backend hooks -----------------------------------------------------------------------------
     def welcome_extra(self, link: Link, hello: control.Hello) -> dict:
         """Extras for HELLO_OK (only authenticated peers with a matching layout get them)."""
-        return {}
+        return self.cuda_ipc_extra(link, hello)
+
+    def cuda_ipc_extra(self, link: Link, hello: control.Hello) -> dict:
+        """Offer a same-host sender our CUDA cache through IPC handles (see cuda_ipc.py)."""
+        if not (self.layers[0].is_cuda and self.config.allow_shm and hello.host_id == control.host_id()):
+            return {}
+        extra = cuda_ipc.export_layers(self.layers)
+        if extra:
+            link.shm, link.notify_path = True, cuda_ipc.PATH
+        return extra
 
     def on_connected(self, link: Link, hello: control.Hello, extra: dict) -> None:
         """Set up the link's data plane once HELLO_OK is sent."""
@@ -338,7 +348,7 @@ class SocketReceiver(KVReceiver):
                     return
                 self.receive_payload(link, frame)
             if rx is not None:
-                self._account(rx, frame, self.data_path if frame.type == wire.DATA else "shm")
+                self._account(rx, frame, self.data_path if frame.type == wire.DATA else link.notify_path)
         elif frame.type == wire.BEGIN:
             control.read_json(link.sock, frame)
         elif frame.type == wire.DONE:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.kvtransfer import control, wire
+from pdserve.kvtransfer import control, cuda_ipc, wire
 from pdserve.kvtransfer.base import (
     ChecksumError,
     KVSender,
@@ -248,6 +248,7 @@ class SocketSender(KVSender):
         self._num_opened = 0
         # tests: maps a source run view to the tensor actually sent (after its checksum was taken)
         self.fault_injector: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._ipc_copier: cuda_ipc.IpcCopier | None = None  # made on the first cuda_ipc push
 
     def open(self, transfer_id: str, endpoint: str, dst_block_ids: list[int]) -> TransferHandle:
         conn = self._connection(endpoint)
@@ -308,7 +309,32 @@ class SocketSender(KVSender):
     def push(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int], ready) -> None:
         if ready is not None:
             ready.synchronize()
-        self.send_layer(conn, tx, layer, src, dst)
+        if conn.path == cuda_ipc.PATH:
+            self.send_layer_ipc(conn, tx, layer, src, dst)
+        else:
+            self.send_layer(conn, tx, layer, src, dst)
+
+    def send_layer_ipc(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int]) -> None:
+        """Copy the runs device to device into the receiver's mapped cache, then NOTIFY (cuda_ipc.py)."""
+        if self._ipc_copier is None:
+            self._ipc_copier = cuda_ipc.IpcCopier(self.layers[0].device)
+        self._ipc_copier.copy(conn.plane[layer], self.layers[layer], pair_runs(src, dst))
+        frame = wire.Frame(wire.NOTIFY, tx.transfer_id, layer, dst, 0, 0, 0)
+        conn.sock.sendall(wire.encode_header(frame))
+        tx.num_frames += 1
+        tx.num_bytes += len(src) * self.block_bytes
+
+    def open_cuda_ipc(self, conn: Connection) -> bool:
+        """Use the receiver's CUDA cache directly when HELLO_OK offered it and nothing needs host copies."""
+        if not (self.layers[0].is_cuda and self.config.allow_shm) or self.config.checksum:
+            return False
+        if self.fault_injector is not None:
+            return False
+        layers = cuda_ipc.open_layers(conn.welcome, self.layers)
+        if layers is None:
+            return False
+        conn.plane, conn.path = layers, cuda_ipc.PATH
+        return True
 
     def payload(self, view: torch.Tensor) -> torch.Tensor:
         """The tensor actually sent for a source view (the view itself, unless a test corrupts it)."""
@@ -328,6 +354,7 @@ class SocketSender(KVSender):
 
     def on_connected(self, conn: Connection) -> None:
         """Set up the connection's data plane from the receiver's HELLO_OK (``conn.welcome``)."""
+        self.open_cuda_ipc(conn)
 
     def on_disconnected(self, conn: Connection) -> None:
         """Tear down what ``on_connected`` set up."""

@@ -39,7 +39,7 @@ class TcpReceiver(SocketReceiver):
 
     def welcome_extra(self, link: Link, hello: control.Hello) -> dict:
         if not (self.shm_path and self.config.allow_shm and hello.host_id == control.host_id()):
-            return {}
+            return super().welcome_extra(link, hello)  # a CUDA cache: the cuda_ipc offer
         link.shm = True
         return {"shm_path": self.shm_path, "num_blocks": self.num_blocks}
 
@@ -67,8 +67,11 @@ class TcpSender(SocketSender):
             return self._copy_pool
 
     def on_connected(self, conn: Connection) -> None:
+        if self.layers[0].is_cuda:
+            super().on_connected(conn)  # cuda_ipc when offered
+            return
         path = conn.welcome.get("shm_path")
-        if not (path and self.config.allow_shm) or self.layers[0].is_cuda:
+        if not (path and self.config.allow_shm):
             return
         layers = self._map_shm(str(path), conn.welcome.get("num_blocks"))
         if layers is not None:

@@ -280,7 +280,8 @@ class UcxSender(SocketSender):
         return UcxStream(ep, self._loop, self.config.timeout_s, f"{host}:{port}")
 
     def on_connected(self, conn: Connection) -> None:
-        conn.path = "ucx"
+        if not self.open_cuda_ipc(conn):  # same host, CUDA caches: copy straight into the receiver's cache
+            conn.path = "ucx"
 
     def send_layer(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int]) -> None:
         """Posts each run's header and payload and returns without waiting for completion, so a layer's
