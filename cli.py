@@ -83,6 +83,7 @@ def _configs(a: argparse.Namespace):
         secret=env.cluster_secret(),
         allow_shm=not a.no_shm,
         debug_cut_every=a.debug_kv_cut_every,
+        advertise_host=getattr(a, "advertise_host", "") or "",
     )
     return engine, transfer
 
