@@ -75,6 +75,9 @@ class LightTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

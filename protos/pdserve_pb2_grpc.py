@@ -44,6 +44,11 @@ class GenerationStub:
                 request_serializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Models = channel.unary_unary(
+                '/pdserve.v1.Generation/Models',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.ModelsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ModelsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -61,6 +66,12 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Models(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +84,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Complete,
                     request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateRequest.FromString,
                     response_serializer=pdserve_dot_protos_dot_pdserve__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Models': grpc.unary_unary_rpc_method_handler(
+                    servicer.Models,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ModelsRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.ModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +145,33 @@ class Generation:
             '/pdserve.v1.Generation/Complete',
             pdserve_dot_protos_dot_pdserve__pb2.GenerateRequest.SerializeToString,
             pdserve_dot_protos_dot_pdserve__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Models(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Generation/Models',
+            pdserve_dot_protos_dot_pdserve__pb2.ModelsRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.ModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

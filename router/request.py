@@ -11,9 +11,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.engine.errors import InvalidRequestError
+from pdserve.engine.errors import InvalidRequestError, RequestNotFoundError
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router.chat import ChatTemplate, encode_chat
 from pdserve.router.load import WorkerLoad
 from pdserve.serving.convert import sampling_from_proto
 
@@ -38,16 +39,24 @@ class ClientRequest:
 
 
 class RequestParser:
-    """``pb.GenerateRequest`` -> ClientRequest; raises InvalidRequestError naming the bad field."""
+    """``pb.GenerateRequest`` -> ClientRequest; raises InvalidRequestError naming the bad field.
 
-    def __init__(self, tokenizer, seed: int | None = None):
+    ``chat`` is the model's chat template (None: the model has none, and ``messages`` is refused); ``model``
+    is the served model's name, which a request's ``model`` must match when set (else NOT_FOUND)."""
+
+    def __init__(self, tokenizer, seed: int | None = None, chat: ChatTemplate | None = None, model: str = ""):
         self.tokenizer = tokenizer
+        self.chat = chat
+        self.model = model
         self._rid_rng = random.Random(seed)  # seeded from os.urandom; no syscall per request id
         self._sampling: dict[bytes, SamplingParams] = {}  # serialized SamplingParams -> validated
 
     def parse(self, msg: pb.GenerateRequest) -> ClientRequest:
         if len(msg.request_id) > MAX_REQUEST_ID_LEN:
             raise InvalidRequestError(f"request_id: at most {MAX_REQUEST_ID_LEN} characters")
+        if msg.model and self.model and msg.model != self.model:
+            raise RequestNotFoundError(f"model: {msg.model[:200]!r} is not served here (this router serves "
+                                       f"{self.model!r})")
         return ClientRequest(
             request_id=msg.request_id or f"req-{self._rid_rng.getrandbits(48):012x}",
             token_ids=self.token_ids(msg),
@@ -58,12 +67,16 @@ class RequestParser:
         )
 
     def token_ids(self, msg: pb.GenerateRequest) -> tuple[int, ...]:
-        has_prompt, has_ids = bool(msg.prompt), bool(msg.token_ids)
-        if has_prompt == has_ids:
-            what = "both are set" if has_prompt else "prompt is empty and no token_ids were given"
-            raise InvalidRequestError(f"prompt: set exactly one of prompt or token_ids ({what})")
-        if not has_prompt:
+        given = [name for name in ("prompt", "token_ids", "messages") if getattr(msg, name)]
+        if len(given) != 1:
+            what = (" and ".join(given) + " are all set" if len(given) == 3 else " and ".join(given) + " are both set"
+                    ) if given else "prompt is empty, and no token_ids or messages were given"
+            field = "prompt" if "prompt" in given or not given else given[-1]
+            raise InvalidRequestError(f"{field}: set exactly one of prompt, token_ids or messages ({what})")
+        if given[0] == "token_ids":
             return tuple(msg.token_ids)
+        if given[0] == "messages":
+            return encode_chat(self.chat, msg.messages, self.tokenizer, self.model)
         if len(msg.prompt) > MAX_PROMPT_CHARS:
             raise InvalidRequestError(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
         token_ids = tuple(self.tokenizer.encode(msg.prompt, add_special_tokens=True))

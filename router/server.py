@@ -14,6 +14,7 @@ from pdserve.engine.tokenizer import load_light_tokenizer
 from pdserve.router.admin import AdminServicer
 from pdserve.router.admission import Admission
 from pdserve.router.auth import ApiKeyInterceptor
+from pdserve.router.chat import ChatTemplate
 from pdserve.router.edge import follow
 from pdserve.router.membership import Membership, Worker
 from pdserve.router.policy import PairPolicy
@@ -94,6 +95,7 @@ class IndexFeeds:
 async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: asyncio.Event | None = None) -> None:
     path = resolve_tokenizer(cfg.model)
     tokenizer = await asyncio.to_thread(load_light_tokenizer, path)
+    chat = ChatTemplate.load(path)  # None: the model has no chat template (GenerateRequest.messages refused)
     index = PrefixIndex()
     feeds = IndexFeeds(index)
     membership = Membership(poll_interval_s=cfg.poll_interval_s, on_change=feeds.on_change, tls=cfg.tls,
@@ -109,7 +111,8 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     server, port, health = create_server(cfg.addr, SERVICES, cfg.tls, interceptors)
     policy = PairPolicy(cfg.policy, index, local_prefill_tokens=cfg.local_prefill_tokens, saturation_s=cfg.saturation_s)
     admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s)
-    generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries)
+    generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries,
+                                    chat=chat, model=cfg.model)
     add_public_servicer(server, generation, "Generation")
     # Admin too goes through generic handlers: besides the never-failing deserializers, every method
     # registered with the server is one more future its accept loop waits on for every incoming RPC.

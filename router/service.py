@@ -13,11 +13,13 @@ import grpc
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router import metrics
 from pdserve.router.admission import Admission
+from pdserve.router.chat import ChatTemplate
 from pdserve.router.failover import Failover
 from pdserve.router.membership import Membership
 from pdserve.router.policy import PairPolicy
 from pdserve.router.request import RequestParser
 from pdserve.router.responses import Aggregate, RouterCounters
+from pdserve.router.token_text import TokenTexts
 from pdserve.serving.errors import abort_with, status_for
 
 
@@ -31,8 +33,12 @@ class GenerationServicer:
         rpc_timeout_s: float = 60.0,
         max_retries: int = 3,
         backoff_s: float = 0.05,
+        chat: ChatTemplate | None = None,
+        model: str = "",
     ):
-        self.parser = RequestParser(tokenizer)
+        self.parser = RequestParser(tokenizer, chat=chat, model=model)
+        self.membership = membership
+        self.token_texts = TokenTexts(tokenizer)
         self.failover = Failover(membership, policy, admission, rpc_timeout_s, max_retries, backoff_s)
 
     @property
@@ -47,7 +53,10 @@ class GenerationServicer:
         """Parse, run, and end with a status: OK, the failure's mapped status, or CANCELLED."""
         try:
             parsed = self.parser.parse(request)
+            with_logprobs = parsed.sampling.logprobs is not None
             async for resp in self.failover.run(parsed, context.time_remaining if context is not None else None):
+                if with_logprobs:
+                    self.token_texts.fill(resp)
                 yield resp
         except asyncio.CancelledError:
             self.counters.cancelled += 1
@@ -68,3 +77,9 @@ class GenerationServicer:
         async for resp in self._serve(request, context):
             total.add(resp)
         return total.result()
+
+    async def Models(self, request: pb.ModelsRequest, context: grpc.aio.ServicerContext) -> pb.ModelsResponse:
+        """The one model this router serves, its context length once a worker has reported it."""
+        max_len = max((w.load.max_model_len for w in self.membership.workers.values()), default=0)
+        parser = self.parser
+        return pb.ModelsResponse(models=[pb.ModelInfo(id=parser.model, max_model_len=max_len, chat=parser.chat is not None)])
