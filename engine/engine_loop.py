@@ -236,12 +236,3 @@ def merge_outputs(a: StepOutput, b: StepOutput) -> StepOutput:
         b.num_prompt_tokens,
         b.num_cached_tokens,
     )
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
