@@ -1,6 +1,9 @@
-"""LLMEngine: validates requests, runs the schedule -> execute -> sample loop, and applies stops.
+"""LLMEngine: runs the schedule -> execute -> sample loop over a few small managers.
 
-Not thread-safe by design: one thread owns an engine (see engine.engine_loop for the service wrapper).
+Requests are checked by ``RequestValidator`` (engine.validation), tokens become outputs in
+``OutputProcessor`` (engine.outputs), and blocks held across a KV hand-off live in ``BlockHolds``
+(engine.holds). Not thread-safe by design: one thread owns an engine (see engine.engine_loop for the
+service wrapper).
 """
 
 from __future__ import annotations
@@ -8,33 +11,24 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.connector import KVConnector
-from pdserve.engine.errors import CapacityError, InvalidRequestError, RequestNotFoundError
+from pdserve.engine.errors import InvalidRequestError, RequestNotFoundError
+from pdserve.engine.holds import BlockHolds
 from pdserve.engine.model_runner import BatchItem, ModelRunner
+from pdserve.engine.outputs import OutputProcessor, StepOutput, eos_token_ids
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import ScheduledSeq, Scheduler
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
-from pdserve.engine.stops import StopChecker
-from pdserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from pdserve.engine.tokenizer import load_tokenizer
+from pdserve.engine.validation import RequestValidator
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class StepOutput:
-    request_id: str
-    new_token_ids: list[int]
-    text_delta: str
-    finished: bool
-    finish_reason: FinishReason | None
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
+__all__ = ["LLMEngine", "StepOutput"]
 
 
 def _token_slice(seq: Sequence, start: int, num: int) -> list[int]:
@@ -47,6 +41,19 @@ def _token_slice(seq: Sequence, start: int, num: int) -> list[int]:
     if start >= len(prompt):
         return output[start - len(prompt) : end - len(prompt)]
     return prompt[start:] + output[: end - len(prompt)]
+
+
+def _batch_items(scheduled: list[ScheduledSeq]) -> list[BatchItem]:
+    """The model runner's view of a step: each scheduled sequence's new tokens and its block table."""
+    return [
+        BatchItem(
+            _token_slice(s.seq, s.seq.num_computed_tokens, s.num_new_tokens),
+            s.seq.num_computed_tokens,
+            s.seq.block_ids,
+            s.samples,
+        )
+        for s in scheduled
+    ]
 
 
 class LLMEngine:
@@ -70,27 +77,18 @@ class LLMEngine:
             self.pool, config.block_size, config.max_num_batched_tokens, config.max_num_seqs, config.hash_seed
         )
         self.sampler = Sampler(config.seed, config.device)
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model)
+        self.validator = RequestValidator(
+            self.tokenizer, self.vocab_size, self.max_model_len, config.block_size, self.pool.num_blocks
+        )
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.holds = BlockHolds(self.pool, config.block_size)
         self.seqs: dict[str, Sequence] = {}
-        self.detoks: dict[str, IncrementalDetokenizer] = {}
-        self.stops: dict[str, StopChecker] = {}
-        self.reservations: dict[str, list[int]] = {}
-        self.held: dict[str, list[int]] = {}
+        self.reservations = self.holds.reservations  # request id -> reserved block ids (decode side)
+        self.held = self.holds.held  # request id -> blocks a transfer may still read (prefill side)
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.last_step_s = 0.0
-
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        gen = getattr(self.runner.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(eos)
-        return ids
 
     @property
     def fingerprint(self):
@@ -98,34 +96,14 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt: must not be empty")
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        return list(prompt)
+        return self.validator.tokenize(prompt)
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise InvalidRequestError("prompt: must not be empty")
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"token_ids: {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})"
-            )
-        if len(token_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt: {len(token_ids)} tokens leaves no room to generate within max_model_len {self.max_model_len}"
-            )
-        worst = min(len(token_ids) + params.max_tokens, self.max_model_len)
-        need = (worst + self.config.block_size - 1) // self.config.block_size
-        if need > self.pool.num_blocks:
-            raise InvalidRequestError(
-                f"prompt: needs up to {need} KV blocks but the cache has {self.pool.num_blocks}; lower max_tokens"
-            )
+        self.validator.validate(token_ids, params)
 
     def _check_new_id(self, request_id: str) -> None:
         # held: a finished prefill-only request whose blocks a transfer may still be reading
-        if request_id in self.seqs or request_id in self.reservations or request_id in self.held:
+        if request_id in self.seqs or request_id in self.holds:
             raise InvalidRequestError(f"request_id: {request_id!r} is already in use")
 
     def add_request(
@@ -150,24 +128,15 @@ class LLMEngine:
 
     def _track(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
-        self.detoks[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
-        self.stops[seq.request_id] = StopChecker(seq.params.stop)
+        self.outputs.track(seq)
 
     def reserve(self, request_id: str, num_tokens: int) -> list[int]:
         """Decode side: hold blocks for a prompt whose KV another worker will write."""
         self._check_new_id(request_id)
-        need = (num_tokens + self.config.block_size - 1) // self.config.block_size
-        if not self.pool.can_allocate(need):
-            raise CapacityError(f"need {need} KV blocks, {self.pool.num_free_blocks} free")
-        block_ids = self.pool.allocate(need)
-        self.reservations[request_id] = block_ids
-        return block_ids
+        return self.holds.reserve(request_id, num_tokens)
 
     def cancel_reservation(self, request_id: str) -> bool:
-        block_ids = self.reservations.pop(request_id, None)
-        if block_ids is not None:
-            self.pool.free(block_ids)
-        return block_ids is not None
+        return self.holds.cancel_reservation(request_id)
 
     def add_prefilled_request(
         self,
@@ -187,14 +156,8 @@ class LLMEngine:
         block_ids = self.reservations.get(request_id)
         if block_ids is None:
             raise RequestNotFoundError(f"request_id: no reservation for {request_id!r}")
-        self.validate(prompt_token_ids, params)
-        if len(block_ids) * self.config.block_size < len(prompt_token_ids):
-            raise InvalidRequestError(
-                f"prompt_token_ids: {len(prompt_token_ids)} tokens do not fit the {len(block_ids)} reserved blocks"
-            )
-        if not 0 <= first_token_id < self.vocab_size:
-            raise InvalidRequestError(f"first_token_id: {first_token_id} is outside the vocabulary")
-        del self.reservations[request_id]
+        self.validator.validate_prefilled(prompt_token_ids, first_token_id, len(block_ids), params)
+        self.holds.take_reservation(request_id)
         seq = Sequence(request_id, list(prompt_token_ids), params, priority=priority, arrival_seq=next(self._arrivals))
         seq.block_ids = block_ids
         seq.num_computed_tokens = len(prompt_token_ids)
@@ -202,7 +165,7 @@ class LLMEngine:
         seq.sample_offset = sample_offset
         self._track(seq)
         self.scheduler.update_hashes(seq)
-        out = self._append_token(seq, first_token_id, first_logprobs)
+        out = self.outputs.append_token(seq, first_token_id, first_logprobs)
         if out.finished:
             self._finish(seq, out.finish_reason)
         else:
@@ -221,10 +184,7 @@ class LLMEngine:
 
     def release(self, request_id: str) -> bool:
         """Free the blocks a finished prefill-only request held for its transfer."""
-        block_ids = self.held.pop(request_id, None)
-        if block_ids is not None:
-            self.pool.free(block_ids)
-        return block_ids is not None
+        return self.holds.release(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
@@ -235,17 +195,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        items = [
-            BatchItem(
-                _token_slice(s.seq, s.seq.num_computed_tokens, s.num_new_tokens),
-                s.seq.num_computed_tokens,
-                s.seq.block_ids,
-                s.samples,
-            )
-            for s in scheduled
-        ]
         layer_ready = self.kv_connector.layer_ready(scheduled) if self.kv_connector is not None else None
-        logits = self.runner.execute(items, layer_hook=layer_ready)
+        logits = self.runner.execute(_batch_items(scheduled), layer_hook=layer_ready)
         sampling = [s for s in scheduled if s.samples]
         for s in scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
@@ -254,7 +205,7 @@ class LLMEngine:
         if sampling:
             results = self.sampler.sample(logits, [s.seq for s in sampling])
             for s, r in zip(sampling, results, strict=True):
-                out = self._append_token(s.seq, r.token_id, r.logprobs)
+                out = self.outputs.append_token(s.seq, r.token_id, r.logprobs)
                 if out.finished:
                     self._finish(s.seq, out.finish_reason)
                 outputs.append(out)
@@ -262,64 +213,23 @@ class LLMEngine:
         self.last_step_s = time.perf_counter() - t0
         return outputs
 
-    def _append_token(self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None) -> StepOutput:
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
-        seq.output_token_ids.append(token_id)
-        if logprobs is not None:
-            seq.output_logprobs.append(logprobs)
-        p = seq.params
-        reason = None
-        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
-            reason = FinishReason.STOP
-        elif (
-            len(seq.output_token_ids) >= p.max_tokens
-            or seq.num_tokens >= self.max_model_len
-            or seq.prefill_only
-        ):
-            reason = FinishReason.LENGTH
-        detok = self.detoks[seq.request_id]
-        text = detok.push(token_id) + (detok.flush() if reason is not None else "")
-        stop = self.stops[seq.request_id]
-        delta = stop.push(text)
-        if stop.hit:
-            reason = FinishReason.STOP
-        if reason is not None:
-            delta += stop.flush()
-        seq.text = stop.text
-        return StepOutput(
-            seq.request_id,
-            [token_id],
-            delta,
-            reason is not None,
-            reason,
-            [logprobs] if logprobs is not None else [],
-            len(seq.prompt_token_ids),
-            seq.num_cached_tokens,
-        )
-
     def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if seq.hold_blocks and reason is not FinishReason.ABORT:
-            self.held[seq.request_id] = seq.block_ids
+            self.holds.hold(seq.request_id, seq.block_ids)
         elif seq.block_ids:
             self.pool.free(seq.block_ids)
         seq.block_ids = []
         self.seqs.pop(seq.request_id, None)
-        self.detoks.pop(seq.request_id, None)
-        self.stops.pop(seq.request_id, None)
+        self.outputs.untrack(seq.request_id)
 
     # ---- introspection ----------------------------------------------------------------------------
     def live_block_refs(self) -> dict[int, int]:
         """Block id -> references held by live requests, reservations and held transfers."""
         refs: dict[int, int] = {}
-        lists = (
-            [s.block_ids for s in self.seqs.values()]
-            + list(self.reservations.values())
-            + list(self.held.values())
-        )
+        lists = [s.block_ids for s in self.seqs.values()] + list(self.holds.block_lists())
         for ids in lists:
             for b in ids:
                 refs[b] = refs.get(b, 0) + 1
