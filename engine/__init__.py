@@ -12,7 +12,7 @@ import importlib
 _LAZY = {
     "EngineConfig": "pdserve.engine.config",
     "LLMEngine": "pdserve.engine.engine",
-    "StepOutput": "pdserve.engine.engine",
+    "StepOutput": "pdserve.engine.outputs",
     "CapacityError": "pdserve.engine.errors",
     "EngineError": "pdserve.engine.errors",
     "InvalidRequestError": "pdserve.engine.errors",
