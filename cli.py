@@ -1,4 +1,4 @@
-"""The ``pdserve`` command: up | router | prefill | decode | generate."""
+"""The ``pdserve`` command: up | router | gateway | prefill | decode | generate."""
 
 from __future__ import annotations
 
@@ -148,6 +148,17 @@ def cmd_router(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(a: argparse.Namespace) -> int:
+    from pdserve.deploy.cli_gateway import config_from
+
+    cfg = config_from(a, _tls(a))
+    _setup_logging("gateway", a.log_format)
+    from pdserve.router.gateway.server import serve
+
+    _run(serve(cfg))
+    return 0
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from pdserve.deploy.cli_client import api_key, run_and_print, sampling_from
 
@@ -208,6 +219,7 @@ def _router_policy_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from pdserve.deploy.cli_client import add_generate_parser
+    from pdserve.deploy.cli_gateway import add_gateway_parser
     from pdserve.deploy.cli_up import add_up_parser
 
     parser = OneLineParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving", epilog=EPILOG)
@@ -234,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--host", default="127.0.0.1", help="address to bind")
     r.add_argument("--port", type=checks.port, default=0, help="gRPC port (0: any free port)")
     r.set_defaults(fn=cmd_router)
+
+    add_gateway_parser(sub, _tls_args).set_defaults(fn=cmd_gateway)
 
     b = sub.add_parser("bench", help="load-test a cluster over the public API (see bench/run.py)")
     from pdserve.bench.run import build_parser as bench_parser

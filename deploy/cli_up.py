@@ -45,6 +45,8 @@ def add_up_parser(sub, router_policy_args, tls_args) -> argparse.ArgumentParser:
     c.add_argument("--host", default="127.0.0.1", help="address every process binds")
     c.add_argument("--port", type=checks.port, default=DEFAULT_ROUTER_PORT,
                    help="router port, where pdserve generate looks (default: %(default)s; 0: any free port)")
+    c.add_argument("--http-port", type=checks.port, default=None,
+                   help="also serve OpenAI-compatible HTTP (a gateway) on this port (0: any free port; default: off)")
     c.add_argument("--metrics-port", type=checks.metrics_port, default=-1,
                    help="router's Prometheus port (-1: any free port; 0: no metrics anywhere); workers get free ports")
     c.add_argument("--log-format", default="text", choices=["text", "json"], help="every process's log format")
@@ -91,6 +93,10 @@ def _check(a: argparse.Namespace):
     if a.metrics_port > 0 and a.metrics_port == a.port:
         raise UsageError(f"--metrics-port: {a.metrics_port} is also the router's --port")
     checks.check_port_free("--metrics-port", a.host, a.metrics_port)
+    if a.http_port:
+        if a.http_port in (a.port, a.metrics_port):
+            raise UsageError(f"--http-port: {a.http_port} is also the router's --port or --metrics-port")
+        checks.check_port_free("--http-port", a.host, a.http_port)
     if a.ready_timeout <= 0:
         raise UsageError(f"--ready-timeout: must be > 0, got {a.ready_timeout}")
     try:
@@ -158,7 +164,7 @@ def cmd_up(a: argparse.Namespace) -> int:
     cluster = LocalCluster(
         a.prefill, a.decode, a.model, a.device, a.transfer, a.policy, extra_worker_args=_worker_args(a),
         router_args=_router_args(a), echo=a.verbose, ready_timeout_s=a.ready_timeout, host=a.host,
-        router_port=a.port,
+        router_port=a.port, http_port=a.http_port, gateway_args=["--log-format", a.log_format, *_tls_flags(a)],
     )
     t0 = time.monotonic()
     try:
@@ -166,6 +172,8 @@ def cmd_up(a: argparse.Namespace) -> int:
             print(f"pdserve up: cluster ready in {time.monotonic() - t0:.1f}s (model {a.model}, {a.prefill} prefill, "
                   f"{a.decode} decode, transfer {a.transfer})", flush=True)
             print("\n".join(describe(cluster, a.host)), flush=True)
+            if cluster.gateway_url:
+                print(f"pdserve up: OpenAI-compatible API at {cluster.gateway_url}", flush=True)
             if a.generate is not None:
                 key = env.api_key() or next((k for k, tenant in keys.items() if tenant != "admin"), next(iter(keys), ""))
                 return run_and_print(cluster.router_address, a.generate, sampling_from(a), False, tls, key,

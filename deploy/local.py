@@ -197,7 +197,9 @@ class LocalCluster:
     """Context manager. ``router_address`` is valid after ``start()``.
 
     ``host`` is where every process binds; ``router_port`` 0 picks a free port. ``procs`` keeps one ``Proc``
-    per child in start order (workers, then routers); a supervisor restarts a child in place (``respawn``)."""
+    per child in start order (workers, then routers, then the gateway); a supervisor restarts a child in place
+    (``respawn``). With ``http_port`` (0: any free port) an OpenAI-compatible gateway fronts the first router
+    (``gateway_args``: more of its flags, e.g. TLS to the router); ``gateway_url`` is its base URL."""
 
     def __init__(
         self,
@@ -214,6 +216,8 @@ class LocalCluster:
         ready_timeout_s: float = 180.0,
         host: str = "127.0.0.1",
         router_port: int = 0,
+        http_port: int | None = None,
+        gateway_args: list[str] | None = None,
     ):
         if num_decode < 1:
             raise ValueError("num_decode: a cluster needs at least one decode worker")
@@ -232,8 +236,11 @@ class LocalCluster:
         self.ready_timeout_s = ready_timeout_s
         self.host = host
         self.router_port = router_port
+        self.http_port = http_port
+        self.gateway_args = list(gateway_args or [])
         self.procs: list[Proc] = []
         self.router_address = ""
+        self.gateway_url = ""
 
     def worker_args(self) -> list[str]:
         return ["--model", self.model, "--device", self.device, "--transfer", self.transfer, "--host", self.host,
@@ -257,10 +264,21 @@ class LocalCluster:
             self.procs.append(router)
             _await_ready(router, self.ready_timeout_s, self.echo)
             self.router_address = router.address
+            if self.http_port is not None:
+                self.gateway_url = self._start_gateway()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_gateway(self) -> str:
+        args = ["--router", self.router_address, "--host", self.host, "--port", str(self.http_port),
+                *self.gateway_args]
+        gateway = _spawn("gateway", args, self.env, self.echo)
+        self.procs.append(gateway)
+        _await_ready(gateway, self.ready_timeout_s, self.echo)
+        line = next((x for x in gateway.lines if x.startswith("PDSERVE_READY")), "")
+        return next((p[4:] for p in line.split() if p.startswith("url=")), f"http://{gateway.address}/v1")
 
     def add_router(self, router_args: list[str] | None = None) -> Proc:
         """Start another router replica over the same workers (stateless routers share a pool)."""

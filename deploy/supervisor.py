@@ -59,7 +59,7 @@ class Supervisor:
         self.watches: list[_Watch] = []
         for p in cluster.procs:
             i = counts[p.role] = counts.get(p.role, -1) + 1
-            name = "router" if p.role == "router" and i == 0 else f"{p.role} {i}"
+            name = p.role if p.role in ("router", "gateway") and i == 0 else f"{p.role} {i}"
             self.watches.append(_Watch(p, name, Backoff(proto.initial_s, proto.max_s, proto.healthy_s)))
 
     def _say(self, text: str) -> None:

@@ -95,6 +95,14 @@ def test_bench_uses_only_the_public_api():
     assert bad == []
 
 
+def test_gateway_talks_to_the_router_only_over_its_public_api():
+    allowed = ("pdserve.protos", "pdserve.serving.rpc", "pdserve.serving.observability", "pdserve.router.gateway")
+    bad = [f"{path.relative_to(ROOT)} imports {name}" for path in modules("router/gateway")
+           for name in imports_of(path)
+           if name.startswith("pdserve") and not any(name == a or name.startswith(a + ".") for a in allowed)]
+    assert bad == []
+
+
 def test_the_rules_can_fail(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from pdserve.router.policy import PairPolicy\nimport torch\n")
@@ -105,6 +113,9 @@ LIGHT = [
     "pdserve",
     "pdserve.router.server",
     "pdserve.router.service",
+    "pdserve.router.gateway.app",
+    "pdserve.router.gateway.server",
+    "pdserve.deploy.cli_gateway",
     "pdserve.protos.pdserve_pb2_grpc",
     "pdserve.cli",
     "pdserve.engine",

@@ -1,0 +1,237 @@
+"""An OpenAI request body -> a ``Plan``: one router ``GenerateRequest`` per choice, or a 400 naming the field.
+
+Checked here: JSON types and shapes, and fields the router does not have (``n``, ``stream``, the chat
+``logprobs`` flag). Value ranges the router checks (``temperature``, ``top_p``, ``max_tokens``, a role, the
+model name) are forwarded and refused there, so both APIs refuse the same things with the same words.
+
+- ``n`` and a list of prompts fan out: choice ``i * n + j`` is prompt ``i``'s ``j``-th sample. With a
+  ``seed``, sample ``j`` uses ``seed + j``, so the choices differ yet the request stays reproducible.
+- ``user`` is the router's tenant (with API keys, it must be the key's own tenant, else 403).
+- Extensions (as vLLM names them): ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``.
+- Fields with no equivalent are refused when set to anything but their default (``echo``, ``suffix``,
+  ``best_of``, penalties, ``logit_bias``, tools, a non-text ``response_format``); unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router.gateway.errors import bad_field
+
+MAX_N = 64
+MAX_CHOICES = 256  # prompts x n
+MAX_LOGPROBS = 20
+MAX_TENANT_LEN = 256
+CHAT_ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    kind: str  # "completion" | "chat"
+    id: str  # cmpl-... / chatcmpl-...; the router request ids are f"{id}-{choice}"
+    model: str
+    requests: tuple[pb.GenerateRequest, ...]  # one per choice, in choice order
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # alternatives per token; None: no logprobs
+    return_token_ids: bool
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v):
+        raise bad_field(name, f"expected an integer, got {v!r}")
+    if lo is None and hi is None and not INT32_MIN <= v <= INT32_MAX:
+        raise bad_field(name, f"{v} is out of range")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise bad_field(name, f"must be {bounds}, got {v}")
+    return v
+
+
+def _number(body: dict, name: str) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        raise bad_field(name, f"expected a number, got {v!r}")
+    return float(v)
+
+
+def _bool(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad_field(name, f"expected true or false, got {v!r}")
+    return v
+
+
+def _token_ids(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(_is_int(t) and INT32_MIN <= t <= INT32_MAX for t in v)
+
+
+def prompts_of(body: dict) -> list[str | list[int]]:
+    """``prompt``: a string, a list of strings, token ids, or a list of token-id lists."""
+    p = body.get("prompt")
+    if isinstance(p, str):
+        return [p]
+    if _token_ids(p):
+        return [p]
+    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        return p
+    if isinstance(p, list) and p and all(_token_ids(x) for x in p):
+        return p
+    if p is None:
+        raise bad_field("prompt", "is required")
+    raise bad_field("prompt", "expected a string, a list of strings, a list of token ids or a list of token-id lists")
+
+
+def _content(i: int, m: dict) -> str:
+    c = m.get("content")
+    if c is None:
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):  # content parts: text only
+        parts = []
+        for k, part in enumerate(c):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_field(f"messages[{i}].content[{k}]", "only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_field(f"messages[{i}].content", "expected a string or a list of text parts")
+
+
+def messages_of(body: dict) -> list[pb.ChatMessage]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad_field("messages", "expected a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad_field(f"messages[{i}]", "expected an object with a string role")
+        role = CHAT_ROLE_ALIASES.get(m["role"], m["role"])
+        out.append(pb.ChatMessage(role=role, content=_content(i, m)))
+    return out
+
+
+_UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: v in (None, ""),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "presence_penalty": lambda v: v in (None, 0),
+    "logit_bias": lambda v: not v,
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+}
+
+
+def _sampling(body: dict, kind: str, default_max_tokens: int | None) -> tuple[pb.SamplingParams, int | None]:
+    s = pb.SamplingParams()
+    max_tokens = _int(body, "max_tokens")
+    if kind == "chat":
+        max_tokens = _int(body, "max_completion_tokens") if body.get("max_completion_tokens") is not None \
+            else max_tokens
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    if max_tokens is not None:
+        s.max_tokens = max_tokens
+    for name in ("temperature", "top_p"):
+        v = _number(body, name)
+        if v is not None:
+            setattr(s, name, v)
+    top_k = _int(body, "top_k")
+    if top_k is not None:
+        s.top_k = top_k
+    seed = _int(body, "seed", -(1 << 63), (1 << 63) - 1 - MAX_CHOICES)
+    if seed is not None:
+        s.seed = seed
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        s.stop.append(stop)
+    elif isinstance(stop, list) and all(isinstance(x, str) for x in stop):
+        s.stop.extend(stop)
+    elif stop is not None:
+        raise bad_field("stop", "expected a string or a list of strings")
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not (not ids or _token_ids(ids)):
+            raise bad_field("stop_token_ids", "expected a list of token ids")
+        s.stop_token_ids.extend(ids)
+    s.ignore_eos = _bool(body, "ignore_eos")
+    if kind == "chat":
+        wants = _bool(body, "logprobs")
+        top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+        if top is not None and not wants:
+            raise bad_field("top_logprobs", "needs logprobs: true")
+        logprobs = (top or 0) if wants else None
+    else:
+        logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
+    if logprobs is not None:
+        s.logprobs = logprobs
+    return s, logprobs
+
+
+def parse(body, kind: str, default_chat_max_tokens: int | None = None) -> Plan:
+    """Raises GatewayError (400) naming the field."""
+    if not isinstance(body, dict):
+        raise bad_field("body", "expected a JSON object")
+    for name, is_default in _UNSUPPORTED.items():
+        if not is_default(body.get(name)):
+            raise bad_field(name, "is not supported by this server")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_field("model", f"expected a string, got {model!r}")
+    n = _int(body, "n", 1, MAX_N) or 1
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:
+        raise bad_field("best_of", "is not supported by this server (only best_of = n)")
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise bad_field("stream_options", "is only allowed with stream: true")
+        if not isinstance(options, dict):
+            raise bad_field("stream_options", "expected an object")
+        include_usage = _bool(options, "include_usage")
+    user = body.get("user")
+    if user is not None and (not isinstance(user, str) or len(user) > MAX_TENANT_LEN):
+        raise bad_field("user", f"expected a string of at most {MAX_TENANT_LEN} characters")
+    sampling, logprobs = _sampling(body, kind, default_chat_max_tokens if kind == "chat" else None)
+    inputs: list = [messages_of(body)] if kind == "chat" else prompts_of(body)
+    if len(inputs) * n > MAX_CHOICES:
+        raise bad_field("n", f"prompts x n is at most {MAX_CHOICES}, got {len(inputs) * n}")
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    requests = []
+    for i, source in enumerate(inputs):
+        for j in range(n):
+            req = pb.GenerateRequest(request_id=f"{rid}-{i * n + j}", model=model or "", tenant=user or "")
+            req.sampling.CopyFrom(sampling)
+            if j and sampling.HasField("seed"):
+                req.sampling.seed = sampling.seed + j
+            if kind == "chat":
+                req.messages.extend(source)
+            elif isinstance(source, str):
+                req.prompt = source
+            else:
+                req.token_ids.extend(source)
+            requests.append(req)
+    return Plan(kind, rid, model or "", tuple(requests), n, stream, include_usage, logprobs,
+                _bool(body, "return_token_ids"))

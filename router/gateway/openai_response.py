@@ -1,0 +1,114 @@
+"""Router responses -> OpenAI objects: ``text_completion`` / ``chat.completion`` and their stream chunks.
+
+Token texts in logprobs come from the router (``TokenLogprob.token_text``), so the gateway holds no
+tokenizer. Usage counts each prompt once (not once per sample) and every choice's completion tokens.
+"""
+
+from __future__ import annotations
+
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router.gateway.openai_request import Plan
+
+
+def _top(lp: pb.TokenLogprob, k: int) -> list[tuple[str, float]]:
+    ranked = sorted(lp.top.items(), key=lambda kv: -kv[1])[:k]
+    return [(lp.token_text.get(t, ""), v) for t, v in ranked]
+
+
+def completion_logprobs(lps, k: int, offset: int) -> tuple[dict, int]:
+    """OpenAI's legacy logprobs object for these tokens; ``offset`` is where they start in the choice's text."""
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in lps:
+        text = lp.token_text.get(lp.token_id, "")
+        tokens.append(text)
+        values.append(lp.logprob)
+        tops.append(dict(_top(lp, k)) if k else {text: lp.logprob})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def chat_logprobs(lps, k: int) -> dict:
+    content = []
+    for lp in lps:
+        text = lp.token_text.get(lp.token_id, "")
+        content.append({
+            "token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in _top(lp, k)],
+        })
+    return {"content": content}
+
+
+def usage(plan: Plan, finals: dict[int, pb.Usage]) -> dict:
+    prompt = sum(u.prompt_tokens for i, u in finals.items() if i % plan.n == 0)
+    completion = sum(u.completion_tokens for u in finals.values())
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(u.cached_prompt_tokens for i, u in finals.items() if i % plan.n == 0)
+    if cached:
+        out["prompt_tokens_details"] = {"cached_tokens": cached}
+    return out
+
+
+def _object(plan: Plan, chunk: bool) -> str:
+    if plan.kind == "chat":
+        return "chat.completion.chunk" if chunk else "chat.completion"
+    return "text_completion"
+
+
+def full_response(plan: Plan, results: list[pb.GenerateResponse], created: int) -> dict:
+    """Non-streamed answer from each choice's Complete result."""
+    choices = []
+    for i, r in enumerate(results):
+        choice: dict = {"index": i, "finish_reason": r.finish_reason or None}
+        if plan.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": r.text}
+            choice["logprobs"] = chat_logprobs(r.logprobs, plan.logprobs) if plan.logprobs is not None else None
+        else:
+            choice["text"] = r.text
+            choice["logprobs"] = (completion_logprobs(r.logprobs, plan.logprobs, 0)[0]
+                                  if plan.logprobs is not None else None)
+        if plan.return_token_ids:
+            choice["token_ids"] = list(r.token_ids)
+        choices.append(choice)
+    return {"id": plan.id, "object": _object(plan, False), "created": created, "model": plan.model,
+            "choices": choices, "usage": usage(plan, {i: r.usage for i, r in enumerate(results)})}
+
+
+class StreamChunks:
+    """Builds the stream's chunks: one per router response, then (include_usage) the usage chunk."""
+
+    def __init__(self, plan: Plan, created: int):
+        self.plan = plan
+        self.head = {"id": plan.id, "object": _object(plan, True), "created": created, "model": plan.model}
+        self.started: set[int] = set()
+        self.offsets: dict[int, int] = {}
+        self.finals: dict[int, pb.Usage] = {}
+
+    def chunk(self, index: int, resp: pb.GenerateResponse) -> dict:
+        plan = self.plan
+        choice: dict = {"index": index, "finish_reason": resp.finish_reason or None}
+        if plan.kind == "chat":
+            delta: dict = {"content": resp.text}
+            if index not in self.started:
+                self.started.add(index)
+                delta = {"role": "assistant", "content": resp.text}
+            choice["delta"] = delta
+            choice["logprobs"] = chat_logprobs(resp.logprobs, plan.logprobs) if plan.logprobs is not None else None
+        else:
+            choice["text"] = resp.text
+            if plan.logprobs is not None:
+                choice["logprobs"], self.offsets[index] = completion_logprobs(
+                    resp.logprobs, plan.logprobs, self.offsets.get(index, 0))
+            else:
+                choice["logprobs"] = None
+        if plan.return_token_ids:
+            choice["token_ids"] = list(resp.token_ids)
+        if resp.finish_reason:
+            self.finals[index] = resp.usage
+        out = {**self.head, "choices": [choice]}
+        if plan.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self) -> dict:
+        return {**self.head, "choices": [], "usage": usage(self.plan, self.finals)}
