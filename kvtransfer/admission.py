@@ -14,7 +14,7 @@ idle or slow connections cannot starve authenticated peers:
   needs only one round trip (milliseconds) before its HELLO marks it active and then verified. A sender
   whose pending connection was evicted before HELLO_OK dials again (``control.HANDSHAKE_ATTEMPTS``), which
   matters only against an attacker churning connections from the sender's own address.
-- Authenticated links never count here; they have their own cap (``receiver.MAX_LINKS``).
+- Authenticated links never count here; they have their own cap (``links.MAX_LINKS``).
 - A pending connection costs no thread on the socket backends (``doorman``); on ucx it holds its thread
   until authenticated or dropped, so the budget bounds those threads too.
 
