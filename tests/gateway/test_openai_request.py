@@ -1,0 +1,156 @@
+"""The gateway's translation, without a cluster: OpenAI bodies -> router requests, router statuses -> HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router.gateway.errors import GatewayError, from_rpc_error
+from pdserve.router.gateway.openai_request import MAX_CHOICES, parse
+from pdserve.router.gateway.openai_response import StreamChunks, full_response
+
+
+def test_a_completion_body_becomes_one_request_per_choice():
+    plan = parse({"model": "m", "prompt": ["a", "b"], "n": 2, "seed": 10, "max_tokens": 5, "temperature": 0.5,
+                  "top_p": 0.9, "stop": "x", "user": "alice", "logprobs": 2}, "completion")
+    assert [r.prompt for r in plan.requests] == ["a", "a", "b", "b"]
+    assert [r.sampling.seed for r in plan.requests] == [10, 11, 10, 11]  # sample j: seed + j
+    assert [r.request_id for r in plan.requests] == [f"{plan.id}-{i}" for i in range(4)]
+    r = plan.requests[0]
+    assert (r.model, r.tenant, r.sampling.max_tokens, r.sampling.top_p, list(r.sampling.stop)) == \
+        ("m", "alice", 5, pytest.approx(0.9), ["x"])
+    assert r.sampling.logprobs == 2 and plan.logprobs == 2 and not plan.stream
+    assert plan.id.startswith("cmpl-")
+    ids = parse({"prompt": [[1, 2], [3]]}, "completion").requests
+    assert [list(r.token_ids) for r in ids] == [[1, 2], [3]]
+    assert not parse({"prompt": "a"}, "completion").requests[0].sampling.HasField("max_tokens")  # router's 16
+
+
+def test_a_chat_body():
+    plan = parse({"messages": [{"role": "developer", "content": "be brief"},
+                               {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text",
+                                                                                           "text": "there"}]},
+                               {"role": "assistant", "content": None}],
+                  "max_tokens": 3, "max_completion_tokens": 7, "logprobs": True, "top_logprobs": 4,
+                  "stream": True, "stream_options": {"include_usage": True}}, "chat", default_chat_max_tokens=99)
+    (r,) = plan.requests
+    assert [(m.role, m.content) for m in r.messages] == [("system", "be brief"), ("user", "hi there"),
+                                                          ("assistant", "")]
+    assert r.sampling.max_tokens == 7 and r.sampling.logprobs == 4 and plan.include_usage and plan.stream
+    assert parse({"messages": [{"role": "user", "content": "x"}]}, "chat", 99).requests[0].sampling.max_tokens == 99
+    assert parse({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "chat").logprobs == 0
+    assert parse({"messages": [{"role": "user", "content": "x"}]}, "chat").logprobs is None
+
+
+BAD = {
+    "not an object": ([1], "body"),
+    "no prompt": ({}, "prompt"),
+    "mixed prompt": ({"prompt": ["a", [1]]}, "prompt"),
+    "token id over int32": ({"prompt": [1 << 40]}, "prompt"),
+    "max_tokens type": ({"prompt": "a", "max_tokens": "5"}, "max_tokens"),
+    "max_tokens bool": ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+    "max_tokens over int32": ({"prompt": "a", "max_tokens": 1 << 40}, "max_tokens"),
+    "temperature string": ({"prompt": "a", "temperature": "hot"}, "temperature"),
+    "n": ({"prompt": "a", "n": 0}, "n"),
+    "too many choices": ({"prompt": ["a"] * 5, "n": 64}, "n"),
+    "stop": ({"prompt": "a", "stop": [1]}, "stop"),
+    "stream_options without stream": ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+    "echo": ({"prompt": "a", "echo": True}, "echo"),
+    "best_of": ({"prompt": "a", "best_of": 3}, "best_of"),
+    "penalty": ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
+    "logprobs range": ({"prompt": "a", "logprobs": 21}, "logprobs"),
+    "user": ({"prompt": "a", "user": 5}, "user"),
+    "model": ({"prompt": "a", "model": 5}, "model"),
+    "no messages": ({"messages": []}, "messages"),
+    "image part": ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
+    "role type": ({"messages": [{"role": 1, "content": "x"}]}, "messages[0]"),
+    "top_logprobs alone": ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    "tools": ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_bodies_are_400_naming_the_field(case):
+    body, param = BAD[case]
+    kind = "chat" if "messages" in body or param.startswith(("messages", "top_logprobs", "tools")) else "completion"
+    with pytest.raises(GatewayError) as err:
+        parse(body, kind)
+    e = err.value
+    assert e.status == 400 and e.param == param and e.message.startswith(param)
+    assert e.body()["error"]["type"] == "invalid_request_error"
+    assert MAX_CHOICES == 256
+
+
+def rpc_error(code, details, trailing=()):
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details)
+
+
+@pytest.mark.parametrize("code, status", [
+    (grpc.StatusCode.INVALID_ARGUMENT, 400), (grpc.StatusCode.UNAUTHENTICATED, 401),
+    (grpc.StatusCode.PERMISSION_DENIED, 403), (grpc.StatusCode.NOT_FOUND, 404),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, 429), (grpc.StatusCode.UNAVAILABLE, 503),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, 504), (grpc.StatusCode.INTERNAL, 500),
+])
+def test_router_statuses_map_to_http(code, status):
+    e = from_rpc_error(rpc_error(code, "max_tokens: must be positive"))
+    assert e.status == status
+    assert e.param == ("max_tokens" if status < 500 else None)
+
+
+def test_retry_after_and_codes():
+    e = from_rpc_error(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant: rate limited",
+                                 [("retry-after-ms", "2500")]))
+    assert e.headers() == {"Retry-After": "3"} and e.type == "rate_limit_error"
+    assert from_rpc_error(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")).headers() == {"Retry-After": "1"}
+    assert from_rpc_error(rpc_error(grpc.StatusCode.UNAUTHENTICATED, "no key")).code == "invalid_api_key"
+    nf = from_rpc_error(rpc_error(grpc.StatusCode.NOT_FOUND, "model: 'x' is not served here"))
+    assert (nf.code, nf.param) == ("model_not_found", "model")
+    assert from_rpc_error(rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "token_ids: 9 is outside")).param == "prompt"
+
+
+def final(text, ids, prompt_tokens, reason="length"):
+    r = pb.GenerateResponse(text=text, token_ids=ids, finish_reason=reason)
+    r.usage.prompt_tokens, r.usage.completion_tokens = prompt_tokens, len(ids)
+    return r
+
+
+def test_responses_count_each_prompt_once():
+    plan = parse({"prompt": ["a", "bb"], "n": 2}, "completion")
+    out = full_response(plan, [final("x", [1], 2), final("y", [2, 3], 2), final("z", [4], 3), final("w", [5], 3)], 1)
+    assert [c["text"] for c in out["choices"]] == ["x", "y", "z", "w"]
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    chat = parse({"messages": [{"role": "user", "content": "q"}], "stream": True,
+                  "stream_options": {"include_usage": True}}, "chat")
+    chunks = StreamChunks(chat, 1)
+    first = chunks.chunk(0, pb.GenerateResponse(text="he"))
+    last = chunks.chunk(0, final("llo", [7], 4, "stop"))
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "he"} and first["usage"] is None
+    assert last["choices"][0]["delta"] == {"content": "llo"} and last["choices"][0]["finish_reason"] == "stop"
+    assert chunks.usage_chunk()["usage"]["prompt_tokens"] == 4 and chunks.usage_chunk()["choices"] == []
+
+
+def test_a_dead_router_is_503_and_health_says_so():
+    """A gateway whose router is not there: requests are 503 UNAVAILABLE, /health is 503."""
+    import aiohttp
+
+    from pdserve.router.gateway.server import GatewayConfig, serve
+
+    async def go():
+        ready, stop = asyncio.get_running_loop().create_future(), asyncio.Event()
+        task = asyncio.ensure_future(serve(GatewayConfig(router="127.0.0.1:1", port=0, timeout_s=5), ready, stop))
+        url = await asyncio.wait_for(ready, 30)
+        try:
+            async with aiohttp.ClientSession() as s:
+                r = await s.post(url + "/completions", json={"prompt": "hi"})
+                body = await r.json()
+                h = await s.get(url[: -len("/v1")] + "/health")
+                return r.status, body, h.status
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+    status, body, health = asyncio.run(go())
+    assert status == 503 and body["error"]["type"] == "service_unavailable" and health == 503
