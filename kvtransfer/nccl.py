@@ -28,8 +28,9 @@ import torch.distributed as dist
 
 from pdserve.kvtransfer import control, wire
 from pdserve.kvtransfer.base import TransferError
+from pdserve.kvtransfer.connection import Connection, Tx
 from pdserve.kvtransfer.receiver import Link, SocketReceiver
-from pdserve.kvtransfer.sender import Connection, SocketSender, _Tx
+from pdserve.kvtransfer.sender import SocketSender
 from pdserve.kvtransfer.views import is_one_run
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class NcclSender(SocketSender):
         if plane is not None:
             shutdown_group(plane[0])
 
-    def send_layer(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int]) -> None:
+    def send_layer(self, conn: Connection, tx: Tx, layer: int, src: list[int], dst: list[int]) -> None:
         if conn.plane is None:
             raise TransferError(f"connection to {conn.endpoint} is closed")
         pg = conn.plane[0]

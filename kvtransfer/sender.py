@@ -1,4 +1,4 @@
-"""The sending half shared by every backend: connections, the per-connection writer thread, handles.
+"""The sending half shared by every backend: the sender, its connections (``connection``) and handles.
 
 ``push_layer`` only validates and enqueues; the connection's writer thread waits on the layer's ``ready``
 event, then sends (so the forward pass keeps computing), and a reader thread collects the receiver's
@@ -9,16 +9,14 @@ every transfer to it; losing it fails every transfer in flight on it.
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.kvtransfer import control, cuda_ipc, wire
+from pdserve.kvtransfer import cuda_ipc, wire
 from pdserve.kvtransfer.base import (
     ChecksumError,
     KVSender,
@@ -27,162 +25,14 @@ from pdserve.kvtransfer.base import (
     TransferStats,
     TransferTimeoutError,
 )
+from pdserve.kvtransfer.connection import Connection, Tx
 from pdserve.kvtransfer.views import byte_chunks, byte_view, host_view, pair_runs, run_views, staging_buffer
 
 logger = logging.getLogger(__name__)
 
-IDLE_POLL_S = 0.5
-CLOSE_JOIN_S = 3.0
-
-
-@dataclass(slots=True, eq=False)
-class _Tx:
-    transfer_id: str
-    dst_block_ids: frozenset[int]
-    conn: Connection
-    acked: threading.Event = field(default_factory=threading.Event)
-    ack: dict | None = None
-    error: str | None = None
-    finished: bool = False
-    num_frames: int = 0  # written by the writer thread only
-    num_bytes: int = 0
-    cut: bool = False  # fault injection: this transfer's connection is cut midway
-    t0: float = field(default_factory=time.monotonic)
-
-
-class Connection:
-    """One authenticated connection to a receiver: a writer thread draining a queue, a reader for ACKs."""
-
-    def __init__(self, sender: SocketSender, endpoint: str):
-        self.sender = sender
-        self.endpoint = endpoint
-        self.path = sender.scheme
-        self.plane: object | None = None  # backend data plane (shm mapping, process group, ...)
-        self.staging: torch.Tensor | None = None  # pinned host buffer, for CUDA caches on the socket plane
-        self.pending: dict[str, _Tx] = {}
-        self.lock = threading.Lock()
-        self.dead: str | None = None
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
-        self.sock, self.welcome = control.dial(sender.connect, endpoint, sender.scheme, sender.fingerprint,
-                                               sender.config)
-        try:
-            sender.on_connected(self)
-        except (OSError, ConnectionError, wire.WireError, RuntimeError) as e:  # RuntimeError: torch.distributed
-            self.sock.close()
-            raise TransferError(f"KV handshake with {endpoint} failed: {e}") from None
-        except TransferError:
-            self.sock.close()
-            raise
-        self.threads = [threading.Thread(target=self._writer, name="kv-tx", daemon=True),
-                        threading.Thread(target=self._reader, name="kv-tx-ack", daemon=True)]
-        for th in self.threads:
-            th.start()
-
-    def add(self, tx: _Tx) -> None:
-        with self.lock:
-            if self.dead:
-                raise TransferError(self.dead)
-            if tx.transfer_id in self.pending:
-                raise ValueError(f"transfer_id: {tx.transfer_id!r} is already in flight to {self.endpoint}")
-            self.pending[tx.transfer_id] = tx
-
-    def discard(self, tx: _Tx) -> None:
-        with self.lock:
-            if self.pending.get(tx.transfer_id) is tx:
-                del self.pending[tx.transfer_id]
-
-    def submit(self, item: tuple) -> None:
-        if self.dead:
-            raise TransferError(self.dead)
-        self.q.put(item)
-
-    def die(self, reason: str) -> None:
-        with self.lock:
-            if self.dead is not None:
-                return
-            self.dead = reason
-            pending = list(self.pending.values())
-            self.pending.clear()
-        logger.info("KV connection to %s: %s", self.endpoint, reason)
-        for tx in pending:
-            tx.error = tx.error or reason
-            tx.acked.set()
-        self.sender.forget(self)
-        self.sender.on_disconnected(self)
-        self.q.put(None)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _writer(self) -> None:
-        while True:
-            item = self.q.get()
-            if item is None:
-                return
-            kind, tx, *args = item
-            try:
-                if kind == "begin":
-                    body = {"blocks": len(tx.dst_block_ids)}
-                    control.send_json(self.sock, wire.BEGIN, body, tx.transfer_id)
-                elif kind == "data" and tx.error is None:
-                    if tx.cut and args[0] >= len(self.sender.layers) // 2:
-                        self._inject_cut(tx, args[0])
-                    self.sender.push(self, tx, *args)
-                elif kind == "done":
-                    body = {"frames": tx.num_frames, "bytes": tx.num_bytes}
-                    control.send_json(self.sock, wire.DONE, body, tx.transfer_id)
-                elif kind == "abort":
-                    control.send_json(self.sock, wire.ABORT, {"reason": args[0]}, tx.transfer_id)
-            except (OSError, ConnectionError, wire.WireError, TransferError) as e:
-                self.die(f"send to {self.endpoint} failed: {e}")
-                return
-            except Exception as e:  # noqa: BLE001 - a bug (or a failed ready event) must not strand finish()
-                logger.exception("KV writer to %s crashed", self.endpoint)
-                self.die(f"sender error: {e}")
-                return
-
-    def _inject_cut(self, tx: _Tx, layer: int) -> None:
-        """Fault injection: write half a DATA header, then cut the connection (the receiver sees a frame
-        truncated midway, as when a link or peer dies mid-transfer)."""
-        header = wire.encode_header(wire.Frame(wire.DATA, tx.transfer_id, layer, [], 0, 0, 0))
-        self.sock.sendall(header[: len(header) // 2])
-        self.sock.shutdown(socket.SHUT_RDWR)
-        raise OSError(f"injected cut of the KV connection mid-transfer {tx.transfer_id!r}")
-
-    def _reader(self) -> None:
-        try:
-            while self.dead is None:
-                if not control.readable(self.sock, IDLE_POLL_S):
-                    continue
-                frame = wire.read_frame(self.sock)
-                body = control.read_json(self.sock, frame)
-                if frame.type != wire.ACK:
-                    raise wire.WireError(f"unexpected frame type {frame.type} from a receiver")
-                with self.lock:
-                    tx = self.pending.pop(frame.transfer_id, None)
-                if tx is not None:
-                    tx.ack = body
-                    tx.acked.set()
-        except (OSError, ConnectionError, wire.WireError) as e:
-            self.die(f"connection to {self.endpoint} lost: {e}")
-
-    def alive(self) -> bool:
-        return any(th.is_alive() for th in self.threads)
-
-    def close(self) -> None:
-        self.die("sender closed")
-        for th in self.threads:  # bounded: the socket is shut down, so neither thread can block long
-            if th is not threading.current_thread():
-                th.join(CLOSE_JOIN_S)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
 
 class _Handle(TransferHandle):
-    def __init__(self, tx: _Tx, sender: SocketSender):
+    def __init__(self, tx: Tx, sender: SocketSender):
         self.tx = tx
         self.sender = sender
 
@@ -252,7 +102,7 @@ class SocketSender(KVSender):
 
     def open(self, transfer_id: str, endpoint: str, dst_block_ids: list[int]) -> TransferHandle:
         conn = self._connection(endpoint)
-        tx = _Tx(transfer_id, frozenset(dst_block_ids), conn)
+        tx = Tx(transfer_id, frozenset(dst_block_ids), conn)
         every = self.config.debug_cut_every
         if every:
             with self._lock:
@@ -306,7 +156,7 @@ class SocketSender(KVSender):
             raise ValueError("dst_block_ids: repeats a block")
 
     # ---- runs on the writer thread -----------------------------------------------------------------
-    def push(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int], ready) -> None:
+    def push(self, conn: Connection, tx: Tx, layer: int, src: list[int], dst: list[int], ready) -> None:
         if ready is not None:
             ready.synchronize()
         if conn.path == cuda_ipc.PATH:
@@ -314,7 +164,7 @@ class SocketSender(KVSender):
         else:
             self.send_layer(conn, tx, layer, src, dst)
 
-    def send_layer_ipc(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int]) -> None:
+    def send_layer_ipc(self, conn: Connection, tx: Tx, layer: int, src: list[int], dst: list[int]) -> None:
         """Copy the runs device to device into the receiver's mapped cache, then NOTIFY (cuda_ipc.py)."""
         if self._ipc_copier is None:
             self._ipc_copier = cuda_ipc.IpcCopier(self.layers[0].device)
@@ -359,7 +209,7 @@ class SocketSender(KVSender):
     def on_disconnected(self, conn: Connection) -> None:
         """Tear down what ``on_connected`` set up."""
 
-    def send_layer(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int]) -> None:
+    def send_layer(self, conn: Connection, tx: Tx, layer: int, src: list[int], dst: list[int]) -> None:
         """One DATA frame for the whole push, its payload streamed from the source run views."""
         views = run_views(self.layers[layer], src)
         crc, flags = self.checksum(views)
@@ -384,7 +234,7 @@ class SocketSender(KVSender):
             host.copy_(part)
             conn.sock.sendall(byte_view(host))
 
-    def send_run_frames(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int],
+    def send_run_frames(self, conn: Connection, tx: Tx, layer: int, src: list[int], dst: list[int],
                         put: Callable[[Connection, torch.Tensor], None]) -> None:
         """For out-of-band data planes: one DATA header per run consecutive on both sides, then ``put``
         sends that run's source view on the plane (the receiver posts its receive into the destination)."""

@@ -26,8 +26,9 @@ import torch
 
 from pdserve.engine.kv_cache import block_runs
 from pdserve.kvtransfer import control, wire
+from pdserve.kvtransfer.connection import Connection, Tx
 from pdserve.kvtransfer.receiver import Link, SocketReceiver
-from pdserve.kvtransfer.sender import Connection, SocketSender, _Tx
+from pdserve.kvtransfer.sender import SocketSender
 from pdserve.kvtransfer.views import byte_rows, copy_bytes, copy_ways, pair_runs
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class TcpSender(SocketSender):
         return [byte_rows(flat[i * layer_bytes : (i + 1) * layer_bytes].view(num_blocks, self.block_bytes))
                 for i in range(len(self.layers))]
 
-    def send_layer(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int]) -> None:
+    def send_layer(self, conn: Connection, tx: Tx, layer: int, src: list[int], dst: list[int]) -> None:
         if conn.plane is None:
             super().send_layer(conn, tx, layer, src, dst)
             return

@@ -30,8 +30,9 @@ import torch
 from pdserve.engine import env
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.base import TransferError
+from pdserve.kvtransfer.connection import Connection, Tx
 from pdserve.kvtransfer.receiver import Link, SocketReceiver
-from pdserve.kvtransfer.sender import Connection, SocketSender, _Tx
+from pdserve.kvtransfer.sender import SocketSender
 from pdserve.kvtransfer.views import byte_view, is_one_run, pair_runs
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ class UcxSender(SocketSender):
         if not self.open_cuda_ipc(conn):  # same host, CUDA caches: copy straight into the receiver's cache
             conn.path = "ucx"
 
-    def send_layer(self, conn: Connection, tx: _Tx, layer: int, src: list[int], dst: list[int]) -> None:
+    def send_layer(self, conn: Connection, tx: Tx, layer: int, src: list[int], dst: list[int]) -> None:
         """Posts each run's header and payload and returns without waiting for completion, so a layer's
         transfer overlaps the next push; the DONE frame (a sendall) waits for every posted send."""
         stream: UcxStream = conn.sock
