@@ -176,6 +176,7 @@ def compile_for_gpu(arch: int = 90, full: bool = False) -> list[str]:
     from triton.compiler import ASTSource
 
     from pdserve.engine.kernels import triton_attention as ta
+    from pdserve.engine.kernels import triton_kernels as tk
 
     if ta.interpreter_enabled():
         raise RuntimeError("compile_for_gpu needs the kernels built without TRITON_INTERPRET")
@@ -199,12 +200,12 @@ def compile_for_gpu(arch: int = 90, full: bool = False) -> list[str]:
             decode = dict(ptrs, ctx_lens_ptr="*i64", part_acc_ptr="*fp32", part_ml_ptr="*fp32", **strides, **scalars,
                           num_heads=i32, span_bound=i32, num_splits=i32)
             for split_k in (False, True) if full else (not window_softcap,):
-                compile_one(ta._decode_kernel, decode, dict(base, BLOCK_M=16, SPLIT_K=split_k))
+                compile_one(tk._decode_kernel, decode, dict(base, BLOCK_M=16, SPLIT_K=split_k))
             prefill = dict(ptrs, seq_info_ptr="*i32", **strides, **scalars)
-            compile_one(ta._prefill_kernel, prefill, dict(base, BLOCK_Q=16, GROUP_PAD=4, BLOCK_M=64))
+            compile_one(tk._prefill_kernel, prefill, dict(base, BLOCK_Q=16, GROUP_PAD=4, BLOCK_M=64))
         merge = dict(out_ptr=f"*{dt}", part_acc_ptr="*fp32", part_ml_ptr="*fp32", stride_ot=i32, stride_oh=i32,
                      num_heads=i32, head_dim=i32, num_splits=i32)
-        compile_one(ta._decode_merge_kernel, merge, dict(SPLITS_PAD=4, HEAD_PAD=64, INTERPRET=False))
+        compile_one(tk._decode_merge_kernel, merge, dict(SPLITS_PAD=4, HEAD_PAD=64, INTERPRET=False))
     return done
 
 
