@@ -225,3 +225,25 @@ def test_a_client_that_gives_up_on_an_unstreamed_answer_frees_the_blocks_too(clu
     idle = _await_idle(cluster)
     assert idle.num_running == 0 and idle.num_free_blocks == idle.num_total_blocks
     assert idle.num_aborted > before
+
+
+def test_grpc_chat_messages_and_bad_role(cluster):
+    """Chat on the gRPC API itself: messages -> text; a bad role or a wrong model is refused, saying so."""
+    import grpc
+
+    msgs = [pb.ChatMessage(role="user", content="Hello")]
+    out = grpc_call(cluster.router_address, "Generate",
+                    pb.GenerateRequest(messages=msgs, sampling=S(max_tokens=4, temperature=0)))
+    assert sum(len(r.token_ids) for r in out) == 4 and out[-1].finish_reason == "length"
+    assert "".join(r.text for r in out)
+    for req, code, words in (
+        (pb.GenerateRequest(messages=[pb.ChatMessage(role="wizard", content="x")]), grpc.StatusCode.INVALID_ARGUMENT,
+         "messages[0].role: 'wizard' is not one of system, user, assistant, tool"),
+        (pb.GenerateRequest(prompt="hi", messages=msgs), grpc.StatusCode.INVALID_ARGUMENT, "prompt and messages"),
+        (pb.GenerateRequest(messages=msgs, model="other"), grpc.StatusCode.NOT_FOUND, "model: 'other'"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            grpc_call(cluster.router_address, "Complete", req)
+        assert err.value.code() == code and words in err.value.details()
+    models = grpc_call(cluster.router_address, "Models", pb.ModelsRequest()).models
+    assert [(m.id, m.chat, m.max_model_len) for m in models] == [(cluster.model, True, 2048)]
