@@ -48,6 +48,9 @@ BAD = [
     (["up", "--api-keys", "/no/such/keys.json"], "--api-keys"),
     (["bench", "--router", "127.0.0.1:1", "--num-prompts", "0"], "--num-prompts"),
     (["generate"], "prompt"),
+    (["gateway", "--port", "70000"], "--port"),
+    (["gateway", "--router", "127.0.0.1:1", "--timeout", "0"], "--timeout"),
+    (["up", "--http-port", "-1"], "--http-port"),
 ]
 
 
@@ -61,7 +64,7 @@ def test_bad_input_is_one_line_naming_the_flag_and_exit_2(argv, flag):
     assert time.monotonic() - t0 < 30, "a bad flag fails at once, before any process starts"
 
 
-@pytest.mark.parametrize("cmd", [["up"], ["router"], ["decode"]])
+@pytest.mark.parametrize("cmd", [["up"], ["router"], ["decode"], ["gateway"]])
 def test_busy_port_is_refused_up_front(cmd, busy_port):
     r = _pdserve(*cmd, "--port", str(busy_port))
     lines = r.stderr.strip().splitlines()
