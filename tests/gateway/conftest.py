@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 
 import grpc
 import pytest
@@ -52,11 +53,24 @@ def grpc_call(address: str, method: str, req, metadata=None, timeout: float = 60
 
 
 def decode_load(cluster: LocalCluster) -> pb.WorkerLoad:
-    async def go():
-        async with grpc.aio.insecure_channel(cluster.workers("decode")[0].address) as ch:
-            return await pb_grpc.DecodeStub(ch).GetLoad(pb.LoadRequest(), timeout=10)
+    """The decode worker's load as the router last polled it (every ~0.5 s), through the router's Admin API."""
 
-    return asyncio.run(go())
+    async def go():
+        async with grpc.aio.insecure_channel(cluster.router_address) as ch:
+            return await pb_grpc.AdminStub(ch).ListWorkers(pb.ListWorkersRequest(), timeout=10)
+
+    (worker,) = [w for w in asyncio.run(go()).workers if w.role == "decode"]
+    return worker.load
+
+
+def wait_load(cluster: LocalCluster, done, bound_s: float = 5.0) -> pb.WorkerLoad:
+    """Poll ``decode_load`` until ``done(load)`` or ``bound_s`` passed; returns the last load seen."""
+    deadline = time.monotonic() + bound_s
+    load = decode_load(cluster)
+    while not done(load) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        load = decode_load(cluster)
+    return load
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.error
 import urllib.request
 
@@ -15,7 +14,7 @@ import openai
 import pytest
 
 from pdserve.protos import pdserve_pb2 as pb
-from tests.gateway.conftest import decode_load, grpc_call
+from tests.gateway.conftest import decode_load, grpc_call, wait_load
 
 S = pb.SamplingParams
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -185,7 +184,7 @@ def _stream_then_drop(url: str, body: dict, cluster, events: int = 3) -> pb.Work
                 seen += line.startswith(b"data: {")
                 if seen >= events:
                     break
-            busy = await asyncio.to_thread(decode_load, cluster)
+            busy = await asyncio.to_thread(wait_load, cluster, lambda load: load.num_running == 1)
             resp.close()  # drops the connection mid-stream
             return busy
 
@@ -193,12 +192,9 @@ def _stream_then_drop(url: str, body: dict, cluster, events: int = 3) -> pb.Work
 
 
 def _await_idle(cluster, bound_s: float = 5.0) -> pb.WorkerLoad:
-    deadline = time.monotonic() + bound_s
-    load = decode_load(cluster)
-    while time.monotonic() < deadline and (load.num_running or load.num_free_blocks != load.num_total_blocks):
-        time.sleep(0.05)
-        load = decode_load(cluster)
-    return load
+    """Within the bound (the router polls loads every ~0.5 s): nothing running, every block free."""
+    return wait_load(cluster, lambda load: not load.num_running and load.num_free_blocks == load.num_total_blocks,
+                     bound_s)
 
 
 def test_a_disconnect_mid_stream_frees_the_decode_blocks(cluster, model):
