@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.priority import DEFAULT_AGING_S
+
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -51,6 +53,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     model_impl: str = "auto"
     cuda_graphs: bool = True
+    priority_aging_s: float = DEFAULT_AGING_S  # seconds of waiting worth one priority level; 0: none (engine.priority)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -79,6 +82,8 @@ class EngineConfig:
             raise ValueError(f"model_impl: must be 'auto', 'native' or 'hf', got {self.model_impl!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs: must be a bool, got {self.cuda_graphs!r}")
+        if not self.priority_aging_s >= 0 or self.priority_aging_s == float("inf"):
+            raise ValueError(f"priority_aging_s: must be >= 0 and finite, got {self.priority_aging_s}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
 

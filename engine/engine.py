@@ -74,7 +74,8 @@ class LLMEngine:
             self.runner.num_blocks, config.enable_prefix_caching, record_events=record_events
         )
         self.scheduler = Scheduler(
-            self.pool, config.block_size, config.max_num_batched_tokens, config.max_num_seqs, config.hash_seed
+            self.pool, config.block_size, config.max_num_batched_tokens, config.max_num_seqs, config.hash_seed,
+            aging_s=config.priority_aging_s,
         )
         self.sampler = Sampler(config.seed, config.device)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model)

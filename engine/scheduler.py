@@ -1,10 +1,14 @@
 """Continuous batching with chunked prefill under a per-step token budget.
 
-Each step: running sequences first (highest priority, then earliest arrival), each getting up to the rest
-of the budget (a decode takes one token, a prefill a chunk); then waiting sequences in the same order.
-When blocks run out, the lowest-priority, latest-arrived running sequence is preempted by recompute: its
-blocks are freed and it returns to the waiting queue keeping its place. A waiting sequence of higher
-priority than some running one may preempt it; one of equal or lower priority waits.
+Each step: running sequences first, in rank order, each getting up to the rest of the budget (a decode
+takes one token, a prefill a chunk); then waiting sequences in the same order. The rank is the request
+class with aging (engine.priority: higher priority first, then earlier arrival; a waiting request gains one
+priority level per ``aging_s`` seconds, which bounds starvation). When blocks run out, the last-ranked
+running sequence is preempted by recompute: its blocks are freed (the full ones stay in the prefix cache)
+and it returns to the waiting queue keeping its place and every token it generated; it later recomputes
+prompt + generated tokens (prefix hits make that cheap) and continues exactly where it stopped (seeded
+sampling draws token i from (seed, i), engine.sampler). A waiting sequence of a strictly higher class that
+also ranks ahead may preempt a running one; one of equal or lower class waits.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.hashing import block_hashes
+from pdserve.engine.priority import DEFAULT_AGING_S, may_preempt, rank_key
 from pdserve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -28,10 +33,6 @@ class ScheduledSeq:
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
-def _order(seq: Sequence) -> tuple[int, int]:
-    return (-seq.priority, seq.arrival_seq)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -40,20 +41,25 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         hash_seed: int = 0,
+        aging_s: float = DEFAULT_AGING_S,
     ):
         self.pool = pool
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.hash_seed = hash_seed
-        self.waiting: list[tuple[tuple[int, int], Sequence]] = []
+        self.aging_s = aging_s  # seconds of waiting worth one priority level (0: no aging)
+        self.waiting: list[tuple[tuple[float, int], Sequence]] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     # ---- queue management -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        heapq.heappush(self.waiting, (_order(seq), seq))
+        heapq.heappush(self.waiting, (self._rank(seq), seq))
+
+    def _rank(self, seq: Sequence) -> tuple[float, int]:
+        return rank_key(seq, self.aging_s)
 
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence (finished or aborted) from the queues; the caller frees its blocks."""
@@ -111,7 +117,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         out: list[ScheduledSeq] = []
-        self.running.sort(key=_order)
+        self.running.sort(key=self._rank)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -139,8 +145,7 @@ class Scheduler:
             while (
                 not self.pool.can_allocate(need + revived)
                 and self.running
-                and _order(self.running[-1]) > _order(seq)
-                and self.running[-1].priority < seq.priority
+                and may_preempt(seq, self.running[-1], self.aging_s)
             ):
                 victim = self.running[-1]
                 out = [s for s in out if s.seq is not victim]

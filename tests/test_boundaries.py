@@ -120,6 +120,7 @@ LIGHT = [
     "pdserve.cli",
     "pdserve.engine",
     "pdserve.engine.hashing",
+    "pdserve.engine.priority",
     "pdserve.engine.sampling_params",
     "pdserve.engine.errors",
     "pdserve.engine.layout",
