@@ -28,6 +28,19 @@ def _setup_logging(role: str, fmt: str = "text") -> None:
         pass
 
 
+def _cluster_secret(role: str, host: str) -> str | None:
+    """The cluster secret; refuses a non-loopback --host without one and warns loudly on loopback."""
+    secret = env.cluster_secret()
+    if not checks.check_cluster_secret(role, host, secret):
+        import logging
+
+        logging.getLogger("pdserve.cli").warning(
+            "NO CLUSTER SECRET: %s is not set, so this %s takes internal RPCs and KV handshakes from any process on "
+            "this host without authentication (development only; pdserve up makes one by itself)",
+            env.CLUSTER_SECRET, role)
+    return secret
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="preset name (tiny, tiny-qwen2, ...), local HF directory or hub id")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -102,14 +115,16 @@ def cmd_worker(a: argparse.Namespace) -> int:
     checks.check_port_free("--port", a.host, a.port)
     checks.check_port_free("--metrics-port", a.host, a.metrics_port)
     checks.check_device(a.device)
+    checks.check_cluster_secret(f"{a.cmd} worker", a.host, env.cluster_secret())  # before any output
     _setup_logging(a.cmd, a.log_format)
+    secret = _cluster_secret(f"{a.cmd} worker", a.host)
     engine, transfer = _configs(a)
     if a.cmd == "prefill":
         from pdserve.prefill.server import serve
     else:
         from pdserve.decode.server import serve
     _run(serve(engine, transfer, f"{a.host}:{a.port}", routers=tuple(a.router), step_delay_s=a.debug_step_delay_ms / 1000,
-                 metrics_port=a.metrics_port, tls=_tls(a), advertise_host=a.advertise_host))
+                 metrics_port=a.metrics_port, tls=_tls(a), advertise_host=a.advertise_host, cluster_secret=secret))
     return 0
 
 
@@ -117,7 +132,9 @@ def cmd_router(a: argparse.Namespace) -> int:
     checks.check_model(a.model)
     checks.check_port_free("--port", a.host, a.port)
     checks.check_port_free("--metrics-port", a.host, a.metrics_port)
+    checks.check_cluster_secret("router", a.host, env.cluster_secret())
     _setup_logging("router", a.log_format)
+    secret = _cluster_secret("router", a.host)
     from pdserve.router.admission import parse_tenant_rates
     from pdserve.router.auth import load_api_keys
     from pdserve.router.server import RouterConfig, load_worker_config, serve
@@ -143,6 +160,7 @@ def cmd_router(a: argparse.Namespace) -> int:
         tls=_tls(a),
         api_keys=load_api_keys(a.api_keys) if a.api_keys else {},
         dns=dns,
+        cluster_secret=secret,
     )
     _run(serve(cfg))
     return 0

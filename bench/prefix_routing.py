@@ -49,6 +49,8 @@ from pdserve.bench.prefix_workload import (
 )
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.cluster_auth import ClusterCredential
+from pdserve.serving.rpc import channel
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +115,14 @@ async def drive(address: str, wl: Workload, concurrency: int, timeout_s: float =
         return list(await asyncio.gather(*tasks))
 
 
-async def _count_events(address: str, role: str, counts: dict) -> None:
+def _credential(secret: str | None) -> ClusterCredential | None:
+    """What calls to the workers carry: a token of the cluster's secret (LocalCluster.secret)."""
+    return ClusterCredential(secret, "prefix-routing-bench") if secret else None
+
+
+async def _count_events(address: str, role: str, counts: dict, secret: str | None = None) -> None:
     """Count the stored / evicted block hashes a worker reports (the same stream the router indexes)."""
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with channel(address, credential=_credential(secret)) as ch:
         stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
         try:
             async for batch in stub.KVEvents(pb.KVEventsRequest()):
@@ -125,20 +132,21 @@ async def _count_events(address: str, role: str, counts: dict) -> None:
             logger.debug("KV events of %s ended: %s", address, e.code().name)
 
 
-async def _loads(workers: list[tuple[str, str]]) -> dict[str, pb.WorkerLoad]:
+async def _loads(workers: list[tuple[str, str]], secret: str | None = None) -> dict[str, pb.WorkerLoad]:
     out = {}
     for address, role in workers:
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with channel(address, credential=_credential(secret)) as ch:
             stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
             out[address] = await stub.GetLoad(pb.LoadRequest(), timeout=10)
     return out
 
 
 async def run_policy(address: str, workers: list[tuple[str, str]], wl: Workload, concurrency: int,
-                     timeout_s: float) -> tuple[list[TurnRecord], dict]:
-    """Drive the workload while counting every worker's KV events; -> (records, per-worker stats)."""
+                     timeout_s: float, secret: str | None = None) -> tuple[list[TurnRecord], dict]:
+    """Drive the workload while counting every worker's KV events; -> (records, per-worker stats). ``secret``: the
+    cluster's, for the direct calls to workers."""
     counts = {a: {"role": r, "stored": 0, "evicted": 0} for a, r in workers}
-    watchers = [asyncio.ensure_future(_count_events(a, r, counts[a])) for a, r in workers]
+    watchers = [asyncio.ensure_future(_count_events(a, r, counts[a], secret)) for a, r in workers]
     try:
         records = await drive(address, wl, concurrency, timeout_s)
         await asyncio.sleep(0.2)  # the last events (after the run, not between requests)
@@ -146,18 +154,18 @@ async def run_policy(address: str, workers: list[tuple[str, str]], wl: Workload,
         for w in watchers:
             w.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
-    for a, load in (await _loads(workers)).items():
+    for a, load in (await _loads(workers, secret)).items():
         counts[a].update(prefix_hit_tokens=load.prefix_hit_tokens, prompt_tokens=load.prompt_tokens)
     return records, counts
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------
 def measure(policy: str, address: str, workers: list[tuple[str, str]], wl: Workload, concurrency: int,
-            timeout_s: float, block_size: int) -> dict:
-    """One run against a running cluster (router ``address``, ``workers`` as (address, role)) -> a JSON-ready
-    dict: policy, summary, per-request records (without token ids)."""
+            timeout_s: float, block_size: int, secret: str | None = None) -> dict:
+    """One run against a running cluster (router ``address``, ``workers`` as (address, role), ``secret`` its
+    cluster secret) -> a JSON-ready dict: policy, summary, per-request records (without token ids)."""
     t0 = time.perf_counter()
-    records, per_worker = asyncio.run(run_policy(address, workers, wl, concurrency, timeout_s))
+    records, per_worker = asyncio.run(run_policy(address, workers, wl, concurrency, timeout_s, secret))
     summary = summarize(records, block_size, time.perf_counter() - t0)
     summary["workers"] = per_worker
     summary["evicted_blocks"] = {role: sum(w["evicted"] for w in per_worker.values() if w["role"] == role)
@@ -177,7 +185,7 @@ def run_one(policy: str, wl: Workload, a: argparse.Namespace) -> dict:
                      router_args=router_args).start()
     try:
         workers = [(p.address, p.role) for p in c.procs if p.role in ("prefill", "decode")]
-        return measure(policy, c.router_address, workers, wl, a.concurrency, a.timeout, a.block_size)
+        return measure(policy, c.router_address, workers, wl, a.concurrency, a.timeout, a.block_size, c.secret)
     finally:
         c.stop(grace_s=a.stop_grace)
 

@@ -1,4 +1,13 @@
-"""The Decode gRPC servicer: reserves blocks for KV pushed from a prefill worker, then streams tokens."""
+"""The Decode gRPC servicer: reserves blocks for KV pushed from a prefill worker, then streams tokens.
+
+Request ownership. A request id on this worker belongs to the principal that claimed it (the caller a cluster
+token authenticated, see pdserve.serving.cluster_auth; "" without cluster auth) with a Reserve or a Decode
+call, until that reservation or stream ends. Only the owner may Release it or Decode into its reservation; a
+Release from anyone else is NOT_FOUND (exactly as for an unknown id), and a Reserve or Decode reusing an id in
+use is refused with INVALID_ARGUMENT. Neither ever touches the owner's request: every cleanup checks that the
+claim it is about to drop is its own. Every abort (Release, expiry, cancel) ends the request's stream with a
+status (the engine loop hands the stream a CancelledError), never silence.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +15,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 
 import grpc
 
 from pdserve.engine.engine_loop import EngineLoop
+from pdserve.engine.errors import InvalidRequestError, RequestNotFoundError
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kvtransfer.base import FingerprintMismatchError, KVReceiver
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.cluster_auth import caller, method_name
 from pdserve.serving.convert import (
     fingerprint_from_proto,
     logprob_from_proto,
@@ -27,6 +39,15 @@ from pdserve.serving.worker import WorkerIdentity, WorkerServicer
 logger = logging.getLogger(__name__)
 
 MAX_RESERVATION_TTL_S = 60.0  # a reservation whose Decode call never comes is freed after this at most
+PREFILL = method_name("Prefill", "Prefill")
+
+
+@dataclass(eq=False, slots=True)
+class Claim:
+    """Who holds a request id here, and how far it got; compared by identity (each call knows its own)."""
+
+    principal: str
+    reserved: bool  # True: a Reserve made it and no Decode call has taken it yet
 
 
 class PrefillLegError(RpcStatusError):
@@ -54,6 +75,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
         self.transfer_timeout_s = transfer_timeout_s
         self.tls = tls
         self.deadlines: dict[str, float] = {}  # reservation -> when it expires unless its Decode call comes
+        self.claims: dict[str, Claim] = {}  # request id -> its owner (see the module docstring)
         self.prefill_stubs: dict[str, pb_grpc.PrefillStub] = {}
 
     # ---- the worker base's hooks ------------------------------------------------------------------
@@ -71,8 +93,25 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
         return [self.sweep_expired()]
 
     # ---- reservations -----------------------------------------------------------------------------
+    def _claim(self, rid: str, principal: str, reserved: bool) -> Claim:
+        """Take ``rid`` for ``principal``; an id in use is refused and its owner's request left alone."""
+        if not rid:
+            raise InvalidRequestError("request_id: must not be empty")
+        if rid in self.claims:
+            raise InvalidRequestError(f"request_id: {rid!r} is in use on this worker")
+        claim = self.claims[rid] = Claim(principal, reserved)
+        return claim
+
+    def _drop(self, rid: str, claim: Claim) -> bool:
+        """Forget ``claim`` if it still holds ``rid``; True if it did (then its owner's cleanup is ours to do)."""
+        if self.claims.get(rid) is claim:
+            del self.claims[rid]
+            return True
+        return False
+
     async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.ReserveResponse:
         rid = request.request_id
+        claim = None
         try:
             self.refuse_if_draining()
             if request.HasField("fingerprint"):
@@ -80,12 +119,15 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 ours = self.loop.engine.fingerprint
                 if theirs != ours:
                     raise FingerprintMismatchError("KV layout mismatch: " + "; ".join(theirs.diff(ours)))
+            claim = self._claim(rid, caller(), reserved=True)
             block_ids = await self._reserve(rid, list(request.token_ids), sampling_from_proto(request.sampling))
             ttl = request.ttl_s if 0 < request.ttl_s <= MAX_RESERVATION_TTL_S else MAX_RESERVATION_TTL_S
             self.deadlines[rid] = time.monotonic() + ttl
             logger.debug("[%s] reserved %d blocks", rid, len(block_ids))
             return pb.ReserveResponse(block_ids=block_ids, kv_endpoint=self.kv_endpoint, transfer_id=rid)
         except Exception as e:  # noqa: BLE001 - mapped to a status
+            if claim is not None:
+                self._drop(rid, claim)  # nothing was reserved: _reserve raises before it holds blocks
             await abort_with(context, e)
 
     async def _reserve(self, rid: str, tokens: list[int], params: SamplingParams) -> list[int]:
@@ -100,13 +142,20 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
         return block_ids
 
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
-        released = await self._release(request.request_id)
+        rid = request.request_id
+        claim = self.claims.get(rid)
+        if claim is None or claim.principal != caller():
+            await abort_with(context, RequestNotFoundError(f"request_id: no request {rid[:256]!r} of yours here"))
+        self._drop(rid, claim)
+        released = await self._release(rid)
         return pb.ReleaseResponse(released=released)
 
     async def _release(self, rid: str) -> bool:
+        """Free ``rid`` (its caller owns it): its reservation, its expected transfer, its engine request, whose
+        stream then ends with CANCELLED."""
         self.deadlines.pop(rid, None)
         self.receiver.cancel(rid)
-        released = await self.loop.acall(lambda e: e.abort(rid))
+        released = await asyncio.wrap_future(self.loop.abort(rid, time.monotonic()))
         if released:
             self.num_aborted += 1
             logger.info("[%s] released", rid)
@@ -119,11 +168,28 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
             now = time.monotonic()
             for rid in [r for r, d in self.deadlines.items() if d < now]:
                 logger.warning("[%s] reservation expired; freeing its blocks", rid)
+                claim = self.claims.get(rid)
+                if claim is not None and claim.reserved:
+                    self._drop(rid, claim)
                 await self._release(rid)
 
     # ---- decoding ---------------------------------------------------------------------------------
+    def _claim_for_decode(self, rid: str, principal: str, request: pb.DecodeRequest) -> Claim:
+        """A Decode into a reservation (``prefilled``, no prefill address) takes over the caller's own reservation;
+        any other Decode claims a fresh id."""
+        if not (request.prefilled and not request.prefill_address):
+            return self._claim(rid, principal, reserved=False)
+        claim = self.claims.get(rid)
+        if claim is None or claim.principal != principal:
+            raise RequestNotFoundError(f"request_id: no reservation {rid[:256]!r} of yours here")
+        if not claim.reserved:
+            raise InvalidRequestError(f"request_id: {rid!r} is in use on this worker")
+        claim.reserved = False
+        return claim
+
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
         rid = request.request_id
+        claim: Claim | None = None
         self.in_flight += 1
         try:
             params = sampling_from_proto(request.sampling)
@@ -131,6 +197,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
             head = pb.DecodeChunk()  # extra fields for the first chunk
             if not request.prefilled:
                 self.refuse_if_draining()  # a prefilled request's KV already sits here: finish it
+            claim = self._claim_for_decode(rid, caller(), request)
             if request.prefill_address:
                 leg = await self._remote_prefill(rid, tokens, params, request)
                 head = pb.DecodeChunk(
@@ -172,17 +239,21 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                     chunk, head = head, None
                 yield chunk
         except asyncio.CancelledError:
-            logger.info("[%s] cancelled (client cancel or deadline); freeing its blocks", rid)
-            self.deadlines.pop(rid, None)
-            self.receiver.cancel(rid)
-            self.loop.abort(rid, time.monotonic())
-            self.num_aborted += 1
+            if claim is not None and self._drop(rid, claim):  # never another call's request with the same id
+                logger.info("[%s] cancelled (client cancel or deadline); freeing its blocks", rid)
+                self.deadlines.pop(rid, None)
+                self.receiver.cancel(rid)
+                self.loop.abort(rid, time.monotonic())
+                self.num_aborted += 1
             raise
         except Exception as e:  # noqa: BLE001 - mapped to a status
-            await self._release(rid)
+            if claim is not None and self._drop(rid, claim):
+                await self._release(rid)
             await abort_with(context, e)
         finally:
             self.in_flight -= 1
+            if claim is not None:
+                self._drop(rid, claim)
 
     async def _remote_prefill(self, rid: str, tokens: list[int], params: SamplingParams, request: pb.DecodeRequest):
         """Decode-driven disaggregation: reserve blocks here, have the prefill worker fill them."""
@@ -196,6 +267,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                     target=pb.KVTarget(endpoint=self.kv_endpoint, block_ids=block_ids, transfer_id=rid),
                 ),
                 timeout=self.transfer_timeout_s * 4,
+                metadata=self.identity.credential.metadata(PREFILL, rid) if self.identity.credential else None,
             )
         except grpc.aio.AioRpcError as e:
             raise PrefillLegError(e.code(), f"prefill worker {request.prefill_address}: {e.details()}") from None

@@ -99,6 +99,31 @@ def check_port_free(flag: str, host: str, number: int) -> None:
             raise UsageError(f"{flag}: cannot bind {host}:{number}: {e.strerror or e}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; a wildcard (0.0.0.0, ::) or any other address is reachable from outside."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_cluster_secret(role: str, host: str, secret: str | None) -> bool:
+    """A worker or router on a non-loopback address without PDSERVE_CLUSTER_SECRET would take internal calls
+    (Decode, Reserve, Release, Register ...) and KV handshakes from anyone who can reach it: refuse to start.
+    On loopback that is the development mode; returns False then (the caller warns)."""
+    if secret:
+        return True
+    if not is_loopback(host):
+        raise UsageError(f"--host {host}: PDSERVE_CLUSTER_SECRET is not set, so this {role} would serve its internal "
+                         "RPCs and KV port to anyone who can reach it; set it to the same random value in every "
+                         "process of the cluster (e.g. openssl rand -hex 32), or bind 127.0.0.1")
+    return False
+
+
 def check_device(device: str, flag: str = "--device") -> None:
     """A device that is not there fails here, in one line. ``cpu`` never imports torch."""
     kind, _, index = device.partition(":")

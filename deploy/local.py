@@ -12,12 +12,15 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+from pdserve.engine import env as pdenv
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +236,9 @@ class LocalCluster:
         self.router_args = list(router_args or [])
         self.echo = echo
         self.env = {**os.environ, **(env or {})}
+        if not self.env.get(pdenv.CLUSTER_SECRET):  # secure by default: a random secret per cluster, to every child
+            self.env[pdenv.CLUSTER_SECRET] = secrets.token_hex(32)
+        self.secret = self.env[pdenv.CLUSTER_SECRET]  # what a tool needs to call the workers (ClusterCredential)
         self.ready_timeout_s = ready_timeout_s
         self.host = host
         self.router_port = router_port

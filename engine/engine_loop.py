@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 from pdserve.engine.engine import LLMEngine, StepOutput
+from pdserve.engine.errors import CancelledError
 from pdserve.engine.stats import LoadStats
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,22 @@ class EngineLoop:
         q: asyncio.Queue = asyncio.Queue()
 
         def deliver(item: StepOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+                pass
 
         def start(engine: LLMEngine) -> object:
+            before = self._listeners.get(request_id)
             self._listeners[request_id] = deliver
             try:
                 return add(engine)
             except BaseException:
-                self._listeners.pop(request_id, None)
+                # refused (e.g. the id is in use): the request that has the id keeps its listener
+                if before is None:
+                    self._listeners.pop(request_id, None)
+                else:
+                    self._listeners[request_id] = before
                 raise
 
         initial = await self.acall(start)
@@ -141,11 +150,15 @@ class EngineLoop:
                 sub(events)
 
     def _abort(self, engine: LLMEngine, request_id: str) -> bool:
-        self._listeners.pop(request_id, None)
-        return engine.abort(request_id)
+        listener = self._listeners.pop(request_id, None)
+        freed = engine.abort(request_id)
+        if listener is not None:  # its stream ends with a status instead of waiting for outputs that never come
+            listener(CancelledError(f"request {request_id} was aborted"))
+        return freed
 
     def abort(self, request_id: str, since: float | None = None) -> concurrent.futures.Future[bool]:
-        """Abort from any thread; records how long the blocks took to come free (cancel latency)."""
+        """Abort from any thread; records how long the blocks took to come free (cancel latency). A stream still
+        reading the request ends with ``CancelledError``."""
 
         def run(engine: LLMEngine) -> bool:
             freed = self._abort(engine, request_id)

@@ -19,9 +19,13 @@ def ucx_tls() -> str:
     return os.environ.get("PDSERVE_UCX_TLS") or os.environ.get("UCX_TLS") or "tcp,self"
 
 
+CLUSTER_SECRET = "PDSERVE_CLUSTER_SECRET"
+
+
 def cluster_secret() -> str | None:
-    """Shared secret authenticating KV-transfer handshakes (None: no auth)."""
-    return os.environ.get("PDSERVE_CLUSTER_SECRET") or None
+    """Shared secret authenticating every internal RPC (pdserve.serving.cluster_auth) and KV-transfer handshake
+    (None: no auth, development on loopback only)."""
+    return os.environ.get(CLUSTER_SECRET) or None
 
 
 def log_level() -> str:

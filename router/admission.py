@@ -1,10 +1,21 @@
-"""Admission control: per-tenant token buckets and SLO-based load shedding.
+"""Admission control: per-tenant token buckets, a capacity bound per decode worker, SLO-based load shedding.
 
 Rate limits: each tenant has a bucket of ``burst`` requests refilled at ``rate`` requests/s
 (``--tenant-rate name=rate[:burst]``, ``--default-rate``); an empty bucket is RESOURCE_EXHAUSTED with the
 time until the next token as the retry hint. Shedding: when the best pair's predicted TTFT exceeds
 ``shed_ttft_s``, the request is refused with RESOURCE_EXHAUSTED and a retry hint instead of queueing
 forever. Requests with priority > 0 get twice the budget before they are shed.
+
+Capacity bound (on by default): a decode worker takes at most ``admission_bound`` sequences: two batches
+(one running, one waiting behind it), a batch being ``max_num_seqs`` or as many requests of this one's size
+as its whole KV cache holds, whichever is fewer. A new request goes only to a worker under its bound; when
+every worker is at its bound the request is refused at once with RESOURCE_EXHAUSTED and a retry hint
+(``retry-after-ms``: one load-poll interval, when this router next hears the workers' load) instead of
+queueing to its deadline. The count is fresh (``Worker.num_seqs``): the last poll's running + waiting plus the
+net change in this router's own in-flight requests since that poll, so right after a burst, once its
+requests have ended, an idle cluster admits again without waiting for the next poll. A worker that has not
+reported ``max_num_seqs`` yet, and an idle one, are never refused by the bound. Retries and migrations of an
+admitted request are not checked again.
 """
 
 from __future__ import annotations
@@ -65,19 +76,57 @@ def parse_tenant_rates(specs: list[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
+BATCHES_ADMITTED = 2  # per decode worker: the running batch and one waiting behind it
+
+
+def admission_bound(load, need_blocks: int) -> int:
+    """The most sequences a decode worker with ``load`` should hold when requests need ``need_blocks`` KV blocks
+    each (0: no bound known)."""
+    if load.max_num_seqs <= 0:
+        return 0
+    batch = load.max_num_seqs
+    if load.num_total_blocks > 0:
+        batch = max(1, min(batch, load.num_total_blocks // max(1, need_blocks)))
+    return BATCHES_ADMITTED * batch
+
+
 class Admission:
     def __init__(
         self,
         tenant_rates: dict[str, tuple[float, float]] | None = None,
         default_rate: tuple[float, float] | None = None,
         shed_ttft_s: float = 0.0,
+        capacity_bound: bool = True,
+        retry_after_s: float = 0.5,
     ):
         self.tenant_rates = tenant_rates or {}
         self.default_rate = default_rate
         self.shed_ttft_s = shed_ttft_s
+        self.capacity_bound = capacity_bound
+        self.retry_after_s = retry_after_s  # the hint when every decode worker is at its bound
         self.buckets: dict[str, TokenBucket] = {}
         self.num_rate_limited = 0
         self.num_shed = 0
+        self.num_over_capacity = 0
+
+    def with_room(self, decodes: list, need_blocks: int) -> list:
+        """The decode workers under their admission bound (see the module docstring); AdmissionError when there
+        are workers but none has room. Reads ``w.load`` and ``w.num_seqs`` (router.membership.Worker)."""
+        if not self.capacity_bound or not decodes:
+            return decodes
+        room, full = [], []
+        for w in decodes:
+            bound, seqs = admission_bound(w.load, need_blocks), w.num_seqs
+            (room if not bound or seqs < bound else full).append(w)
+        if room:
+            return room
+        self.num_over_capacity += 1
+        self.num_shed += 1
+        worst = min(full, key=lambda w: w.num_seqs)
+        raise AdmissionError(
+            f"every decode worker is at its admission bound (the least loaded holds {worst.num_seqs} sequences, "
+            f"bound {admission_bound(worst.load, need_blocks)})", self.retry_after_s,
+        )
 
     def check_rate(self, tenant: str) -> None:
         spec = self.tenant_rates.get(tenant, self.default_rate)

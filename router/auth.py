@@ -95,14 +95,18 @@ def _with_tenant(handler, tenant: str):
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: dict[str, str]):
+    """``exempt``: methods another credential covers (Admin.Register: the cluster credential, when the router has
+    a cluster secret; see pdserve.serving.cluster_auth)."""
+
+    def __init__(self, keys: dict[str, str], exempt: tuple[str, ...] = ()):
         self.tenants = {_digest(k): t for k, t in keys.items()}
+        self.exempt = frozenset(exempt)
         self.num_refused = 0
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         method = details.method or ""
-        if handler is None or not method.startswith(_PROTECTED):
+        if handler is None or not method.startswith(_PROTECTED) or method in self.exempt:
             return handler
         key = _key_from(details.invocation_metadata)
         tenant = self.tenants.get(_digest(key)) if key else None

@@ -132,6 +132,8 @@ class CostModel:
         return prompt_len * self.kv_bytes_per_token / self.bandwidth[topo].value
 
     @staticmethod
-    def decode_s(load) -> float:
+    def decode_s(load, num_waiting: int | None = None) -> float:
+        """``num_waiting``: a fresher count than the poll's (policy.fresh_waiting)."""
         usage = 1 - load.num_free_blocks / load.num_total_blocks if load.num_total_blocks else 0.0
-        return load.step_s * (1 + load.num_waiting) + KV_PRESSURE_S * usage**4
+        waiting = load.num_waiting if num_waiting is None else num_waiting
+        return load.step_s * (1 + waiting) + KV_PRESSURE_S * usage**4

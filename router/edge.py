@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import fields
 
 import grpc
@@ -45,12 +46,14 @@ def events_from_proto(batch: pb.KVEventBatch) -> BlockEvents:
                        evicted=tuple(batch.evicted))
 
 
-async def follow(index: PrefixIndex, worker: str, stub, stop: asyncio.Event, backoff_s: float = 0.2) -> None:
-    """Keep ``worker``'s part of the index in sync; resubscribe (fresh snapshot) after any break."""
+async def follow(index: PrefixIndex, worker: str, stub, stop: asyncio.Event, backoff_s: float = 0.2,
+                 metadata: Callable[[], tuple | None] = lambda: None) -> None:
+    """Keep ``worker``'s part of the index in sync; resubscribe (fresh snapshot) after any break. ``metadata()``
+    gives each subscription's call metadata (its cluster token)."""
     delay = backoff_s
     while not stop.is_set():
         try:
-            async for batch in stub.KVEvents(pb.KVEventsRequest()):
+            async for batch in stub.KVEvents(pb.KVEventsRequest(), metadata=metadata()):
                 index.apply(worker, events_from_proto(batch))
                 delay = backoff_s
         except grpc.aio.AioRpcError as e:

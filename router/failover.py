@@ -35,7 +35,7 @@ class Failover:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.counters = RouterCounters()
-        self.leg = DecodeLeg(policy.costs, LoopRef(), self.counters)
+        self.leg = DecodeLeg(policy.costs, LoopRef(), self.counters, membership.credential)
 
     async def run(self, req: ClientRequest, time_remaining: Callable[[], float | None] | None = None):
         """Yields client responses until the request finishes; raises a domain error when it cannot."""
@@ -97,6 +97,13 @@ class Failover:
         if excluded:
             prefills = [w for w in prefills if w.address not in excluded]
             decodes = [w for w in decodes if w.address not in excluded]
+        if st.attempts == 0:  # admission: a retry or migration of an admitted request is not refused here
+            need_blocks = len(st.prompt) // self.policy.block_size + 1
+            try:
+                decodes = self.admission.with_room(decodes, need_blocks)
+            except AdmissionError:
+                metrics.count_shed("capacity")
+                raise
         route = RouteRequest(len(st.prompt) + len(st.sent), hashes, st.request.session_key)
         try:
             decision = self.policy.choose(route, prefills, decodes)

@@ -20,11 +20,13 @@ from pdserve.router.costs import CostModel, topology
 from pdserve.router.membership import Worker
 from pdserve.router.policy import Decision
 from pdserve.router.responses import RequestState, RouterCounters, finish
+from pdserve.serving.cluster_auth import ClusterCredential, method_name
 from pdserve.serving.convert import sampling_to_proto
 from pdserve.serving.errors import RpcStatusError
 
 logger = logging.getLogger(__name__)
 
+DECODE = method_name("Decode", "Decode")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
              grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 
@@ -53,10 +55,12 @@ class LoopRef:
 
 
 class DecodeLeg:
-    def __init__(self, costs: CostModel, loop: LoopRef, counters: RouterCounters):
+    def __init__(self, costs: CostModel, loop: LoopRef, counters: RouterCounters,
+                 credential: ClusterCredential | None = None):
         self.costs = costs
         self.loop = loop
         self.counters = counters
+        self.credential = credential  # the router's cluster token on every Decode call (None: no cluster secret)
         self._draining: set[asyncio.Task] = set()  # decode streams finishing after their request did
 
     def final(self, st: RequestState, resp: pb.GenerateResponse, reason: str) -> pb.GenerateResponse:
@@ -71,7 +75,7 @@ class DecodeLeg:
         """Yields client responses; raises LegFailure (retry elsewhere) or RpcStatusError (relay as is)."""
         remaining = st.remaining_tokens
         if remaining <= 0:  # everything was sent before the failure; only the ending was lost
-            yield self.final(st, pb.GenerateResponse(request_id=st.rid), "length")
+            yield self.final(st, pb.GenerateResponse(request_id=st.client_id), "length")
             return
         decode, prefill = d.decode, d.prefill
         req = st.request
@@ -89,7 +93,8 @@ class DecodeLeg:
         if prefill is not None:
             prefill.in_flight += 1
         first, finished = True, False
-        call = decode.stub.Decode(decode_req, timeout=timeout_s)
+        metadata = self.credential.metadata(DECODE, decode_req.request_id) if self.credential is not None else None
+        call = decode.stub.Decode(decode_req, timeout=timeout_s, metadata=metadata)
         try:
             async for chunk in call:
                 if first:
@@ -101,7 +106,7 @@ class DecodeLeg:
                     st.t_first_token = time.monotonic()
                 st.sent.extend(chunk.token_ids)
                 st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
-                resp = pb.GenerateResponse(request_id=st.rid, token_ids=chunk.token_ids, text=chunk.text)
+                resp = pb.GenerateResponse(request_id=st.client_id, token_ids=chunk.token_ids, text=chunk.text)
                 if chunk.logprobs:
                     resp.logprobs.extend(chunk.logprobs)
                 if chunk.finish_reason:

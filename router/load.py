@@ -37,3 +37,4 @@ class WorkerLoad:
     last_abort_latency_s: float = 0.0
     integrity_error: str = ""
     num_live_blocks: int = 0
+    max_num_seqs: int = 0  # 0: not reported (an older worker); no admission bound then

@@ -15,6 +15,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.edge import load_from_proto
 from pdserve.router.load import WorkerLoad
+from pdserve.serving.cluster_auth import ClusterCredential, method_name
 from pdserve.serving.rpc import channel
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,14 @@ class Worker:
     open_until: float = 0.0  # circuit breaker: no traffic before this time
     registered_ttl_s: float = 0.0  # > 0: dynamic member, dropped when heartbeats stop
     heartbeat: float = 0.0
+    in_flight_at_poll: int = 0  # ``in_flight`` when ``load`` was polled (fresh load: see ``num_seqs``)
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences on the worker now, as best known: the last poll's running + waiting, plus the net change in
+        this router's own in-flight requests since (those started, minus those ended). Right after a burst the
+        poll still shows the burst; this shows it gone as soon as its requests have ended here."""
+        return max(0, self.load.num_running + self.load.num_waiting + self.in_flight - self.in_flight_at_poll)
 
     def layout(self) -> LayoutFingerprint | None:
         """The worker's KV layout fingerprint, or None if it has not reported a usable one."""
@@ -53,8 +62,9 @@ class Worker:
 
 class Membership:
     def __init__(self, poll_interval_s: float = 0.5, failure_threshold: int = 2, on_change=None, tls=None,
-                 dns: list[tuple[str, str]] | None = None):
+                 dns: list[tuple[str, str]] | None = None, credential: ClusterCredential | None = None):
         self.tls = tls
+        self.credential = credential  # the cluster token every call to a worker carries (None: no cluster secret)
         self.dns = list(dns or [])  # (role, "host:port"): headless-Service discovery, re-resolved every poll
         self.dns_members: set[str] = set()
         self.workers: dict[str, Worker] = {}
@@ -104,6 +114,10 @@ class Membership:
                 logger.warning("%s worker %s stopped heartbeating; removing it", w.role, w.address)
                 await self.remove(w.address)
 
+    def max_model_len(self) -> int:
+        """The longest context an available decode worker serves (0 until one has reported it)."""
+        return max((w.load.max_model_len for w in self.pool("decode")), default=0)
+
     def pool(self, role: str, available_only: bool = True) -> list[Worker]:
         return [w for w in self.workers.values() if w.role == role and (w.available or not available_only)]
 
@@ -116,10 +130,18 @@ class Membership:
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))
 
+    def metadata(self, role: str, method: str, binding: str = ""):
+        """Call metadata for ``method`` of a ``role`` worker: its cluster token, or None without a secret."""
+        if self.credential is None:
+            return None
+        return self.credential.metadata(method_name(role.capitalize(), method), binding)
+
     async def _poll(self, worker: Worker) -> None:
         try:
-            msg = await worker.stub.GetLoad(pb.LoadRequest(), timeout=max(2.0, self.poll_interval_s * 4))
+            msg = await worker.stub.GetLoad(pb.LoadRequest(), timeout=max(2.0, self.poll_interval_s * 4),
+                                            metadata=self.metadata(worker.role, "GetLoad"))
             worker.load = load_from_proto(msg)
+            worker.in_flight_at_poll = worker.in_flight
             if not worker.healthy:
                 logger.info("%s worker %s is healthy", worker.role, worker.address)
             if time.monotonic() >= worker.open_until:
@@ -128,6 +150,9 @@ class Membership:
             worker.last_seen = time.monotonic()
         except grpc.aio.AioRpcError as e:
             worker.consecutive_failures += 1
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED and worker.consecutive_failures == 1:
+                logger.warning("%s worker %s refused this router's cluster credential (is PDSERVE_CLUSTER_SECRET "
+                               "the same on both?): %s", worker.role, worker.address, e.details())
             if worker.healthy and worker.consecutive_failures >= self.failure_threshold:
                 logger.warning("%s worker %s is unhealthy: %s", worker.role, worker.address, e.code().name)
                 worker.healthy = False

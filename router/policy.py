@@ -55,6 +55,27 @@ def _prefill_load(w: Worker) -> float:
     return w.in_flight * IN_FLIGHT_TOKENS + w.load.num_queued_tokens
 
 
+def num_ended(w: Worker) -> int:
+    """This router's requests on ``w`` at its last poll that have ended since (net of those started)."""
+    return max(0, w.in_flight_at_poll - w.in_flight)
+
+
+def fresh_waiting(w: Worker) -> int:
+    """The poll's waiting count, less this router's requests that ended since: right after a burst the poll
+    still shows the burst queued, though its requests are gone (then an idle cluster would look full)."""
+    return max(0, w.load.num_waiting - num_ended(w))
+
+
+def fresh_queued_tokens(w: Worker) -> int:
+    """The poll's queued tokens, scaled down by the share of this router's in-flight requests at the poll that have
+    ended since (all of them: none is left; with other routers' work in the queue this errs low, until the next
+    poll, at most ``poll_interval_s`` later)."""
+    ended = num_ended(w)
+    if not ended:
+        return w.load.num_queued_tokens
+    return w.load.num_queued_tokens * w.in_flight // w.in_flight_at_poll
+
+
 def _decode_load(w: Worker) -> float:
     total = max(1, w.load.num_total_blocks)
     return w.in_flight + w.load.num_running + w.load.num_waiting + (1 - w.load.num_free_blocks / total)
@@ -125,8 +146,9 @@ class PairPolicy:
         elif self.saturation_s and self._queue_s(prefill) > self.saturation_s:
             prefill, reason = None, "prefill pool saturated"
         if prefill is None:
-            ttft = self.costs.prefill_s(decode.address, decode.load.num_queued_tokens, local_uncached)
-            return Decision(None, decode, ttft + self.costs.decode_s(decode.load), overlap.get(decode.address, 0), reason)
+            ttft = self.costs.prefill_s(decode.address, fresh_queued_tokens(decode), local_uncached)
+            return Decision(None, decode, ttft + self.costs.decode_s(decode.load, fresh_waiting(decode)),
+                            overlap.get(decode.address, 0), reason)
         cached = overlap.get(prefill.address, 0)
         self._routed.setdefault(prefill.address, deque(maxlen=ROUTED_HISTORY)).append(
             max(1, req.prompt_len - cached * self.block_size))
@@ -136,12 +158,13 @@ class PairPolicy:
     def queued_tokens(self, p: Worker) -> int:
         """Prefill work ahead of a new request on ``p``: the worker's last reported queue plus the uncached
         tokens of the requests this router has in flight there (the newest ``in_flight`` it routed to ``p``;
-        IN_FLIGHT_TOKENS each for any it has no record of)."""
+        IN_FLIGHT_TOKENS each for any it has no record of). The reported queue is made fresh first
+        (``fresh_queued_tokens``)."""
         n = p.in_flight
         recent = self._routed.get(p.address, ())
         known = min(n, len(recent))
         in_flight = sum(itertools.islice(reversed(recent), known)) + (n - known) * IN_FLIGHT_TOKENS
-        return p.load.num_queued_tokens + in_flight
+        return fresh_queued_tokens(p) + in_flight
 
     def _queue_s(self, p: Worker) -> float:
         return self.costs.prefill_s(p.address, self.queued_tokens(p), 0)
@@ -152,7 +175,7 @@ class PairPolicy:
         return (
             self.costs.prefill_s(p.address, queued, uncached)
             + self.costs.transfer_s(topology(p.load, d.load), req.prompt_len)
-            + self.costs.decode_s(d.load)
+            + self.costs.decode_s(d.load, fresh_waiting(d))
             + d.in_flight * 1e-4
         )
 
@@ -167,8 +190,8 @@ class PairPolicy:
             uncached = req.prompt_len - overlap.get(d.address, 0) * self.block_size
             if uncached > self.local_prefill_tokens:
                 continue
-            ttft = (self.costs.prefill_s(d.address, d.load.num_queued_tokens, uncached) + self.costs.decode_s(d.load)
-                    + d.in_flight * 1e-4)
+            ttft = (self.costs.prefill_s(d.address, fresh_queued_tokens(d), uncached)
+                    + self.costs.decode_s(d.load, fresh_waiting(d)) + d.in_flight * 1e-4)
             best = min(best, (ttft, d.address, d)) if best is not None else (ttft, d.address, d)
         if best is None:
             return None

@@ -3,34 +3,55 @@
 The router checks only what it needs to route and to protect itself: sizes, tokenization, sampling (converted
 once; the validated params are what is forwarded), and, once a pair is chosen, that the token ids fit that
 pair's model. The engine on the workers stays the one place that validates against the model for real.
+
+Limits (past one: INVALID_ARGUMENT naming the field and the limit; the whole message is capped at
+``MAX_MESSAGE_BYTES`` by gRPC itself, RESOURCE_EXHAUSTED): ``prompt`` characters, ``token_ids``, ``messages``
+(count and characters, router.chat), ``stop`` / ``stop_token_ids`` (serving.convert), and the lengths of
+``request_id``, ``tenant``, ``session_id`` and ``model``. A prompt longer than the pool's context is refused
+while it is being tokenized, as soon as a prefix of it is known to be too long (``encode_bounded``).
+
+Request ids: the client's ``request_id`` is echoed in every response, but inside the cluster a request is
+known by an id the router assigns (``cluster_id``: the client's id plus a random suffix), so two clients, or
+two requests of one client, that use the same id never meet on a worker.
+
+Parsing never stalls the event loop (``parse_async``): a prompt or chat larger than ``INLINE_CHARS`` (and
+``token_ids`` longer than ``INLINE_TOKEN_IDS``) is parsed on the router's small thread pool (router.offload).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdserve.engine.errors import InvalidRequestError, RequestNotFoundError
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
-from pdserve.router.chat import ChatTemplate, encode_chat
+from pdserve.router.chat import MAX_MESSAGES, ChatTemplate, check_messages
 from pdserve.router.load import WorkerLoad
-from pdserve.serving.convert import sampling_from_proto
+from pdserve.router.offload import Offload
+from pdserve.serving.convert import check_sampling_sizes, sampling_from_proto
 
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the router's public gRPC receive limit
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
+MAX_TOKEN_IDS = 1024 * 1024
 MAX_REQUEST_ID_LEN = 256
+MAX_NAME_LEN = 256  # tenant, session_id, model
+INLINE_CHARS = 4096  # prompts (and chats) up to this size are tokenized on the event loop (~1 ms at most)
+INLINE_TOKEN_IDS = 64 * 1024
+CHUNK_CHARS = 32 * 1024  # a long prompt is first counted in pieces of about this size (encode_bounded)
 SAMPLING_CACHE_SIZE = 1024  # distinct sampling settings kept validated (most traffic shares a handful)
 
 
 @dataclass(frozen=True, slots=True)
 class ClientRequest:
-    request_id: str
+    request_id: str  # the client's (or a generated one), echoed in responses
     token_ids: tuple[int, ...]
     sampling: SamplingParams
     priority: int = 0
     tenant: str = ""
     session_id: str = ""
+    cluster_id: str = ""  # the id workers know it by ("" : request_id)
 
     @property
     def session_key(self) -> str:
@@ -42,28 +63,68 @@ class RequestParser:
     """``pb.GenerateRequest`` -> ClientRequest; raises InvalidRequestError naming the bad field.
 
     ``chat`` is the model's chat template (None: the model has none, and ``messages`` is refused); ``model``
-    is the served model's name, which a request's ``model`` must match when set (else NOT_FOUND)."""
+    is the served model's name, which a request's ``model`` must match when set (else NOT_FOUND).
+    ``context_limit()`` is the longest context a worker of the pool serves (0: not known yet)."""
 
-    def __init__(self, tokenizer, seed: int | None = None, chat: ChatTemplate | None = None, model: str = ""):
+    def __init__(self, tokenizer, seed: int | None = None, chat: ChatTemplate | None = None, model: str = "",
+                 context_limit: Callable[[], int] = lambda: 0, offload: Offload | None = None):
         self.tokenizer = tokenizer
         self.chat = chat
         self.model = model
+        self.context_limit = context_limit
+        self.offload = offload or Offload()
         self._rid_rng = random.Random(seed)  # seeded from os.urandom; no syscall per request id
         self._sampling: dict[bytes, SamplingParams] = {}  # serialized SamplingParams -> validated
 
     def parse(self, msg: pb.GenerateRequest) -> ClientRequest:
-        if len(msg.request_id) > MAX_REQUEST_ID_LEN:
-            raise InvalidRequestError(f"request_id: at most {MAX_REQUEST_ID_LEN} characters")
+        """Parse on the calling thread (small requests, tests); ``parse_async`` moves heavy work off the loop."""
+        self.check_sizes(msg)
+        return self._request(msg, self.token_ids(msg))
+
+    async def parse_async(self, msg: pb.GenerateRequest) -> ClientRequest:
+        self.check_sizes(msg)
+        token_ids = await self.offload.run(self.token_ids, msg) if self.is_heavy(msg) else self.token_ids(msg)
+        return self._request(msg, token_ids)
+
+    @staticmethod
+    def is_heavy(msg: pb.GenerateRequest) -> bool:
+        """Whether parsing ``msg`` could take more than about a millisecond."""
+        if len(msg.prompt) > INLINE_CHARS or len(msg.token_ids) > INLINE_TOKEN_IDS:
+            return True
+        return sum(len(m.content) for m in msg.messages) > INLINE_CHARS if msg.messages else False
+
+    @staticmethod
+    def check_sizes(msg: pb.GenerateRequest) -> None:
+        """Every size limit, from lengths alone (nothing is copied or tokenized yet)."""
+        for name, limit in (("request_id", MAX_REQUEST_ID_LEN), ("tenant", MAX_NAME_LEN),
+                            ("session_id", MAX_NAME_LEN), ("model", MAX_NAME_LEN)):
+            if len(getattr(msg, name)) > limit:
+                raise InvalidRequestError(f"{name}: at most {limit} characters")
+        if len(msg.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequestError(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
+        if len(msg.token_ids) > MAX_TOKEN_IDS:
+            raise InvalidRequestError(f"token_ids: at most {MAX_TOKEN_IDS} ids, got {len(msg.token_ids)}")
+        if len(msg.messages) > MAX_MESSAGES:
+            raise InvalidRequestError(f"messages: at most {MAX_MESSAGES} messages, got {len(msg.messages)}")
+        try:
+            check_sampling_sizes(msg.sampling)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+
+    def _request(self, msg: pb.GenerateRequest, token_ids: tuple[int, ...]) -> ClientRequest:
         if msg.model and self.model and msg.model != self.model:
             raise RequestNotFoundError(f"model: {msg.model[:200]!r} is not served here (this router serves "
                                        f"{self.model!r})")
+        suffix = f"{self._rid_rng.getrandbits(48):012x}"
+        rid = msg.request_id or f"req-{suffix}"
         return ClientRequest(
-            request_id=msg.request_id or f"req-{self._rid_rng.getrandbits(48):012x}",
-            token_ids=self.token_ids(msg),
+            request_id=rid,
+            token_ids=token_ids,
             sampling=self.sampling(msg.sampling),
             priority=msg.priority,
             tenant=msg.tenant,
             session_id=msg.session_id,
+            cluster_id=f"{rid}~{suffix}" if msg.request_id else rid,
         )
 
     def token_ids(self, msg: pb.GenerateRequest) -> tuple[int, ...]:
@@ -73,20 +134,29 @@ class RequestParser:
                     ) if given else "prompt is empty, and no token_ids or messages were given"
             field = "prompt" if "prompt" in given or not given else given[-1]
             raise InvalidRequestError(f"{field}: set exactly one of prompt, token_ids or messages ({what})")
+        limit = self.context_limit()
         if given[0] == "token_ids":
+            if limit and len(msg.token_ids) >= limit:
+                raise InvalidRequestError(f"prompt: {len(msg.token_ids)} tokens exceeds the context limit of "
+                                          f"{limit - 1}")
             return tuple(msg.token_ids)
         if given[0] == "messages":
-            return encode_chat(self.chat, msg.messages, self.tokenizer, self.model)
-        if len(msg.prompt) > MAX_PROMPT_CHARS:
-            raise InvalidRequestError(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
-        token_ids = tuple(self.tokenizer.encode(msg.prompt, add_special_tokens=True))
+            if self.chat is None:
+                name = f"model {self.model!r}" if self.model else "the model"
+                raise InvalidRequestError(f"messages: {name} has no chat template; send prompt or token_ids instead")
+            text = self.chat.render(check_messages(msg.messages))
+            token_ids = encode_bounded(self.tokenizer, text, limit, add_special_tokens=False, field="messages")
+            if not token_ids:
+                raise InvalidRequestError("messages: the chat template renders them to no tokens")
+            return token_ids
+        token_ids = encode_bounded(self.tokenizer, msg.prompt, limit, add_special_tokens=True)
         if not token_ids:
             raise InvalidRequestError("prompt: tokenizes to no tokens")
         return token_ids
 
     def sampling(self, msg: pb.SamplingParams) -> SamplingParams:
         """sampling_from_proto, validated once per distinct setting (SamplingParams is frozen, so shared)."""
-        key = msg.SerializeToString()
+        key = msg.SerializeToString()  # bounded: check_sizes ran first
         params = self._sampling.get(key)
         if params is None:
             try:
@@ -99,12 +169,41 @@ class RequestParser:
         return params
 
 
+def encode_bounded(tokenizer, text: str, limit: int, add_special_tokens: bool = True, field: str = "prompt"
+                   ) -> tuple[int, ...]:
+    """``text``'s token ids, refused as soon as they are known to reach ``limit`` (0: no limit).
+
+    A text longer than two chunks is first counted piece by piece, cut at whitespace (a boundary no common
+    pre-tokenizer merges across), and refused once the count passes the limit by more than a margin for the
+    cuts: a 4 MB prompt costs one or two pieces' work, not seconds, and never builds a Python list of millions
+    of ids (whose allocation and release hold the GIL). The exact ids come from one encode of the whole text."""
+    if limit and len(text) > 2 * CHUNK_CHARS:
+        num_tokens, start = 0, 0
+        while start < len(text):
+            end = len(text) if len(text) - start <= CHUNK_CHARS else _cut(text, start + CHUNK_CHARS)
+            num_tokens += len(tokenizer.encode(text[start:end], add_special_tokens=False))
+            start = end
+            if num_tokens >= limit + 8 * (start // CHUNK_CHARS + 1):
+                raise InvalidRequestError(f"{field}: more than {limit - 1} tokens (the context limit) after "
+                                          f"{start} of its {len(text)} characters")
+    token_ids = tuple(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    if limit and len(token_ids) >= limit:
+        raise InvalidRequestError(f"{field}: {len(token_ids)} tokens exceeds the context limit of {limit - 1}")
+    return token_ids
+
+
+def _cut(text: str, at: int) -> int:
+    """A cut near ``at``: before the last whitespace in the preceding 1024 characters, else at ``at``."""
+    space = max(text.rfind(" ", at - 1024, at), text.rfind("\n", at - 1024, at))
+    return space if space > at - 1024 else at
+
+
 def check_model_limits(token_ids: Sequence[int], load: WorkerLoad) -> None:
     """The prompt against the vocabulary and context of the model ``load`` reports (skipped until it has
-    reported one). Raises InvalidRequestError naming the field."""
+    reported one). Raises InvalidRequestError naming the field. The length first: it costs nothing."""
     vocab, max_len = load.vocab_size, load.max_model_len
+    if max_len and len(token_ids) >= max_len:
+        raise InvalidRequestError(f"prompt: {len(token_ids)} tokens exceeds the context limit of {max_len - 1}")
     if vocab and (min(token_ids) < 0 or max(token_ids) >= vocab):  # C-speed check; find the culprit on failure
         bad = next(t for t in token_ids if not 0 <= t < vocab)
         raise InvalidRequestError(f"token_ids: {bad} is outside the vocabulary [0, {vocab})")
-    if max_len and len(token_ids) >= max_len:
-        raise InvalidRequestError(f"prompt: {len(token_ids)} tokens exceeds the context limit of {max_len - 1}")

@@ -42,6 +42,12 @@ class RequestState:
 
     @property
     def rid(self) -> str:
+        """The id workers and logs know the request by (router-assigned: never the same for two requests)."""
+        return self.request.cluster_id or self.request.request_id
+
+    @property
+    def client_id(self) -> str:
+        """The client's request id, echoed in every response."""
         return self.request.request_id
 
     @property

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from pdserve.router.edge import follow
 from pdserve.router.membership import Membership, Worker
 from pdserve.router.policy import PairPolicy
 from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.request import MAX_MESSAGE_BYTES
 from pdserve.router.service import GenerationServicer
+from pdserve.serving.cluster_auth import REGISTER, ClusterAuthInterceptor, ClusterCredential, method_name
 from pdserve.serving.observability import serve_metrics
 from pdserve.serving.rpc import TlsConfig, add_public_servicer, create_server, install_sigterm, set_serving
 
@@ -45,6 +48,7 @@ class RouterConfig:
     tls: TlsConfig | None = None
     api_keys: dict = field(default_factory=dict)
     dns: tuple[tuple[str, str], ...] = ()  # (role, "host:port") headless-Service discovery
+    cluster_secret: str | None = None  # tokens on every call to workers; Register needs one (serving.cluster_auth)
 
     def __post_init__(self) -> None:
         if self.local_prefill_tokens < 0:
@@ -70,15 +74,18 @@ def load_worker_config(path: str | None, prefill: list[str], decode: list[str]) 
 class IndexFeeds:
     """One KV-event subscription per worker, started and stopped with membership."""
 
-    def __init__(self, index: PrefixIndex):
+    def __init__(self, index: PrefixIndex, credential: ClusterCredential | None = None):
         self.index = index
+        self.credential = credential
         self.stop = asyncio.Event()
         self.tasks: dict[str, asyncio.Task] = {}
 
     def on_change(self, worker: Worker, added: bool) -> None:
         if added:
+            cred, method = self.credential, method_name(worker.role.capitalize(), "KVEvents")
             self.tasks[worker.address] = asyncio.ensure_future(
-                follow(self.index, worker.address, worker.stub, self.stop)
+                follow(self.index, worker.address, worker.stub, self.stop,
+                       metadata=lambda: cred.metadata(method) if cred is not None else None)
             )
         else:
             task = self.tasks.pop(worker.address, None)
@@ -96,10 +103,11 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     path = resolve_tokenizer(cfg.model)
     tokenizer = await asyncio.to_thread(load_light_tokenizer, path)
     chat = ChatTemplate.load(path)  # None: the model has no chat template (GenerateRequest.messages refused)
+    credential = ClusterCredential(cfg.cluster_secret, f"router-{uuid.uuid4().hex[:6]}") if cfg.cluster_secret else None
     index = PrefixIndex()
-    feeds = IndexFeeds(index)
+    feeds = IndexFeeds(index, credential)
     membership = Membership(poll_interval_s=cfg.poll_interval_s, on_change=feeds.on_change, tls=cfg.tls,
-                            dns=list(cfg.dns))
+                            dns=list(cfg.dns), credential=credential)
     for a in cfg.prefill:
         membership.add(a, "prefill")
     for a in cfg.decode:
@@ -107,10 +115,14 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     await membership.discover()
     await membership.poll_once()
     membership.start()
-    interceptors = [ApiKeyInterceptor(cfg.api_keys)] if cfg.api_keys else None
-    server, port, health = create_server(cfg.addr, SERVICES, cfg.tls, interceptors)
+    interceptors = []
+    if credential is not None:  # workers register with their cluster credential, not an API key
+        interceptors.append(ClusterAuthInterceptor(credential, prefixes=(), methods=(REGISTER,)))
+    if cfg.api_keys:
+        interceptors.append(ApiKeyInterceptor(cfg.api_keys, exempt=(REGISTER,) if credential is not None else ()))
+    server, port, health = create_server(cfg.addr, SERVICES, cfg.tls, interceptors, max_receive_bytes=MAX_MESSAGE_BYTES)
     policy = PairPolicy(cfg.policy, index, local_prefill_tokens=cfg.local_prefill_tokens, saturation_s=cfg.saturation_s)
-    admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s)
+    admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s, retry_after_s=max(0.1, cfg.poll_interval_s))
     generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries,
                                     chat=chat, model=cfg.model)
     add_public_servicer(server, generation, "Generation")

@@ -36,7 +36,7 @@ class GenerationServicer:
         chat: ChatTemplate | None = None,
         model: str = "",
     ):
-        self.parser = RequestParser(tokenizer, chat=chat, model=model)
+        self.parser = RequestParser(tokenizer, chat=chat, model=model, context_limit=membership.max_model_len)
         self.membership = membership
         self.token_texts = TokenTexts(tokenizer)
         self.failover = Failover(membership, policy, admission, rpc_timeout_s, max_retries, backoff_s)
@@ -52,7 +52,7 @@ class GenerationServicer:
     async def _serve(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         """Parse, run, and end with a status: OK, the failure's mapped status, or CANCELLED."""
         try:
-            parsed = self.parser.parse(request)
+            parsed = await self.parser.parse_async(request)  # heavy parsing runs off the event loop
             with_logprobs = parsed.sampling.logprobs is not None
             async for resp in self.failover.run(parsed, context.time_remaining if context is not None else None):
                 if with_logprobs:

@@ -13,6 +13,18 @@ from pdserve.protos import pdserve_pb2 as pb
 DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
+MAX_STOP_TOKEN_IDS = 256
+
+
+def check_sampling_sizes(msg: pb.SamplingParams) -> None:
+    """The repeated fields' limits (cheap: lengths only); raises ValueError naming the field and its limit."""
+    if len(msg.stop) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(msg.stop)}")
+    for s in msg.stop:
+        if len(s) > MAX_STOP_LEN:
+            raise ValueError(f"stop: stop strings must be at most {MAX_STOP_LEN} characters")
+    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(msg.stop_token_ids)}")
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
@@ -22,11 +34,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     top_p = msg.top_p if msg.HasField("top_p") else 1.0
     if math.isnan(temperature):
         raise ValueError("temperature: must be a number >= 0, got nan")
-    if len(msg.stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings")
-    for s in msg.stop:
-        if len(s) > MAX_STOP_LEN:
-            raise ValueError(f"stop: stop strings must be at most {MAX_STOP_LEN} characters")
+    check_sampling_sizes(msg)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(temperature),

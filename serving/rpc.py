@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
+from pdserve.serving.cluster_auth import REGISTER, ClusterCredential, token_interceptors
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +86,15 @@ def create_server(
     service_names: list[str],
     tls: TlsConfig | None = None,
     interceptors: list | None = None,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
     """A grpc.aio server with health and reflection; returns (server, bound port, health servicer).
 
-    Call ``server.start()`` after adding servicers. ``addr`` may use port 0 for an ephemeral port.
+    Call ``server.start()`` after adding servicers. ``addr`` may use port 0 for an ephemeral port. A request
+    larger than ``max_receive_bytes`` is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors or None)
+    options = [(k, max_receive_bytes if k == "grpc.max_receive_message_length" else v) for k, v in SERVER_OPTIONS]
+    server = grpc.aio.server(options=options, interceptors=interceptors or None)
     credentials = tls.server_credentials() if tls else None
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -118,31 +123,50 @@ def install_sigterm(stop_event: asyncio.Event) -> None:
             pass
 
 
-def channel(address: str, tls: TlsConfig | None = None) -> grpc.aio.Channel:
+def channel(address: str, tls: TlsConfig | None = None, credential: ClusterCredential | None = None
+            ) -> grpc.aio.Channel:
+    """A channel to ``address``; with ``credential`` every call on it carries a cluster token (tools and tests:
+    the serving hot paths attach theirs explicitly)."""
     creds = tls.channel_credentials() if tls else None
+    interceptors = token_interceptors(credential) if credential is not None else None
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
     options = list(CHANNEL_OPTIONS)
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.aio.secure_channel(address, creds, options=options)
+    return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
+
+
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 async def heartbeat(
     routers: list[str], address: str, role: str, stop: asyncio.Event, interval_s: float = 1.0,
-    tls: TlsConfig | None = None,
+    tls: TlsConfig | None = None, credential: ClusterCredential | None = None,
 ) -> None:
-    """Register with every router and keep re-registering until ``stop``; then say goodbye."""
+    """Register with every router and keep re-registering until ``stop``; then say goodbye.
+
+    Each heartbeat carries a cluster token bound to Admin.Register and this worker's address. A router that
+    refuses one (wrong or missing cluster secret, ...) is logged at WARNING, again whenever its answer changes
+    and every ``REPEAT_WARNING_S`` while it keeps refusing; an unreachable router at INFO once."""
     channels = {r: channel(r, tls) for r in routers}
     stubs = {r: pdserve_pb2_grpc.AdminStub(ch) for r, ch in channels.items()}
     req = pdserve_pb2.RegisterRequest(address=address, role=role, ttl_s=interval_s * 3)
+    last: dict[str, tuple[grpc.StatusCode | None, float]] = {}
+
+    def md():
+        return credential.metadata(REGISTER, address) if credential is not None else None
+
     try:
         while not stop.is_set():
             for r, stub in stubs.items():
                 try:
-                    await stub.Register(req, timeout=interval_s)
+                    await stub.Register(req, timeout=interval_s, metadata=md())
+                    if last.get(r, (None, 0.0))[0] is not None:
+                        logger.info("registered with router %s", r)
+                    last[r] = (None, 0.0)
                 except grpc.aio.AioRpcError as e:
-                    logger.debug("register with router %s failed: %s", r, e.code().name)
+                    _log_refused_heartbeat(r, e, last)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
             except TimeoutError:
@@ -150,12 +174,29 @@ async def heartbeat(
         bye = pdserve_pb2.RegisterRequest(address=address, role=role, leaving=True)
         for stub in stubs.values():
             try:
-                await stub.Register(bye, timeout=1.0)
+                await stub.Register(bye, timeout=1.0, metadata=md())
             except grpc.aio.AioRpcError:
                 pass
     finally:
         for ch in channels.values():
             await ch.close()
+
+
+REPEAT_WARNING_S = 30.0
+
+
+def _log_refused_heartbeat(router: str, e: grpc.aio.AioRpcError, last: dict) -> None:
+    code, now = e.code(), time.monotonic()
+    prev_code, prev_t = last.get(router, (None, 0.0))
+    if code == prev_code and now - prev_t < REPEAT_WARNING_S:
+        logger.debug("register with router %s failed: %s", router, code.name)
+        return
+    last[router] = (code, now)
+    if code in UNREACHABLE:
+        logger.info("router %s is not reachable (%s); will keep trying", router, code.name)
+    else:
+        logger.warning("router %s refused this worker's registration: %s: %s (check PDSERVE_CLUSTER_SECRET)",
+                       router, code.name, e.details())
 
 
 class Undecodable:

@@ -22,6 +22,7 @@ import grpc
 from pdserve.engine.errors import CapacityError
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.cluster_auth import ClusterAuthInterceptor, ClusterCredential
 from pdserve.serving.convert import integrity, kv_event_stream, load_to_proto
 from pdserve.serving.observability import STEP_SECONDS, WorkerCollector, serve_metrics
 from pdserve.serving.rpc import TlsConfig, create_server, heartbeat, install_sigterm, set_serving
@@ -40,6 +41,7 @@ class WorkerIdentity:
     worker_id: str
     address: str  # what routers and peers dial
     transfer_backend: str
+    credential: ClusterCredential | None = None  # cluster tokens as ``worker_id`` (None: no cluster secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,7 @@ class WorkerOptions:
     metrics_port: int = 0  # 0: off, -1: any free port
     tls: TlsConfig | None = None
     advertise_host: str = ""  # the host peers dial, when the bind address is a wildcard
+    cluster_secret: str | None = None  # every Prefill/Decode call must carry a token made with it (None: dev, open)
 
     @property
     def bind_host(self) -> str:
@@ -131,6 +134,7 @@ class WorkerServicer:
             fingerprint=e.fingerprint,
             transfer_backend=self.identity.transfer_backend,
             max_model_len=e.max_model_len,
+            max_num_seqs=e.config.max_num_seqs,
             vocab_size=e.vocab_size,
             num_aborted=self.num_aborted,
             device=e.config.device,
@@ -198,10 +202,12 @@ async def run_worker(
     from pdserve.engine.engine_loop import EngineLoop  # torch: only a worker pays for it
 
     loop = EngineLoop(engine, name=f"{role}-engine", step_delay_s=options.step_delay_s)
-    server, port, health = create_server(options.addr, [role.capitalize()], options.tls)
+    worker_id = f"{role}-{uuid.uuid4().hex[:6]}"
+    credential = ClusterCredential(options.cluster_secret, worker_id) if options.cluster_secret else None
+    interceptors = [ClusterAuthInterceptor(credential)] if credential is not None else None
+    server, port, health = create_server(options.addr, [role.capitalize()], options.tls, interceptors)
     identity = WorkerIdentity(
-        role, f"{role}-{uuid.uuid4().hex[:6]}", f"{options.advertise_host or options.bind_host}:{port}",
-        transfer_backend,
+        role, worker_id, f"{options.advertise_host or options.bind_host}:{port}", transfer_backend, credential
     )
     servicer = make_servicer(loop, identity)
     servicer.add_to_server(server)
@@ -240,7 +246,8 @@ async def _until_stopped(identity: WorkerIdentity, options: WorkerOptions, stop:
         await stop.wait()
         return
     registration = asyncio.create_task(
-        heartbeat(list(options.routers), identity.address, identity.role, stop, tls=options.tls)
+        heartbeat(list(options.routers), identity.address, identity.role, stop, tls=options.tls,
+                  credential=identity.credential)
     )
     await stop.wait()
     await registration  # says goodbye: routers stop sending new work at once

@@ -75,10 +75,10 @@ def test_cache_aware_beats_round_robin_and_the_oracle_bounds_both():
     try:
         workers = [(p.address, p.role) for p in c.procs if p.role in ("prefill", "decode")]
         runs = [measure("round_robin", c.router_address, workers, Workload.build(WorkloadConfig(**shape, seed=0)),
-                        2, 60, 16)]
+                        2, 60, 16, c.secret)]
         router = c.add_router([*no_local, "--policy", "cache_aware"])  # the last --policy wins
         runs.append(measure("cache_aware", router.address, workers,
-                            Workload.build(WorkloadConfig(**shape, seed=1)), 2, 60, 16))
+                            Workload.build(WorkloadConfig(**shape, seed=1)), 2, 60, 16, c.secret))
     finally:
         c.stop(grace_s=3)
     rr, ca = runs[0]["summary"], runs[1]["summary"]

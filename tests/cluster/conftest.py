@@ -1,15 +1,30 @@
-"""Fixtures that start real clusters (separate processes on 127.0.0.1, port 0) and a gRPC client."""
+"""Fixtures that start real clusters (separate processes on 127.0.0.1, port 0) and a gRPC client.
+
+The clusters of these tests share one cluster secret (set here, before any starts), so that the tests can call
+the workers directly with a cluster credential (``worker_channel``) as the router does."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 
 import grpc
 import pytest
 
 from pdserve.deploy.local import LocalCluster
+from pdserve.engine import env
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.cluster_auth import ClusterCredential
+from pdserve.serving.rpc import channel
+
+os.environ.setdefault(env.CLUSTER_SECRET, f"pdserve-tests-{secrets.token_hex(16)}")
+
+
+def worker_channel(address: str) -> grpc.aio.Channel:
+    """A channel to a worker whose every call carries a token of the tests' cluster secret."""
+    return channel(address, credential=ClusterCredential(env.cluster_secret(), "tests"))
 
 
 def generate(address: str, req: pb.GenerateRequest, timeout: float = 60.0) -> list[pb.GenerateResponse]:
@@ -47,7 +62,7 @@ def worker_loads(address: str) -> list[pb.WorkerStatus]:
 
 def direct_load(address: str, role: str) -> pb.WorkerLoad:
     async def go():
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with worker_channel(address) as ch:
             stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
             return await stub.GetLoad(pb.LoadRequest(), timeout=10)
 

@@ -15,7 +15,7 @@ from pdserve.deploy.local import LocalCluster
 from pdserve.engine.hashing import block_hashes
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
-from tests.cluster.conftest import direct_load, generate, generate_many
+from tests.cluster.conftest import direct_load, generate, generate_many, worker_channel
 
 S = pb.SamplingParams
 
@@ -30,7 +30,7 @@ def admin(address: str, include_index: bool = False) -> pb.ListWorkersResponse:
 
 def snapshot(address: str, role: str) -> set[int]:
     async def go():
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with worker_channel(address) as ch:
             stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
             call = stub.KVEvents(pb.KVEventsRequest(), timeout=10)
             async for batch in call:

@@ -29,6 +29,8 @@ def parse(**fields) -> ClientRequest:
 def test_a_request_is_parsed_into_a_frozen_domain_request():
     req = parse(request_id="r1", prompt="hi", sampling=S(max_tokens=3, temperature=0, seed=5), priority=2,
                 tenant="t", session_id="s")
+    assert req.cluster_id.startswith("r1~") and len(req.cluster_id) == len("r1~") + 12  # the router's own id
+    req = dataclasses.replace(req, cluster_id="")
     assert req == ClientRequest("r1", (104, 105), SamplingParams(max_tokens=3, temperature=0.0, seed=5), 2, "t", "s")
     assert req.session_key == "s" and parse(token_ids=[1], tenant="t").session_key == "t"
     with pytest.raises(dataclasses.FrozenInstanceError):

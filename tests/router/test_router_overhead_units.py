@@ -57,7 +57,7 @@ class FakeDecodeStub:
     def __init__(self, chunks):
         self.chunks, self.calls, self.requests = chunks, [], []
 
-    def Decode(self, request, timeout=None):
+    def Decode(self, request, timeout=None, metadata=None):
         self.requests.append(request)
         call = FakeCall(self.chunks)
         self.calls.append(call)
