@@ -130,12 +130,12 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 self._drop(rid, claim)  # nothing was reserved: _reserve raises before it holds blocks
             await abort_with(context, e)
 
-    async def _reserve(self, rid: str, tokens: list[int], params: SamplingParams) -> list[int]:
-        """Hold blocks for the prompt's KV and tell the receiver to expect it there."""
+    async def _reserve(self, rid: str, tokens: list[int], params: SamplingParams, priority: int | None = None):
+        """Hold blocks for the prompt's KV (preempting lower classes, engine.reserve), expect the KV there."""
 
         def reserve(engine):
             engine.validate(tokens, params)
-            return engine.reserve(rid, len(tokens))
+            return engine.reserve(rid, len(tokens), priority)
 
         block_ids = await self.loop.acall(reserve)
         self.receiver.expect(rid, block_ids)
@@ -257,7 +257,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
 
     async def _remote_prefill(self, rid: str, tokens: list[int], params: SamplingParams, request: pb.DecodeRequest):
         """Decode-driven disaggregation: reserve blocks here, have the prefill worker fill them."""
-        block_ids = await self._reserve(rid, tokens, params)
+        block_ids = await self._reserve(rid, tokens, params, request.priority)
         stub = self._prefill_stub(request.prefill_address)
         try:
             return await stub.Prefill(

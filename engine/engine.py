@@ -131,9 +131,12 @@ class LLMEngine:
         self.seqs[seq.request_id] = seq
         self.outputs.track(seq)
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int]:
-        """Decode side: hold blocks for a prompt whose KV another worker will write."""
+    def reserve(self, request_id: str, num_tokens: int, priority: int | None = None) -> list[int]:
+        """Decode side: hold blocks for a prompt whose KV another worker will write. With a ``priority``,
+        running requests of a lower class are preempted (by recompute) when the blocks are not free."""
         self._check_new_id(request_id)
+        if priority is not None:
+            self.scheduler.make_room(self.holds.blocks_for(num_tokens), priority)
         return self.holds.reserve(request_id, num_tokens)
 
     def cancel_reservation(self, request_id: str) -> bool:

@@ -24,8 +24,11 @@ class BlockHolds:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.reservations or request_id in self.held
 
+    def blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
     def reserve(self, request_id: str, num_tokens: int) -> list[int]:
-        need = (num_tokens + self.block_size - 1) // self.block_size
+        need = self.blocks_for(num_tokens)
         if not self.pool.can_allocate(need):
             raise CapacityError(f"need {need} KV blocks, {self.pool.num_free_blocks} free")
         block_ids = self.pool.allocate(need)

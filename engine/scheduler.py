@@ -8,7 +8,9 @@ running sequence is preempted by recompute: its blocks are freed (the full ones 
 and it returns to the waiting queue keeping its place and every token it generated; it later recomputes
 prompt + generated tokens (prefix hits make that cheap) and continues exactly where it stopped (seeded
 sampling draws token i from (seed, i), engine.sampler). A waiting sequence of a strictly higher class that
-also ranks ahead may preempt a running one; one of equal or lower class waits.
+also ranks ahead may preempt the last-ranked running one, for its blocks or for its batch slot
+(``max_num_seqs``); one of equal or lower class waits. A decode-side reservation of a higher class may do
+the same (``make_room``). Prefill-only sequences are never taken by a class (their KV is on its way out).
 """
 
 from __future__ import annotations
@@ -105,6 +107,33 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq)
 
+    def _victim_for(self, seq: Sequence) -> Sequence | None:
+        """The running sequence ``seq`` may preempt (engine.priority), if any: the last-ranked one (sequences
+        admitted this step join the list unsorted). Prefill-only sequences are never taken: their KV is being
+        pushed to another worker block by block, and they end after one prefill anyway."""
+        candidates = [s for s in self.running if not s.prefill_only]
+        if not candidates:
+            return None
+        victim = max(candidates, key=self._rank)
+        return victim if may_preempt(seq, victim, self.aging_s) else None
+
+    def make_room(self, num_blocks: int, priority: int) -> bool:
+        """Preempt running sequences of a class below ``priority``, last-ranked first, until ``num_blocks`` are
+        free (a reservation for a prompt another worker prefills). False if that is not enough; what was
+        preempted stays preempted (it resumes by recompute)."""
+        while not self.pool.can_allocate(num_blocks):
+            lower = [s for s in self.running if s.priority < priority and not s.prefill_only]
+            if not lower:
+                return False
+            self._preempt(max(lower, key=self._rank))
+        return True
+
+    def _preempt_scheduled(self, victim: Sequence, out: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], int]:
+        """Preempt ``victim`` mid-schedule: drop it from this step; returns the step and its remaining budget."""
+        out = [s for s in out if s.seq is not victim]
+        self._preempt(victim)
+        return out, self.max_num_batched_tokens - sum(s.num_new_tokens for s in out)
+
     def _prefix_hit(self, seq: Sequence) -> list[int]:
         """Cached blocks for a fresh sequence, capped so at least one token is computed."""
         seq.block_hashes = block_hashes(
@@ -133,8 +162,13 @@ class Scheduler:
             out.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting[0][1]
+            if len(self.running) >= self.max_num_seqs:  # no batch slot: only a higher class takes one
+                victim = self._victim_for(seq)
+                if victim is None:
+                    break
+                out, budget = self._preempt_scheduled(victim, out)
             hit: list[int] = []
             if seq.num_computed_tokens == 0 and not seq.block_ids:
                 hit = self._prefix_hit(seq)
@@ -142,15 +176,8 @@ class Scheduler:
             n = min(seq.num_tokens - computed, budget)
             need = self._blocks_for(computed + n) - len(seq.block_ids) - len(hit)
             revived = sum(1 for b in hit if self.pool.ref_cnt[b] == 0)
-            while (
-                not self.pool.can_allocate(need + revived)
-                and self.running
-                and may_preempt(seq, self.running[-1], self.aging_s)
-            ):
-                victim = self.running[-1]
-                out = [s for s in out if s.seq is not victim]
-                budget = self.max_num_batched_tokens - sum(s.num_new_tokens for s in out)
-                self._preempt(victim)
+            while not self.pool.can_allocate(need + revived) and (victim := self._victim_for(seq)) is not None:
+                out, budget = self._preempt_scheduled(victim, out)
                 # the victim may have shared some of the hit blocks: now free, touching them takes them
                 revived = sum(1 for b in hit if self.pool.ref_cnt[b] == 0)
             if not self.pool.can_allocate(need + revived):

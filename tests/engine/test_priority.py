@@ -121,6 +121,44 @@ def test_preempted_low_class_keeps_its_tokens_and_place_and_resumes_from_its_cac
     assert sim.finished == ["later", "high", "low"] and sim.pool.num_free_blocks == 6
 
 
+def test_a_higher_class_takes_a_full_batch_slot_from_the_last_ranked_running_sequence():
+    sim = AgedSim(aging_s=30.0, num_blocks=16, budget=100, max_seqs=2)
+    low1 = sim.add_at("low1", distinct(100, 5), 0.0, priority=0)
+    low2 = sim.add_at("low2", distinct(200, 5), 1.0, priority=0)
+    assert sim.step() == [("low1", 5), ("low2", 5)]
+    assert (low1.block_ids, low2.block_ids) == ([0, 1], [2, 3])
+    high = sim.add_at("high", distinct(300, 6), 2.0, priority=5)
+    assert sim.step() == [("low1", 1), ("high", 6)], "low2's decode gives its slot to high"
+    assert low2.num_preemptions == 1 and low2.block_ids == [] and low2.output_token_ids == [7]
+    assert high.block_ids == [4, 5] and list(sim.pool.free_queue)[-2:] == [3, 2]
+    peer = sim.add_at("peer", distinct(400, 3), 3.0, priority=5)
+    assert sim.step() == [("high", 1), ("peer", 3)], "then low1, now the last-ranked, gives way"
+    assert low1.num_preemptions == 1 and peer.block_ids == [6]
+    peer2 = sim.add_at("peer2", distinct(500, 3), 4.0, priority=5)
+    assert sim.step() == [("high", 1), ("peer", 1)], "an equal class waits for a slot"
+    assert sim.waiting_ids() == ["peer2", "low1", "low2"] and peer2.status is SequenceStatus.WAITING
+    assert high.num_preemptions == 0 and peer.num_preemptions == 0
+
+
+def test_a_reservation_of_a_higher_class_makes_room_and_prefill_only_sequences_are_never_taken():
+    sim = AgedSim(aging_s=30.0, num_blocks=6, budget=100)
+    pushing = sim.add_at("pushing", distinct(100, 7), 0.0, priority=0)  # 2 blocks, KV on its way out
+    pushing.prefill_only = True
+    low = sim.add_at("low", distinct(200, 12), 1.0, priority=1)  # 3 blocks
+    assert sim.step() == [("low", 12), ("pushing", 7)]
+    assert (low.block_ids, pushing.block_ids) == ([0, 1, 2], [3, 4])
+    assert not sim.sched.make_room(3, priority=1), "a reservation never preempts its own class"
+    assert low.num_preemptions == 0
+    assert sim.sched.make_room(3, priority=2)
+    assert low.num_preemptions == 1 and low.block_ids == [] and list(sim.pool.free_queue) == [5, 2, 1, 0]
+    assert not sim.sched.make_room(5, priority=9), "only prefill-only sequences are left: they are never taken"
+    assert pushing.block_ids == [3, 4] and pushing.num_preemptions == 0
+    sim.check()
+    high = sim.add_at("high", distinct(300, 15), 2.0, priority=9)  # 4 blocks: what low gave back, and 5
+    assert sim.step() == [("pushing", 1), ("high", 15)]
+    assert high.block_ids == [5, 2, 1, 0] and pushing.num_preemptions == 0 and sim.waiting_ids() == ["low"]
+
+
 # ---- the engine: a preempted request's tokens are exactly those of an unpreempted run ----------------------
 LOW_PROMPTS = [list(range(10, 50)), list(range(60, 88))]
 HIGH_PROMPT = list(range(200, 260))
@@ -159,3 +197,29 @@ def test_preempted_requests_finish_with_exactly_the_tokens_of_an_unpreempted_run
     assert tight.scheduler.num_preemptions >= 1
     assert got == reference
     assert all(len(t) == 40 for t in got.values())
+
+
+def test_a_decode_side_reservation_of_a_higher_class_preempts_and_the_low_class_still_finishes_exactly():
+    params = PARAMS["seeded"]
+    lows = [(f"low{i}", p, params, 0) for i, p in enumerate(LOW_PROMPTS)]
+    reference = run(LLMEngine(EngineConfig("tiny", block_size=8, num_blocks=64)), lows)
+    tight = LLMEngine(EngineConfig("tiny", block_size=8, num_blocks=16))
+    for rid, prompt, p, prio in lows:
+        tight.add_request(rid, prompt, p, priority=prio)
+    tokens: dict[str, list[int]] = {}
+    for _ in range(6):
+        for out in tight.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    free = tight.pool.num_free_blocks
+    blocks = tight.reserve("incoming", 8 * (free + 2), priority=5)  # 2 blocks more than are free
+    assert len(blocks) == free + 2 and tight.scheduler.num_preemptions == 1
+    tight.check_integrity()
+    with pytest.raises(Exception, match="KV blocks"):
+        tight.reserve("same-class", 8 * 16, priority=0)
+    assert tight.cancel_reservation("incoming")
+    while tight.has_unfinished():
+        for out in tight.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        tight.check_integrity()
+    assert_idle(tight)
+    assert tokens == reference
