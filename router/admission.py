@@ -4,10 +4,11 @@ Rate limits: each tenant has a bucket of ``burst`` requests refilled at ``rate``
 (``--tenant-rate name=rate[:burst]``, ``--default-rate``); an empty bucket is RESOURCE_EXHAUSTED with the
 time until the next token as the retry hint. Shedding: when the best pair's predicted TTFT exceeds
 ``shed_ttft_s``, the request is refused with RESOURCE_EXHAUSTED and a retry hint instead of queueing
-forever. Requests with priority > 0 get twice the budget before they are shed.
+forever. The budget and the capacity bound below depend on the request's class (router.classes: background,
+standard, high), so as load rises the lowest class is shed first.
 
 Capacity bound (on by default): a decode worker takes at most ``admission_bound`` sequences: two batches
-(one running, one waiting behind it), a batch being ``max_num_seqs`` or as many requests of this one's size
+for standard requests (one running, one waiting behind it; one for background, three for high), a batch being ``max_num_seqs`` or as many requests of this one's size
 as its whole KV cache holds, whichever is fewer. A new request goes only to a worker under its bound; when
 every worker is at its bound the request is refused at once with RESOURCE_EXHAUSTED and a retry hint
 (``retry-after-ms``: one load-poll interval, when this router next hears the workers' load) instead of
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.engine.errors import CapacityError
+from pdserve.router.classes import BATCHES, SLO_FACTOR, class_of
 
 
 class AdmissionError(CapacityError):
@@ -76,18 +78,18 @@ def parse_tenant_rates(specs: list[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
-BATCHES_ADMITTED = 2  # per decode worker: the running batch and one waiting behind it
+BATCHES_ADMITTED = BATCHES["standard"]  # per decode worker: the running batch and one waiting behind it
 
 
-def admission_bound(load, need_blocks: int) -> int:
-    """The most sequences a decode worker with ``load`` should hold when requests need ``need_blocks`` KV blocks
-    each (0: no bound known)."""
+def admission_bound(load, need_blocks: int, priority: int = 0) -> int:
+    """The most sequences a decode worker with ``load`` should hold when a request of class ``priority`` arrives
+    and requests need ``need_blocks`` KV blocks each (0: no bound known)."""
     if load.max_num_seqs <= 0:
         return 0
     batch = load.max_num_seqs
     if load.num_total_blocks > 0:
         batch = max(1, min(batch, load.num_total_blocks // max(1, need_blocks)))
-    return BATCHES_ADMITTED * batch
+    return BATCHES[class_of(priority)] * batch
 
 
 class Admission:
@@ -109,14 +111,14 @@ class Admission:
         self.num_shed = 0
         self.num_over_capacity = 0
 
-    def with_room(self, decodes: list, need_blocks: int) -> list:
+    def with_room(self, decodes: list, need_blocks: int, priority: int = 0) -> list:
         """The decode workers under their admission bound (see the module docstring); AdmissionError when there
         are workers but none has room. Reads ``w.load`` and ``w.num_seqs`` (router.membership.Worker)."""
         if not self.capacity_bound or not decodes:
             return decodes
         room, full = [], []
         for w in decodes:
-            bound, seqs = admission_bound(w.load, need_blocks), w.num_seqs
+            bound, seqs = admission_bound(w.load, need_blocks, priority), w.num_seqs
             (room if not bound or seqs < bound else full).append(w)
         if room:
             return room
@@ -125,7 +127,8 @@ class Admission:
         worst = min(full, key=lambda w: w.num_seqs)
         raise AdmissionError(
             f"every decode worker is at its admission bound (the least loaded holds {worst.num_seqs} sequences, "
-            f"bound {admission_bound(worst.load, need_blocks)})", self.retry_after_s,
+            f"bound {admission_bound(worst.load, need_blocks, priority)} for {class_of(priority)} requests)",
+            self.retry_after_s,
         )
 
     def check_rate(self, tenant: str) -> None:
@@ -143,7 +146,7 @@ class Admission:
     def check_slo(self, predicted_ttft_s: float, priority: int) -> None:
         if not self.shed_ttft_s:
             return
-        budget = self.shed_ttft_s * (2 if priority > 0 else 1)
+        budget = self.shed_ttft_s * SLO_FACTOR[class_of(priority)]
         if predicted_ttft_s > budget:
             self.num_shed += 1
             raise AdmissionError(

@@ -42,7 +42,7 @@ class Failover:
         try:
             self.admission.check_rate(req.tenant)
         except AdmissionError:
-            metrics.count_shed("rate_limit")
+            metrics.count_shed("rate_limit", req.priority)
             raise
         self.counters.requests += 1
         st = RequestState.of(req)
@@ -53,7 +53,7 @@ class Failover:
                 try:
                     self.admission.check_slo(decision.predicted_ttft_s, req.priority)
                 except AdmissionError:
-                    metrics.count_shed("slo")
+                    metrics.count_shed("slo", req.priority)
                     raise
             outcome = "disaggregated" if decision.prefill is not None else f"local: {decision.reason}"
             metrics.count_routing(self.policy.name, outcome)
@@ -100,9 +100,9 @@ class Failover:
         if st.attempts == 0:  # admission: a retry or migration of an admitted request is not refused here
             need_blocks = len(st.prompt) // self.policy.block_size + 1
             try:
-                decodes = self.admission.with_room(decodes, need_blocks)
+                decodes = self.admission.with_room(decodes, need_blocks, st.request.priority)
             except AdmissionError:
-                metrics.count_shed("capacity")
+                metrics.count_shed("capacity", st.request.priority)
                 raise
         route = RouteRequest(len(st.prompt) + len(st.sent), hashes, st.request.session_key)
         try:

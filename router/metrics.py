@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from pdserve.router.classes import class_of
 from pdserve.serving.observability import LATENCY_BUCKETS
 
 REQUESTS = Counter("pdserve_router_requests_total", "Requests by final gRPC status", ["status"])
@@ -16,6 +17,8 @@ CACHED_PROMPT_TOKENS = Counter("pdserve_router_cached_prompt_tokens_total", "Pro
 RETRIES = Counter("pdserve_router_retries_total", "Attempts retried on another worker before any token was sent")
 MIGRATIONS = Counter("pdserve_router_migrations_total", "Requests migrated to another decode worker mid-stream")
 SHED = Counter("pdserve_router_shed_total", "Requests refused by admission control", ["reason"])
+SHED_BY_CLASS = Counter("pdserve_router_shed_by_class_total", "Requests refused by admission control, by request "
+                        "class (router.classes)", ["request_class"])
 CANCELLED = Counter("pdserve_router_cancelled_total", "Requests cancelled by the client or its deadline")
 
 
@@ -39,6 +42,7 @@ def _child(metric, cache: dict, *labels: str):
 _requests: dict = {}
 _routing: dict = {}
 _shed: dict = {}
+_shed_class: dict = {}
 
 
 def count_request(status: str) -> None:
@@ -49,5 +53,6 @@ def count_routing(policy: str, outcome: str) -> None:
     _child(ROUTING, _routing, policy, outcome).inc()
 
 
-def count_shed(reason: str) -> None:
+def count_shed(reason: str, priority: int = 0) -> None:
     _child(SHED, _shed, reason).inc()
+    _child(SHED_BY_CLASS, _shed_class, class_of(priority)).inc()
