@@ -784,3 +784,204 @@ class Admin:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BatchStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Submit = channel.unary_unary(
+                '/pdserve.v1.Batch/Submit',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.BatchSubmitRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.BatchSubmitResponse.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/pdserve.v1.Batch/Get',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.BatchJobRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.BatchJob.FromString,
+                _registered_method=True)
+        self.Results = channel.unary_stream(
+                '/pdserve.v1.Batch/Results',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.BatchResultsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.BatchResult.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/pdserve.v1.Batch/Cancel',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.BatchJobRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.BatchJob.FromString,
+                _registered_method=True)
+
+
+class BatchServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Submit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Results(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BatchServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.BatchSubmitRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.BatchSubmitResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.BatchJobRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.BatchJob.SerializeToString,
+            ),
+            'Results': grpc.unary_stream_rpc_method_handler(
+                    servicer.Results,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.BatchResultsRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.BatchResult.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.BatchJobRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.BatchJob.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pdserve.v1.Batch', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pdserve.v1.Batch', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Batch:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Batch/Submit',
+            pdserve_dot_protos_dot_pdserve__pb2.BatchSubmitRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.BatchSubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Batch/Get',
+            pdserve_dot_protos_dot_pdserve__pb2.BatchJobRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.BatchJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Results(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.Batch/Results',
+            pdserve_dot_protos_dot_pdserve__pb2.BatchResultsRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.BatchResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Batch/Cancel',
+            pdserve_dot_protos_dot_pdserve__pb2.BatchJobRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.BatchJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
