@@ -7,6 +7,7 @@ import asyncio
 import sys
 
 from pdserve.deploy import cli_checks as checks
+from pdserve.deploy import cli_classes
 from pdserve.deploy.cli_checks import OneLineParser, UsageError
 from pdserve.engine import env
 
@@ -67,6 +68,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug-step-delay-ms", type=float, default=0.0, help="fault injection: sleep after each step")
     p.add_argument("--debug-kv-cut-every", type=int, default=0, metavar="N",
                    help="fault injection: cut the KV connection midway through every Nth transfer sent (0: never)")
+    cli_classes.add_worker_args(p)
     _ops_args(p)
 
 
@@ -87,6 +89,7 @@ def _configs(a: argparse.Namespace):
         enable_prefix_caching=not a.no_prefix_caching,
         load_format=a.load_format,
         model_impl=a.model_impl, cuda_graphs=a.cuda_graphs == "on",
+        priority_aging_s=a.priority_aging_s,
     )
     transfer = TransferConfig(
         backend=a.transfer,
@@ -161,6 +164,7 @@ def cmd_router(a: argparse.Namespace) -> int:
         api_keys=load_api_keys(a.api_keys) if a.api_keys else {},
         dns=dns,
         cluster_secret=secret,
+        **cli_classes.router_kwargs(a),
     )
     _run(serve(cfg))
     return 0
@@ -260,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--decode-dns", action="append", default=[], metavar="HOST:PORT",
                    help="discover decode workers by resolving HOST every poll")
     _router_policy_args(r)
+    cli_classes.add_router_args(r)
     _ops_args(r)
     r.add_argument("--host", default="127.0.0.1", help="address to bind")
     r.add_argument("--port", type=checks.port, default=0, help="gRPC port (0: any free port)")

@@ -21,6 +21,7 @@ from pdserve.router.membership import Membership, Worker
 from pdserve.router.policy import PairPolicy
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request import MAX_MESSAGE_BYTES
+from pdserve.router.response_cache import CacheConfig, ResponseCache
 from pdserve.router.service import GenerationServicer
 from pdserve.serving.cluster_auth import REGISTER, ClusterAuthInterceptor, ClusterCredential, method_name
 from pdserve.serving.observability import serve_metrics
@@ -48,6 +49,7 @@ class RouterConfig:
     tls: TlsConfig | None = None
     api_keys: dict = field(default_factory=dict)
     dns: tuple[tuple[str, str], ...] = ()  # (role, "host:port") headless-Service discovery
+    response_cache: CacheConfig = field(default_factory=CacheConfig)  # max_bytes 0: off (router.response_cache)
     cluster_secret: str | None = None  # tokens on every call to workers; Register needs one (serving.cluster_auth)
 
     def __post_init__(self) -> None:
@@ -124,7 +126,9 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     policy = PairPolicy(cfg.policy, index, local_prefill_tokens=cfg.local_prefill_tokens, saturation_s=cfg.saturation_s)
     admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s, retry_after_s=max(0.1, cfg.poll_interval_s))
     generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries,
-                                    chat=chat, model=cfg.model)
+                                    chat=chat, model=cfg.model,
+                                    response_cache=ResponseCache(cfg.response_cache, cfg.model)
+                                    if cfg.response_cache.max_bytes else None)
     add_public_servicer(server, generation, "Generation")
     # Admin too goes through generic handlers: besides the never-failing deserializers, every method
     # registered with the server is one more future its accept loop waits on for every incoming RPC.

@@ -18,6 +18,7 @@ from pdserve.router.failover import Failover
 from pdserve.router.membership import Membership
 from pdserve.router.policy import PairPolicy
 from pdserve.router.request import RequestParser
+from pdserve.router.response_cache import ResponseCache, cache_mode
 from pdserve.router.responses import Aggregate, RouterCounters
 from pdserve.router.token_text import TokenTexts
 from pdserve.serving.errors import abort_with, status_for
@@ -35,11 +36,13 @@ class GenerationServicer:
         backoff_s: float = 0.05,
         chat: ChatTemplate | None = None,
         model: str = "",
+        response_cache: ResponseCache | None = None,
     ):
         self.parser = RequestParser(tokenizer, chat=chat, model=model, context_limit=membership.max_model_len)
         self.membership = membership
         self.token_texts = TokenTexts(tokenizer)
         self.failover = Failover(membership, policy, admission, rpc_timeout_s, max_retries, backoff_s)
+        self.response_cache = response_cache  # None: off (router.response_cache)
 
     @property
     def admission(self) -> Admission:
@@ -52,11 +55,7 @@ class GenerationServicer:
     async def _serve(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         """Parse, run, and end with a status: OK, the failure's mapped status, or CANCELLED."""
         try:
-            parsed = await self.parser.parse_async(request)  # heavy parsing runs off the event loop
-            with_logprobs = parsed.sampling.logprobs is not None
-            async for resp in self.failover.run(parsed, context.time_remaining if context is not None else None):
-                if with_logprobs:
-                    self.token_texts.fill(resp)
+            async for resp in self.respond(request, context.time_remaining if context is not None else None):
                 yield resp
         except asyncio.CancelledError:
             self.counters.cancelled += 1
@@ -67,6 +66,24 @@ class GenerationServicer:
             metrics.count_request(status_for(e).name)
             await abort_with(context, e)
         metrics.count_request("OK")
+
+    async def respond(self, request: pb.GenerateRequest, time_remaining=None):
+        """The answer's messages (through the response cache when there is one); raises a domain error. Batch
+        jobs (router.batch) run their requests here too."""
+        parsed = await self.parser.parse_async(request)  # heavy parsing runs off the event loop
+        mode = cache_mode(request.cache)
+        responses = self._run(parsed, time_remaining)
+        if self.response_cache is not None:
+            responses = self.response_cache.through(parsed, mode, responses)
+        async for resp in responses:
+            yield resp
+
+    async def _run(self, parsed, time_remaining):
+        with_logprobs = parsed.sampling.logprobs is not None
+        async for resp in self.failover.run(parsed, time_remaining):
+            if with_logprobs:
+                self.token_texts.fill(resp)
+            yield resp
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         async for resp in self._serve(request, context):
