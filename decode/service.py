@@ -264,7 +264,8 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 pb.PrefillRequest(
                     request_id=rid, token_ids=tokens, sampling=request.sampling, priority=request.priority,
                     num_prior_tokens=request.num_prior_tokens,
-                    target=pb.KVTarget(endpoint=self.kv_endpoint, block_ids=block_ids, transfer_id=rid),
+                    target=pb.KVTarget(endpoint=self.kv_endpoint, block_ids=block_ids, transfer_id=rid,
+                                      worker_id=self.identity.worker_id),
                 ),
                 timeout=self.transfer_timeout_s * 4,
                 metadata=self.identity.credential.metadata(PREFILL, rid) if self.identity.credential else None,

@@ -38,6 +38,7 @@ class EngineLoop:
         )
         self._prompt_tokens = 0
         self._hit_tokens = 0
+        self._generated_tokens = 0
         self._event_subs: list[Callable[[list], None]] = []
         self.last_abort_latency_s = 0.0
         self.on_step: Callable[[float], None] | None = None  # e.g. a metrics histogram
@@ -212,6 +213,7 @@ class EngineLoop:
                     listener(e)
             return
         for out in outputs:
+            self._generated_tokens += len(out.new_token_ids)
             listener = self._listeners.get(out.request_id)
             if out.finished:
                 self._listeners.pop(out.request_id, None)
@@ -234,6 +236,7 @@ class EngineLoop:
             num_preemptions=e.scheduler.num_preemptions,
             prefix_hit_tokens=self._hit_tokens,
             prompt_tokens=self._prompt_tokens,
+            generated_tokens=self._generated_tokens,
         )
 
 

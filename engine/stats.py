@@ -20,3 +20,4 @@ class LoadStats:
     num_preemptions: int = 0
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0
+    generated_tokens: int = 0  # tokens sampled (metrics: output tokens/s)

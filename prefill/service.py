@@ -16,8 +16,13 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.serving.convert import logprob_to_proto, sampling_from_proto
 from pdserve.serving.errors import abort_with
-from pdserve.serving.observability import record_transfer, record_transfer_failure
 from pdserve.serving.worker import WorkerIdentity, WorkerServicer
+from pdserve.serving.worker_metrics import (
+    peer_label,
+    record_transfer,
+    record_transfer_failure,
+    register_transfer_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
         self.sender = sender
         self.pusher = pusher  # the engine's KV connector: the plans it pushes by
         self.transfer_timeout_s = transfer_timeout_s
+        register_transfer_metrics()
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         rid = request.request_id
@@ -59,6 +65,7 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
                 self.sender.open, target.transfer_id or rid, target.endpoint, list(target.block_ids)
             )
             plan = TransferPlan(handle, list(target.block_ids))
+            peer = peer_label(target.worker_id, target.endpoint)
 
             def add(engine):
                 seq = engine.add_request(  # validates; refuses an id already in use
@@ -74,12 +81,12 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
             try:
                 stats = await asyncio.to_thread(handle.finish, self.transfer_timeout_s)
             except Exception:
-                record_transfer_failure(target.endpoint)
+                record_transfer_failure(self.identity.worker_id, peer)
                 raise
             handle = None
             t_done = time.monotonic()
             t_start = plan.t_first_push or t_arrive
-            record_transfer(target.endpoint, stats.path, stats.num_bytes, t_done - t_start)
+            record_transfer(self.identity.worker_id, peer, stats.path, stats.num_bytes, t_done - t_start)
             resp = pb.PrefillResponse(
                 first_token_id=first.new_token_ids[0],
                 num_cached_tokens=first.num_cached_tokens,

@@ -271,14 +271,16 @@ class KVEventBatch(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., snapshot: _Optional[bool] = ..., stored: _Optional[_Iterable[int]] = ..., evicted: _Optional[_Iterable[int]] = ..., cleared: _Optional[bool] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class KVTarget(_message.Message):
-    __slots__ = ("endpoint", "block_ids", "transfer_id")
+    __slots__ = ("endpoint", "block_ids", "transfer_id", "worker_id")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     transfer_id: str
-    def __init__(self, endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_id: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "sampling", "priority", "target", "num_prior_tokens")

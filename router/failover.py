@@ -30,6 +30,7 @@ class Failover:
                  rpc_timeout_s: float = 60.0, max_retries: int = 3, backoff_s: float = 0.05):
         self.membership = membership
         self.policy = policy
+        metrics.init_routing(policy.name)
         self.admission = admission or Admission()
         self.rpc_timeout_s = rpc_timeout_s
         self.max_retries = max_retries

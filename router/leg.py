@@ -105,6 +105,7 @@ class DecodeLeg:
                 if chunk.token_ids and not st.t_first_token:
                     st.t_first_token = time.monotonic()
                 st.sent.extend(chunk.token_ids)
+                metrics.GENERATED_TOKENS.inc(len(chunk.token_ids))
                 st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
                 resp = pb.GenerateResponse(request_id=st.client_id, token_ids=chunk.token_ids, text=chunk.text)
                 if chunk.logprobs:

@@ -1,10 +1,15 @@
-"""The router's Prometheus metrics."""
+"""The router's Prometheus metrics.
+
+Every labelled counter exists at 0 for each label value known up front (status codes, shed reasons, request
+classes, routing outcomes), so a dashboard shows 0 rather than "No data"; no family is exported empty.
+"""
 
 from __future__ import annotations
 
+import grpc
 from prometheus_client import Counter, Histogram
 
-from pdserve.router.classes import class_of
+from pdserve.router.classes import CLASSES, class_of
 from pdserve.serving.observability import LATENCY_BUCKETS
 
 REQUESTS = Counter("pdserve_router_requests_total", "Requests by final gRPC status", ["status"])
@@ -20,6 +25,12 @@ SHED = Counter("pdserve_router_shed_total", "Requests refused by admission contr
 SHED_BY_CLASS = Counter("pdserve_router_shed_by_class_total", "Requests refused by admission control, by request "
                         "class (router.classes)", ["request_class"])
 CANCELLED = Counter("pdserve_router_cancelled_total", "Requests cancelled by the client or its deadline")
+GENERATED_TOKENS = Counter("pdserve_router_generated_tokens_total", "Output tokens relayed to clients (output "
+                           "tokens/s: rate of this)")
+
+SHED_REASONS = ("rate_limit", "slo", "capacity")
+ROUTING_OUTCOMES = ("disaggregated", "local: no prefill worker", "local: short uncached prompt",
+                    "local: prefill pool saturated")
 
 
 def observe_finished(ttft_s: float, total_s: float, num_out: int, num_prompt: int, num_cached: int) -> None:
@@ -56,3 +67,21 @@ def count_routing(policy: str, outcome: str) -> None:
 def count_shed(reason: str, priority: int = 0) -> None:
     _child(SHED, _shed, reason).inc()
     _child(SHED_BY_CLASS, _shed_class, class_of(priority)).inc()
+
+
+def init_routing(policy: str) -> None:
+    """Routing outcomes of ``policy`` at 0 (called once the router knows its policy)."""
+    for outcome in (*ROUTING_OUTCOMES, f"local: {policy}"):
+        _child(ROUTING, _routing, policy, outcome)
+
+
+def _init() -> None:
+    for code in grpc.StatusCode:
+        _child(REQUESTS, _requests, code.name)
+    for reason in SHED_REASONS:
+        _child(SHED, _shed, reason)
+    for name in CLASSES:
+        _child(SHED_BY_CLASS, _shed_class, name)
+
+
+_init()

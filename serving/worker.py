@@ -24,8 +24,9 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.serving.cluster_auth import ClusterAuthInterceptor, ClusterCredential
 from pdserve.serving.convert import integrity, kv_event_stream, load_to_proto
-from pdserve.serving.observability import STEP_SECONDS, WorkerCollector, serve_metrics
+from pdserve.serving.observability import serve_metrics
 from pdserve.serving.rpc import TlsConfig, create_server, heartbeat, install_sigterm, set_serving
+from pdserve.serving.worker_metrics import STEP_SECONDS, WorkerCollector
 
 if TYPE_CHECKING:
     from pdserve.engine.config import EngineConfig
@@ -211,8 +212,8 @@ async def run_worker(
     )
     servicer = make_servicer(loop, identity)
     servicer.add_to_server(server)
-    collector = WorkerCollector(role, servicer.load, lambda: servicer.in_flight)
-    loop.on_step = STEP_SECONDS.labels(role).observe
+    collector = WorkerCollector(role, servicer.load, lambda: servicer.in_flight, lambda: loop.stats.generated_tokens)
+    loop.on_step = STEP_SECONDS.labels(worker_id).observe
     loop.start()
     tasks: list[asyncio.Task] = []
     try:
