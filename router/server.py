@@ -15,6 +15,7 @@ from pdserve.engine.tokenizer import load_light_tokenizer
 from pdserve.router.admin import AdminServicer
 from pdserve.router.admission import Admission
 from pdserve.router.auth import ApiKeyInterceptor
+from pdserve.router.batch_service import BatchServicer, default_db_path
 from pdserve.router.chat import ChatTemplate
 from pdserve.router.edge import follow
 from pdserve.router.membership import Membership, Worker
@@ -28,7 +29,7 @@ from pdserve.serving.observability import serve_metrics
 from pdserve.serving.rpc import TlsConfig, add_public_servicer, create_server, install_sigterm, set_serving
 
 logger = logging.getLogger(__name__)
-SERVICES = ["Generation", "Admin"]
+SERVICES = ["Generation", "Admin", "Batch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,8 @@ class RouterConfig:
     api_keys: dict = field(default_factory=dict)
     dns: tuple[tuple[str, str], ...] = ()  # (role, "host:port") headless-Service discovery
     response_cache: CacheConfig = field(default_factory=CacheConfig)  # max_bytes 0: off (router.response_cache)
+    batch_db: str = ""  # SQLite file of batch jobs ("": batch.sqlite3 in the cache dir; router.batch_service)
+    batch_concurrency: int = 8  # batch requests in flight at most (fewer while interactive load is high)
     cluster_secret: str | None = None  # tokens on every call to workers; Register needs one (serving.cluster_auth)
 
     def __post_init__(self) -> None:
@@ -133,6 +136,9 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     # Admin too goes through generic handlers: besides the never-failing deserializers, every method
     # registered with the server is one more future its accept loop waits on for every incoming RPC.
     add_public_servicer(server, AdminServicer(membership, index, generation), "Admin")
+    batch = BatchServicer(cfg.batch_db or default_db_path(), generation.respond, membership, cfg.batch_concurrency)
+    await batch.start()
+    add_public_servicer(server, batch, "Batch")
     bound_metrics = serve_metrics(cfg.metrics_port, cfg.addr.rsplit(":", 1)[0])
     await server.start()
     # Startup left ~400k long-lived objects (tokenizer, transformers, torch); a full collection walks all of
@@ -150,5 +156,6 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     await stop.wait()
     await set_serving(health, SERVICES, False)
     await server.stop(5.0)
+    await batch.close()  # unfinished batch requests stay pending in the database: the next start resumes them
     feeds.close()
     await membership.close()
