@@ -42,6 +42,11 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a cached answer stays valid")
     g.add_argument("--cache-shared-tenants", action="append", default=[], metavar="TENANT[,TENANT...]",
                    help="tenants that share one response-cache scope (others are isolated; repeatable)")
+    g.add_argument("--batch-db", default="", metavar="PATH",
+                   help="SQLite file holding batch jobs and their results (default: batch.sqlite3 in the cache dir, "
+                        "$PDSERVE_CACHE_DIR or ~/.cache/pdserve)")
+    g.add_argument("--batch-concurrency", type=checks.positive_int, default=8,
+                   help="batch requests in flight at most (fewer while interactive load fills the decode pool)")
 
 
 def router_kwargs(a: argparse.Namespace) -> dict:
@@ -51,4 +56,4 @@ def router_kwargs(a: argparse.Namespace) -> dict:
     shared = frozenset(t.strip() for spec in a.cache_shared_tenants for t in spec.split(",") if t.strip())
     cache = CacheConfig(max_bytes=a.response_cache_mib * 1024 * 1024, ttl_s=a.response_cache_ttl_s,
                         shared_tenants=shared)
-    return {"response_cache": cache}
+    return {"response_cache": cache, "batch_db": a.batch_db, "batch_concurrency": a.batch_concurrency}

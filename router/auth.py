@@ -3,6 +3,7 @@
 Clients send ``authorization: Bearer <key>`` (or ``x-api-key: <key>``). No key or an unknown key is
 UNAUTHENTICATED. A key may only act for its own tenant: a request naming another tenant is
 PERMISSION_DENIED, and a request naming none is stamped with the key's tenant (which rate limits then use).
+Batch requests are stamped the same way (a job belongs to the key's tenant, router.batch_service).
 The Admin service needs a key of the tenant ``admin``. Health checks and reflection stay open.
 """
 
@@ -18,7 +19,7 @@ from pdserve.engine.errors import PermissionDeniedError, UnauthenticatedError
 from pdserve.serving.errors import abort_with
 
 ADMIN_TENANT = "admin"
-_PROTECTED = ("/pdserve.v1.Generation/", "/pdserve.v1.Admin/")
+_PROTECTED = ("/pdserve.v1.Generation/", "/pdserve.v1.Admin/", "/pdserve.v1.Batch/")
 
 
 def load_api_keys(path: str) -> dict[str, str]:
