@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from pdserve.protos import pdserve_pb2, pdserve_pb2_grpc
 from pdserve.serving.cluster_auth import REGISTER, ClusterCredential, token_interceptors
+from pdserve.serving.reflection import enable_reflection
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def create_server(
     interceptors: list | None = None,
     max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
-    """A grpc.aio server with health and reflection; returns (server, bound port, health servicer).
+    """A grpc.aio server with health and reflection (v1 and v1alpha); returns (server, bound port, health servicer).
 
     Call ``server.start()`` after adding servicers. ``addr`` may use port 0 for an ephemeral port. A request
     larger than ``max_receive_bytes`` is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
@@ -99,7 +99,7 @@ def create_server(
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [pdserve_pb2.DESCRIPTOR.services_by_name[n].full_name for n in service_names]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([*names, health.SERVICE_NAME], server)
     port = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
     if port == 0:
         raise OSError(f"could not bind {addr}")
