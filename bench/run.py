@@ -109,6 +109,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     m.add_argument("--label", default="", help="names the runs in files and plot legends")
     m.add_argument("--no-plots", action="store_true", help="write JSON only")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--batch", action="store_true", help="submit each run's requests as one batch job (router Batch "
+                   "service) and report the job's wall time and throughput (bench/batch_run.py)")
     return p
 
 
@@ -270,6 +272,10 @@ def _main(a: argparse.Namespace) -> int:
             logger.info("starting a local cluster: %d prefill, %d decode", num_prefill, num_decode)
             cluster.start()
         address = cluster.router_address if cluster else a.router
+        if a.batch:
+            from pdserve.bench.batch_run import run_batch
+
+            return run_batch(plans, a, address, out_dir, name, config, label)
         points, cdf_runs, files = [], {}, []
         for plan in plans:
             summary, records = execute(plan, a, address)
