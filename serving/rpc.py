@@ -106,9 +106,15 @@ def create_server(
     return server, port, health_servicer
 
 
+LIVENESS = "liveness"  # a health name that a drain never flips: the liveness probe's (readiness: a role service)
+
+
 async def set_serving(health_servicer, service_names: list[str], serving: bool) -> None:
+    """Readiness: "" and every service in ``service_names``. Serving also makes ``LIVENESS`` SERVING; a drain
+    (``serving=False``) leaves it SERVING, so a draining process stays live while readiness flips."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ["", *(pdserve_pb2.DESCRIPTOR.services_by_name[n].full_name for n in service_names)]:
+    live = [LIVENESS] if serving else []
+    for name in ["", *live, *(pdserve_pb2.DESCRIPTOR.services_by_name[n].full_name for n in service_names)]:
         result = health_servicer.set(name, status)
         if asyncio.iscoroutine(result):
             await result
