@@ -29,6 +29,13 @@ def _setup_logging(role: str, fmt: str = "text") -> None:
         pass
 
 
+def _setup_tracing(role: str, a: argparse.Namespace) -> None:
+    if getattr(a, "otlp_endpoint", ""):
+        from pdserve.serving import tracing
+
+        tracing.setup(f"pdserve-{role}", a.otlp_endpoint)
+
+
 def _cluster_secret(role: str, host: str) -> str | None:
     """The cluster secret; refuses a non-loopback --host without one and warns loudly on loopback."""
     secret = env.cluster_secret()
@@ -120,6 +127,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     checks.check_device(a.device)
     checks.check_cluster_secret(f"{a.cmd} worker", a.host, env.cluster_secret())  # before any output
     _setup_logging(a.cmd, a.log_format)
+    _setup_tracing(a.cmd, a)
     secret = _cluster_secret(f"{a.cmd} worker", a.host)
     engine, transfer = _configs(a)
     if a.cmd == "prefill":
@@ -137,6 +145,7 @@ def cmd_router(a: argparse.Namespace) -> int:
     checks.check_port_free("--metrics-port", a.host, a.metrics_port)
     checks.check_cluster_secret("router", a.host, env.cluster_secret())
     _setup_logging("router", a.log_format)
+    _setup_tracing("router", a)
     secret = _cluster_secret("router", a.host)
     from pdserve.router.admission import parse_tenant_rates
     from pdserve.router.auth import load_api_keys
@@ -219,6 +228,8 @@ def _ops_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=checks.metrics_port, default=0,
                    help="serve Prometheus /metrics on this port (0: off, -1: any free port)")
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="log line format")
+    p.add_argument("--otlp-endpoint", default="", help="export OpenTelemetry traces to this OTLP/gRPC collector "
+                   "(host:port; needs pip install pdserve[otel]; empty: tracing off)")
     _tls_args(p)
 
 

@@ -25,6 +25,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kvtransfer.base import FingerprintMismatchError, KVReceiver
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving import tracing
 from pdserve.serving.cluster_auth import caller, method_name
 from pdserve.serving.convert import (
     fingerprint_from_proto,
@@ -190,6 +191,9 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
         rid = request.request_id
         claim: Claim | None = None
+        span = tracing.start("decode", tracing.from_context(context),
+                             {"pdserve.request_id": rid, "pdserve.worker": self.identity.worker_id})
+        tracing.CURRENT.set(span)  # this RPC's task: the Prefill call below carries it
         self.in_flight += 1
         try:
             params = sampling_from_proto(request.sampling)
@@ -213,6 +217,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
             if request.prefilled:
                 self.deadlines.pop(rid, None)
                 head.transfer_wait_s = await self._wait_transfer(rid)
+                tracing.record("kv_transfer_wait", span, time.monotonic() - head.transfer_wait_s, time.monotonic())
                 first_lp = logprob_from_proto(request.first_logprob) if request.HasField("first_logprob") else None
 
                 def add(engine):
@@ -225,7 +230,11 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 def add(engine):
                     return engine.add_request(rid, tokens, params, request.priority, sample_offset=request.num_prior_tokens)
 
+            t_add = time.monotonic()
             async for out in self.loop.stream(rid, add):
+                if head is not None:
+                    tracing.record("decode_queue", span, t_add, time.monotonic())
+                    span.add_event("first_token")
                 chunk = pb.DecodeChunk(
                     token_ids=out.new_token_ids,
                     text=out.text_delta,
@@ -251,6 +260,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 await self._release(rid)
             await abort_with(context, e)
         finally:
+            span.end()
             self.in_flight -= 1
             if claim is not None:
                 self._drop(rid, claim)
@@ -268,7 +278,8 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                                       worker_id=self.identity.worker_id),
                 ),
                 timeout=self.transfer_timeout_s * 4,
-                metadata=self.identity.credential.metadata(PREFILL, rid) if self.identity.credential else None,
+                metadata=tracing.with_traceparent(
+                    self.identity.credential.metadata(PREFILL, rid) if self.identity.credential else None),
             )
         except grpc.aio.AioRpcError as e:
             raise PrefillLegError(e.code(), f"prefill worker {request.prefill_address}: {e.details()}") from None

@@ -14,6 +14,7 @@ from pdserve.kvtransfer.base import KVSender, TransferHandle
 from pdserve.prefill.pusher import LayerPusher, TransferPlan
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving import tracing
 from pdserve.serving.convert import logprob_to_proto, sampling_from_proto
 from pdserve.serving.errors import abort_with
 from pdserve.serving.worker import WorkerIdentity, WorkerServicer
@@ -49,6 +50,8 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
         t_arrive = time.monotonic()
         handle: TransferHandle | None = None
         plan: TransferPlan | None = None
+        span = tracing.start("prefill", tracing.from_context(context),
+                             {"pdserve.request_id": rid, "pdserve.worker": self.identity.worker_id}, t_arrive)
         self.in_flight += 1
         try:
             self.refuse_if_draining()
@@ -87,6 +90,10 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
             t_done = time.monotonic()
             t_start = plan.t_first_push or t_arrive
             record_transfer(self.identity.worker_id, peer, stats.path, stats.num_bytes, t_done - t_start)
+            tracing.record("prefill_queue", span, t_arrive, t_start)
+            tracing.record("prefill_compute", span, t_start, t_computed)
+            tracing.record("kv_transfer", span, t_start, t_done,
+                           {"kv.bytes": stats.num_bytes, "kv.path": stats.path, "kv.peer": peer})
             resp = pb.PrefillResponse(
                 first_token_id=first.new_token_ids[0],
                 num_cached_tokens=first.num_cached_tokens,
@@ -112,6 +119,7 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
         except Exception as e:  # noqa: BLE001 - mapped to a status
             await abort_with(context, e)
         finally:
+            span.end()
             self.in_flight -= 1
             if handle is not None:
                 handle.abort("prefill did not complete")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from pdserve.engine.errors import UnavailableError
@@ -21,6 +22,7 @@ from pdserve.router.membership import Membership, Worker
 from pdserve.router.policy import Decision, PairPolicy, RouteRequest
 from pdserve.router.request import ClientRequest, check_model_limits
 from pdserve.router.responses import RequestState, RouterCounters
+from pdserve.serving import tracing
 
 logger = logging.getLogger(__name__)
 
@@ -47,24 +49,44 @@ class Failover:
             raise
         self.counters.requests += 1
         st = RequestState.of(req)
-        excluded: set[str] = set()
-        while True:
-            decision = self._decide(st, excluded)
-            if st.attempts == 0:
+        root = tracing.start("generate", tracing.CURRENT.get(), {"pdserve.request_id": st.rid}, st.t_start)
+        try:
+            excluded: set[str] = set()
+            while True:
+                t0 = time.monotonic()
+                decision = self._decide(st, excluded)
+                tracing.record("route_decision", root, t0, time.monotonic(), {
+                    "pdserve.policy": self.policy.name, "pdserve.decode": decision.decode.address,
+                    "pdserve.prefill": decision.prefill.address if decision.prefill is not None else "",
+                    "pdserve.reason": decision.reason})
+                if st.attempts == 0:
+                    try:
+                        self.admission.check_slo(decision.predicted_ttft_s, req.priority)
+                    except AdmissionError:
+                        metrics.count_shed("slo", req.priority)
+                        raise
+                outcome = "disaggregated" if decision.prefill is not None else f"local: {decision.reason}"
+                metrics.count_routing(self.policy.name, outcome)
+                st.attempts += 1
+                attempt = tracing.start("attempt", root, {"pdserve.attempt": st.attempts})
+                tracing.CURRENT.set(attempt)  # the decode call carries it (this generator runs in the RPC's task)
                 try:
-                    self.admission.check_slo(decision.predicted_ttft_s, req.priority)
-                except AdmissionError:
-                    metrics.count_shed("slo", req.priority)
-                    raise
-            outcome = "disaggregated" if decision.prefill is not None else f"local: {decision.reason}"
-            metrics.count_routing(self.policy.name, outcome)
-            st.attempts += 1
-            try:
-                async for resp in self.leg.run(st, decision, timeout_for(time_remaining, self.rpc_timeout_s)):
-                    yield resp
-                return
-            except LegFailure as f:
-                await self._recover(st, f, excluded)
+                    async for resp in self.leg.run(st, decision, timeout_for(time_remaining, self.rpc_timeout_s)):
+                        yield resp
+                    return
+                except LegFailure as f:
+                    attempt.set_attribute("error", str(f))
+                    attempt.end()
+                    attempt = tracing.NO_SPAN
+                    t0 = time.monotonic()
+                    migrating = bool(st.sent)
+                    await self._recover(st, f, excluded)
+                    tracing.record("migration" if migrating else "retry", root, t0, time.monotonic(),
+                                   {"pdserve.failed_worker": f.worker.address, "pdserve.num_sent_tokens": len(st.sent)})
+                finally:
+                    attempt.end()
+        finally:
+            root.end()
 
     async def _recover(self, st: RequestState, f: LegFailure, excluded: set[str]) -> None:
         """After a failed attempt: open the worker's circuit, exclude it, and back off (or give up)."""

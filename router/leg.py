@@ -20,6 +20,7 @@ from pdserve.router.costs import CostModel, topology
 from pdserve.router.membership import Worker
 from pdserve.router.policy import Decision
 from pdserve.router.responses import RequestState, RouterCounters, finish
+from pdserve.serving import tracing
 from pdserve.serving.cluster_auth import ClusterCredential, method_name
 from pdserve.serving.convert import sampling_to_proto
 from pdserve.serving.errors import RpcStatusError
@@ -94,6 +95,7 @@ class DecodeLeg:
             prefill.in_flight += 1
         first, finished = True, False
         metadata = self.credential.metadata(DECODE, decode_req.request_id) if self.credential is not None else None
+        metadata = tracing.with_traceparent(metadata)
         call = decode.stub.Decode(decode_req, timeout=timeout_s, metadata=metadata)
         try:
             async for chunk in call:
@@ -104,6 +106,7 @@ class DecodeLeg:
                         self._observe(st, prefill, decode, len(decode_req.token_ids), chunk)
                 if chunk.token_ids and not st.t_first_token:
                     st.t_first_token = time.monotonic()
+                    tracing.record("first_token", tracing.CURRENT.get(), st.t_start, st.t_first_token)
                 st.sent.extend(chunk.token_ids)
                 metrics.GENERATED_TOKENS.inc(len(chunk.token_ids))
                 st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
