@@ -18,7 +18,8 @@ from typing import TypeVar
 
 from pdserve.engine.engine import LLMEngine, StepOutput
 from pdserve.engine.errors import CancelledError
-from pdserve.engine.stats import LoadStats
+from pdserve.engine.kv_event_hub import KVEventHub
+from pdserve.engine.stats import LoadStats, TokenTotals
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,10 +37,8 @@ class EngineLoop:
         self.stats = LoadStats(
             num_total_blocks=engine.pool.num_blocks, num_free_blocks=engine.pool.num_free_blocks
         )
-        self._prompt_tokens = 0
-        self._hit_tokens = 0
-        self._generated_tokens = 0
-        self._event_subs: list[Callable[[list], None]] = []
+        self._totals = TokenTotals()
+        self._events = KVEventHub(engine)
         self.last_abort_latency_s = 0.0
         self.on_step: Callable[[float], None] | None = None  # e.g. a metrics histogram
 
@@ -125,30 +124,8 @@ class EngineLoop:
 
     async def kv_events(self) -> AsyncIterator[tuple[bool, list]]:
         """Yield (is_snapshot, events): first a snapshot of every cached block hash, then deltas in order."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-
-        def deliver(events: list) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, events)
-
-        def subscribe(engine: LLMEngine) -> list[int]:
-            self._flush_events()  # earlier events belong to the snapshot
-            self._event_subs.append(deliver)
-            return list(engine.pool.cached)
-
-        snapshot = await self.acall(subscribe)
-        try:
-            yield True, snapshot
-            while True:
-                yield False, await q.get()
-        finally:
-            self.call(lambda e: self._event_subs.remove(deliver) if deliver in self._event_subs else None)
-
-    def _flush_events(self) -> None:
-        events = self.engine.pool.drain_events()
-        if events:
-            for sub in self._event_subs:
-                sub(events)
+        async for item in self._events.stream(self):
+            yield item
 
     def _abort(self, engine: LLMEngine, request_id: str) -> bool:
         listener = self._listeners.pop(request_id, None)
@@ -194,7 +171,7 @@ class EngineLoop:
                 self._step()
                 if self.step_delay_s:
                     time.sleep(self.step_delay_s)
-            self._flush_events()
+            self._events.flush()
             self._publish_stats()
 
     def _step(self) -> None:
@@ -213,31 +190,17 @@ class EngineLoop:
                     listener(e)
             return
         for out in outputs:
-            self._generated_tokens += len(out.new_token_ids)
+            self._totals.generated += len(out.new_token_ids)
             listener = self._listeners.get(out.request_id)
             if out.finished:
                 self._listeners.pop(out.request_id, None)
-                self._prompt_tokens += out.num_prompt_tokens
-                self._hit_tokens += out.num_cached_tokens
+                self._totals.prompt += out.num_prompt_tokens
+                self._totals.hit += out.num_cached_tokens
             if listener:
                 listener(out)
 
     def _publish_stats(self) -> None:
-        e = self.engine
-        self.stats = LoadStats(
-            num_running=len(e.scheduler.running),
-            num_waiting=e.scheduler.num_waiting,
-            num_queued_tokens=e.scheduler.num_queued_tokens(),
-            num_free_blocks=e.pool.num_free_blocks,
-            num_total_blocks=e.pool.num_blocks,
-            num_reserved=len(e.reservations),
-            step_s=e.last_step_s,
-            num_steps=e.num_steps,
-            num_preemptions=e.scheduler.num_preemptions,
-            prefix_hit_tokens=self._hit_tokens,
-            prompt_tokens=self._prompt_tokens,
-            generated_tokens=self._generated_tokens,
-        )
+        self.stats = self._totals.snapshot(self.engine)
 
 
 def merge_outputs(a: StepOutput, b: StepOutput) -> StepOutput:
