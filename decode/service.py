@@ -15,47 +15,32 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 
 import grpc
 
+from pdserve.decode.claims import Claim, ClaimBook
+from pdserve.decode.prefill_client import PrefillClient, PrefillLegError  # noqa: F401  (re-exported)
 from pdserve.engine.engine_loop import EngineLoop
-from pdserve.engine.errors import InvalidRequestError, RequestNotFoundError
+from pdserve.engine.errors import RequestNotFoundError
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kvtransfer.base import FingerprintMismatchError, KVReceiver
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.serving import tracing
-from pdserve.serving.cluster_auth import caller, method_name
+from pdserve.serving.cluster_auth import caller
 from pdserve.serving.convert import (
     fingerprint_from_proto,
     logprob_from_proto,
     logprob_to_proto,
     sampling_from_proto,
 )
-from pdserve.serving.errors import RpcStatusError, abort_with
-from pdserve.serving.rpc import TlsConfig, channel
+from pdserve.serving.errors import abort_with
+from pdserve.serving.rpc import TlsConfig
 from pdserve.serving.worker import WorkerIdentity, WorkerServicer
 
 logger = logging.getLogger(__name__)
 
 MAX_RESERVATION_TTL_S = 60.0  # a reservation whose Decode call never comes is freed after this at most
-PREFILL = method_name("Prefill", "Prefill")
-
-
-@dataclass(eq=False, slots=True)
-class Claim:
-    """Who holds a request id here, and how far it got; compared by identity (each call knows its own)."""
-
-    principal: str
-    reserved: bool  # True: a Reserve made it and no Decode call has taken it yet
-
-
-class PrefillLegError(RpcStatusError):
-    """The prefill worker this request was sent to failed; the router should blame it, not us."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(code, message, (("pdserve-failed-role", "prefill"),))
 
 
 class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
@@ -76,8 +61,8 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
         self.transfer_timeout_s = transfer_timeout_s
         self.tls = tls
         self.deadlines: dict[str, float] = {}  # reservation -> when it expires unless its Decode call comes
-        self.claims: dict[str, Claim] = {}  # request id -> its owner (see the module docstring)
-        self.prefill_stubs: dict[str, pb_grpc.PrefillStub] = {}
+        self.claims = ClaimBook()  # request id -> its owner (see the module docstring)
+        self.prefill = PrefillClient(identity, kv_endpoint, tls, transfer_timeout_s * 4)
 
     # ---- the worker base's hooks ------------------------------------------------------------------
     @property
@@ -94,22 +79,6 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
         return [self.sweep_expired()]
 
     # ---- reservations -----------------------------------------------------------------------------
-    def _claim(self, rid: str, principal: str, reserved: bool) -> Claim:
-        """Take ``rid`` for ``principal``; an id in use is refused and its owner's request left alone."""
-        if not rid:
-            raise InvalidRequestError("request_id: must not be empty")
-        if rid in self.claims:
-            raise InvalidRequestError(f"request_id: {rid!r} is in use on this worker")
-        claim = self.claims[rid] = Claim(principal, reserved)
-        return claim
-
-    def _drop(self, rid: str, claim: Claim) -> bool:
-        """Forget ``claim`` if it still holds ``rid``; True if it did (then its owner's cleanup is ours to do)."""
-        if self.claims.get(rid) is claim:
-            del self.claims[rid]
-            return True
-        return False
-
     async def Reserve(self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext) -> pb.ReserveResponse:
         rid = request.request_id
         claim = None
@@ -120,7 +89,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 ours = self.loop.engine.fingerprint
                 if theirs != ours:
                     raise FingerprintMismatchError("KV layout mismatch: " + "; ".join(theirs.diff(ours)))
-            claim = self._claim(rid, caller(), reserved=True)
+            claim = self.claims.claim(rid, caller(), reserved=True)
             block_ids = await self._reserve(rid, list(request.token_ids), sampling_from_proto(request.sampling))
             ttl = request.ttl_s if 0 < request.ttl_s <= MAX_RESERVATION_TTL_S else MAX_RESERVATION_TTL_S
             self.deadlines[rid] = time.monotonic() + ttl
@@ -128,7 +97,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
             return pb.ReserveResponse(block_ids=block_ids, kv_endpoint=self.kv_endpoint, transfer_id=rid)
         except Exception as e:  # noqa: BLE001 - mapped to a status
             if claim is not None:
-                self._drop(rid, claim)  # nothing was reserved: _reserve raises before it holds blocks
+                self.claims.drop(rid, claim)  # nothing was reserved: _reserve raises before it holds blocks
             await abort_with(context, e)
 
     async def _reserve(self, rid: str, tokens: list[int], params: SamplingParams, priority: int | None = None):
@@ -147,7 +116,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
         claim = self.claims.get(rid)
         if claim is None or claim.principal != caller():
             await abort_with(context, RequestNotFoundError(f"request_id: no request {rid[:256]!r} of yours here"))
-        self._drop(rid, claim)
+        self.claims.drop(rid, claim)
         released = await self._release(rid)
         return pb.ReleaseResponse(released=released)
 
@@ -171,23 +140,10 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 logger.warning("[%s] reservation expired; freeing its blocks", rid)
                 claim = self.claims.get(rid)
                 if claim is not None and claim.reserved:
-                    self._drop(rid, claim)
+                    self.claims.drop(rid, claim)
                 await self._release(rid)
 
     # ---- decoding ---------------------------------------------------------------------------------
-    def _claim_for_decode(self, rid: str, principal: str, request: pb.DecodeRequest) -> Claim:
-        """A Decode into a reservation (``prefilled``, no prefill address) takes over the caller's own reservation;
-        any other Decode claims a fresh id."""
-        if not (request.prefilled and not request.prefill_address):
-            return self._claim(rid, principal, reserved=False)
-        claim = self.claims.get(rid)
-        if claim is None or claim.principal != principal:
-            raise RequestNotFoundError(f"request_id: no reservation {rid[:256]!r} of yours here")
-        if not claim.reserved:
-            raise InvalidRequestError(f"request_id: {rid!r} is in use on this worker")
-        claim.reserved = False
-        return claim
-
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
         rid = request.request_id
         claim: Claim | None = None
@@ -201,7 +157,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
             head = pb.DecodeChunk()  # extra fields for the first chunk
             if not request.prefilled:
                 self.refuse_if_draining()  # a prefilled request's KV already sits here: finish it
-            claim = self._claim_for_decode(rid, caller(), request)
+            claim = self.claims.for_decode(rid, caller(), request.prefilled and not request.prefill_address)
             if request.prefill_address:
                 leg = await self._remote_prefill(rid, tokens, params, request)
                 head = pb.DecodeChunk(
@@ -248,7 +204,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                     chunk, head = head, None
                 yield chunk
         except asyncio.CancelledError:
-            if claim is not None and self._drop(rid, claim):  # never another call's request with the same id
+            if claim is not None and self.claims.drop(rid, claim):  # never another call's request with the same id
                 logger.info("[%s] cancelled (client cancel or deadline); freeing its blocks", rid)
                 self.deadlines.pop(rid, None)
                 self.receiver.cancel(rid)
@@ -256,39 +212,19 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 self.num_aborted += 1
             raise
         except Exception as e:  # noqa: BLE001 - mapped to a status
-            if claim is not None and self._drop(rid, claim):
+            if claim is not None and self.claims.drop(rid, claim):
                 await self._release(rid)
             await abort_with(context, e)
         finally:
             span.end()
             self.in_flight -= 1
             if claim is not None:
-                self._drop(rid, claim)
+                self.claims.drop(rid, claim)
 
     async def _remote_prefill(self, rid: str, tokens: list[int], params: SamplingParams, request: pb.DecodeRequest):
         """Decode-driven disaggregation: reserve blocks here, have the prefill worker fill them."""
         block_ids = await self._reserve(rid, tokens, params, request.priority)
-        stub = self._prefill_stub(request.prefill_address)
-        try:
-            return await stub.Prefill(
-                pb.PrefillRequest(
-                    request_id=rid, token_ids=tokens, sampling=request.sampling, priority=request.priority,
-                    num_prior_tokens=request.num_prior_tokens,
-                    target=pb.KVTarget(endpoint=self.kv_endpoint, block_ids=block_ids, transfer_id=rid,
-                                      worker_id=self.identity.worker_id),
-                ),
-                timeout=self.transfer_timeout_s * 4,
-                metadata=tracing.with_traceparent(
-                    self.identity.credential.metadata(PREFILL, rid) if self.identity.credential else None),
-            )
-        except grpc.aio.AioRpcError as e:
-            raise PrefillLegError(e.code(), f"prefill worker {request.prefill_address}: {e.details()}") from None
-
-    def _prefill_stub(self, address: str) -> pb_grpc.PrefillStub:
-        stub = self.prefill_stubs.get(address)
-        if stub is None:
-            stub = self.prefill_stubs[address] = pb_grpc.PrefillStub(channel(address, self.tls))
-        return stub
+        return await self.prefill.prefill(rid, request, block_ids)
 
     async def _wait_transfer(self, rid: str) -> float:
         t0 = time.monotonic()
