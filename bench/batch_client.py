@@ -77,10 +77,12 @@ class BatchClient:
                 raise TimeoutError(f"batch job {job_id} still running after {timeout_s:.0f}s")
             await asyncio.sleep(poll_s)
 
-    async def read_all(self, job_id: str, timeout_s: float = 300.0) -> tuple[list[pb.BatchResult], int]:
-        """Every result, each once, in index order, resuming after broken streams; -> (results, num_resumes)."""
+    async def read_all(self, job_id: str, timeout_s: float = 300.0, sink: list | None = None
+                       ) -> tuple[list[pb.BatchResult], int]:
+        """Every result, each once, in index order, resuming after broken streams; -> (results, num_resumes).
+        ``sink``: the list to append to (watch it grow while this runs)."""
         deadline = time.monotonic() + timeout_s
-        got: list[pb.BatchResult] = []
+        got: list[pb.BatchResult] = sink if sink is not None else []
         resumes = 0
         while True:
             start = got[-1].index + 1 if got else 0

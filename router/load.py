@@ -38,3 +38,4 @@ class WorkerLoad:
     integrity_error: str = ""
     num_live_blocks: int = 0
     max_num_seqs: int = 0  # 0: not reported (an older worker); no admission bound then
+    num_preemptions: int = 0  # engine preemptions since the worker started (engine.priority)

@@ -137,6 +137,7 @@ def load_to_proto(stats: LoadStats, fingerprint: LayoutFingerprint | None = None
         num_reserved=stats.num_reserved,
         step_s=stats.step_s,
         num_steps=stats.num_steps,
+        num_preemptions=stats.num_preemptions,
         prefix_hit_tokens=stats.prefix_hit_tokens,
         prompt_tokens=stats.prompt_tokens,
         host=socket.gethostname(),
