@@ -14,8 +14,8 @@ Request ids: the client's ``request_id`` is echoed in every response, but inside
 known by an id the router assigns (``cluster_id``: the client's id plus a random suffix), so two clients, or
 two requests of one client, that use the same id never meet on a worker.
 
-Parsing never stalls the event loop (``parse_async``): a prompt or chat larger than ``INLINE_CHARS`` (and
-``token_ids`` longer than ``INLINE_TOKEN_IDS``) is parsed on the router's small thread pool (router.offload).
+Parsing never stalls the event loop (``parse_async``): a request larger than ``INLINE_BYTES`` on the wire (a
+long prompt, chat or token list) is parsed on the router's small thread pool (router.offload).
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ MAX_PROMPT_CHARS = 4 * 1024 * 1024
 MAX_TOKEN_IDS = 1024 * 1024
 MAX_REQUEST_ID_LEN = 256
 MAX_NAME_LEN = 256  # tenant, session_id, model
-INLINE_CHARS = 4096  # prompts (and chats) up to this size are tokenized on the event loop (~1 ms at most)
-INLINE_TOKEN_IDS = 64 * 1024
-CHUNK_CHARS = 32 * 1024  # a long prompt is first counted in pieces of about this size (encode_bounded)
+INLINE_BYTES = 2048  # requests up to this size are parsed on the event loop (tokenizing takes ~1 ms at most)
+MIN_PIECE_CHARS, MAX_PIECE_CHARS = 4096, 64 * 1024  # a long prompt is counted in pieces (encode_bounded)
 SAMPLING_CACHE_SIZE = 1024  # distinct sampling settings kept validated (most traffic shares a handful)
 
 
@@ -82,16 +81,10 @@ class RequestParser:
         return self._request(msg, self.token_ids(msg))
 
     async def parse_async(self, msg: pb.GenerateRequest) -> ClientRequest:
-        self.check_sizes(msg)
-        token_ids = await self.offload.run(self.token_ids, msg) if self.is_heavy(msg) else self.token_ids(msg)
-        return self._request(msg, token_ids)
-
-    @staticmethod
-    def is_heavy(msg: pb.GenerateRequest) -> bool:
-        """Whether parsing ``msg`` could take more than about a millisecond."""
-        if len(msg.prompt) > INLINE_CHARS or len(msg.token_ids) > INLINE_TOKEN_IDS:
-            return True
-        return sum(len(m.content) for m in msg.messages) > INLINE_CHARS if msg.messages else False
+        """``parse``, on the thread pool when ``msg`` is large (its size is known without reading a field)."""
+        if msg.ByteSize() <= INLINE_BYTES:
+            return self.parse(msg)
+        return await self.offload.run(self.parse, msg)
 
     @staticmethod
     def check_sizes(msg: pb.GenerateRequest) -> None:
@@ -173,17 +166,19 @@ def encode_bounded(tokenizer, text: str, limit: int, add_special_tokens: bool = 
                    ) -> tuple[int, ...]:
     """``text``'s token ids, refused as soon as they are known to reach ``limit`` (0: no limit).
 
-    A text longer than two chunks is first counted piece by piece, cut at whitespace (a boundary no common
-    pre-tokenizer merges across), and refused once the count passes the limit by more than a margin for the
-    cuts: a 4 MB prompt costs one or two pieces' work, not seconds, and never builds a Python list of millions
-    of ids (whose allocation and release hold the GIL). The exact ids come from one encode of the whole text."""
-    if limit and len(text) > 2 * CHUNK_CHARS:
-        num_tokens, start = 0, 0
+    A text longer than two pieces (``2 * limit`` characters, within [MIN_PIECE_CHARS, MAX_PIECE_CHARS]) is first
+    counted piece by piece, cut at whitespace (a boundary no common pre-tokenizer merges across), and refused
+    once the count passes the limit by more than a margin for the cuts: a 4 MB prompt costs about the work of a
+    context's worth of text, not seconds, and never builds a Python list of millions of ids (whose allocation
+    and release hold the GIL). The exact ids come from one encode of the whole text."""
+    piece = min(MAX_PIECE_CHARS, max(MIN_PIECE_CHARS, 2 * limit))
+    if limit and len(text) > 2 * piece:
+        num_tokens, start, num_pieces = 0, 0, 0
         while start < len(text):
-            end = len(text) if len(text) - start <= CHUNK_CHARS else _cut(text, start + CHUNK_CHARS)
+            end = len(text) if len(text) - start <= piece else _cut(text, start + piece)
             num_tokens += len(tokenizer.encode(text[start:end], add_special_tokens=False))
-            start = end
-            if num_tokens >= limit + 8 * (start // CHUNK_CHARS + 1):
+            start, num_pieces = end, num_pieces + 1
+            if num_tokens >= limit + 8 * num_pieces:
                 raise InvalidRequestError(f"{field}: more than {limit - 1} tokens (the context limit) after "
                                           f"{start} of its {len(text)} characters")
     token_ids = tuple(tokenizer.encode(text, add_special_tokens=add_special_tokens))

@@ -172,7 +172,7 @@ def test_parse_async_runs_large_prompts_on_the_pool_and_bounds_its_queue():
     async def go():
         parser = RequestParser(CountingTok(), seed=0, offload=Offload(max_workers=1, max_waiting=1))
         small = await parser.parse_async(pb.GenerateRequest(prompt="hi"))
-        big = pb.GenerateRequest(prompt="x " * 10_000)
+        big = pb.GenerateRequest(prompt="x " * 10_000)  # 20 kB: parsed on the pool
         results = await asyncio.gather(*(parser.parse_async(big) for _ in range(3)), return_exceptions=True)
         return small, results, parser.offload.num_refused
 
