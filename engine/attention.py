@@ -93,15 +93,16 @@ def _mask(q_pos, k_pos, k_valid, sliding_window):
 
 
 def _attend(q, k, v, mask, scaling, softcap):
-    """q: [B, L, H, D]; k, v: [B, C, Hkv, D]; mask [B, L, C] -> [B, L, H, D].
+    """q: [B, L, H, D]; k, v: [B, C, Hkv, D]; mask [B, L, C], or None for plain causal (L == C, no softcap)
+    -> [B, L, H, D].
 
     GQA is handled by grouping query heads, never by copying K/V per head.
     """
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D], [B, Hkv, C, D]
     if not softcap:
         out = F.scaled_dot_product_attention(
-            qh, kh.to(qh.dtype), vh.to(qh.dtype), attn_mask=mask[:, None], scale=scaling,
-            enable_gqa=qh.shape[1] != kh.shape[1],
+            qh, kh.to(qh.dtype), vh.to(qh.dtype), attn_mask=None if mask is None else mask[:, None],
+            is_causal=mask is None, scale=scaling, enable_gqa=qh.shape[1] != kh.shape[1],
         )
         return out.transpose(1, 2)
     b, h, length, d = qh.shape
@@ -185,7 +186,10 @@ def torch_paged_attention(
         qs = q[s.query_start : s.query_start + s.query_len].unsqueeze(0)
         k, v = _gather(cache, s.block_table)
         k, v = k[: s.context_len].unsqueeze(0), v[: s.context_len].unsqueeze(0)
-        mask = _prefill_mask(meta, i, s, q.device, sliding_window)
+        if s.query_len == s.context_len and not softcap and (not sliding_window or sliding_window >= s.context_len):
+            mask = None  # the whole context is this chunk: plain causal, and SDPA skips the masked-out tiles
+        else:
+            mask = _prefill_mask(meta, i, s, q.device, sliding_window)
         o = _attend(qs, k, v, mask, scaling, softcap)
         out[s.query_start : s.query_start + s.query_len] = o[0].to(q.dtype)
     return out

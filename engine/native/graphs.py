@@ -1,9 +1,9 @@
 """CUDA graphs for the native decode step: one graph per batch-size bucket, captured at start-up.
 
-Each bucket owns one persistent int64 input buffer (ids, positions, context lengths, KV rows, block tables of
-the full max-model-len width) and a static logits output. A step copies its host buffer into the smallest
-bucket that fits (rows past the batch repeat row 0: they compute the same values and write the same KV slot)
-and replays. Capture needs the triton backend (its decode kernel walks only each sequence's real context; the
+Each bucket owns one ``DecodeBuffers`` (persistent inputs: ids, positions, context lengths, KV rows, block
+tables of the full max-model-len width; persistent work buffers) and a static logits output. A step fills the
+smallest bucket that fits (rows past the batch repeat row 0: they compute the same values and write the same KV
+slot), copies its host inputs to the device once and replays. Capture needs the triton backend (its decode kernel walks only each sequence's real context; the
 torch reference would gather the whole padded width). Any capture failure logs a warning and leaves the
 executor on the eager static path.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from pdserve.engine.native.decode import DecodeBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ class DecodeGraphs:
     def __init__(self, executor):
         self.executor = executor
         self.width = executor.max_blocks
-        self.buffers: dict[int, torch.Tensor] = {}
+        self.buffers: dict[int, DecodeBuffers] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
@@ -35,30 +37,28 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return max(self.graphs, default=0)
 
-    def _new_buffer(self, batch: int) -> torch.Tensor:
-        ex = self.executor
-        buf = torch.zeros(batch * (5 + self.width), dtype=torch.int64, device=ex.device)
-        _, _, ctx, _, _ = ex.split_decode(buf, batch, self.width)
-        ctx.fill_(1)  # a valid context for warm-up and capture (they write KV into block 0: nothing lives there yet)
-        return buf
+    def _new_buffers(self, batch: int) -> DecodeBuffers:
+        bufs = DecodeBuffers(self.executor, batch, self.width)
+        bufs.h_ctx[:] = 1  # a valid context for warm-up and capture (they write KV into block 0: nothing lives there yet)
+        bufs.upload()
+        return bufs
 
     def capture(self, sizes: list[int]) -> None:
         ex = self.executor
         pool = None
         for batch in sorted(sizes, reverse=True):  # largest first: the smaller ones reuse its memory pool
-            buf = self._new_buffer(batch)
-            args = ex.split_decode(buf, batch, self.width)
+            bufs = self._new_buffers(batch)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.inference_mode(), torch.cuda.stream(stream):
                 for _ in range(2):  # compiles the triton kernels, settles the allocator
-                    ex.decode_forward(*args)
+                    ex.decode_forward(bufs)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-                out = ex.decode_forward(*args)
+                out = ex.decode_forward(bufs)
             pool = graph.pool()
-            self.buffers[batch], self.outputs[batch], self.graphs[batch] = buf, out, graph
+            self.buffers[batch], self.outputs[batch], self.graphs[batch] = bufs, out, graph
         torch.cuda.synchronize()
 
     def run(self, items) -> torch.Tensor | None:
@@ -67,8 +67,9 @@ class DecodeGraphs:
         batch = next((b for b in sorted(self.graphs) if b >= n), None)
         if batch is None:
             return None
-        host = self.executor.decode_host(items, batch, self.width)
-        self.buffers[batch].copy_(torch.tensor(host, dtype=torch.int64, pin_memory=True), non_blocking=True)
+        bufs = self.buffers[batch]
+        bufs.fill(items)
+        bufs.upload()
         self.graphs[batch].replay()
         return self.outputs[batch][:n]
 

@@ -106,3 +106,25 @@ def rotate_half_matrix(head_dim: int, dtype, device) -> torch.Tensor:
     r[idx + half, idx] = -1.0
     r[idx, idx + half] = 1.0
     return r.to(device=device, dtype=dtype)
+
+
+def rope_matrix_table(cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the decode step's RoPE as one batched matmul: ``(rows, pattern)`` such that
+    ``take(rows, pattern + pos * rows_per_pos)`` is M_pos [D, D] with ``x @ M_pos == x*cos + rotate_half(x)*sin``.
+
+    rows: flat [max_len * (1 + 3D)], per position ``[0, cos, sin, -sin]``; pattern: int64 [D, D] indexing into one
+    position's row (M = diag(cos) + R diag(sin), R the rotate-half matrix). Every entry of M is a copied table
+    value or an exact zero.
+    """
+    max_len, _, _, dim = cos_sin.shape
+    cos, sin = cos_sin[:, 0, 0], cos_sin[:, 1, 0]
+    rows = torch.cat((torch.zeros_like(cos[:, :1]), cos, sin, -sin), dim=1).reshape(-1).contiguous()
+    half = dim // 2
+    k = torch.arange(dim)
+    pattern = torch.zeros(dim, dim, dtype=torch.int64)
+    pattern[k, k] = 1 + k
+    low = k[:half]  # column k < half: rotate_half gives -x[k + half]
+    pattern[low + half, low] = 1 + 2 * dim + low
+    high = k[half:]  # column k >= half: rotate_half gives x[k - half]
+    pattern[high - half, high] = 1 + dim + high
+    return rows, pattern.to(cos_sin.device)

@@ -1,5 +1,5 @@
-"""HF checkpoint tensors <-> native parameters: fused QKV and gate-up rows, transposed o/down projections,
-expanded q/k norms; safetensors reading (one file or sharded with ``model.safetensors.index.json``) and the
+"""HF checkpoint tensors <-> native parameters: fused QKV (columns V, Q, K) and gate-up (up, gate) projections,
+every projection matrix stored transposed ([in, out]), expanded q/k norms; safetensors reading (one file or sharded with ``model.safetensors.index.json``) and the
 random init of dummy presets."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _targets(model, name: str):
     if name == "model.norm.weight":
         return model.norm, None
     if name == "lm_head.weight":
-        return (model.lm_head, None) if model.lm_head is not None else None
+        return (model.lm_head_t, "t") if model.lm_head_t is not None else None
     m = _LAYER.match(name)
     if not m:
         return None
@@ -32,12 +32,12 @@ def _targets(model, name: str):
     if layer is None:
         return None
     rest = m.group(2)
-    q_rows, kv_rows = nh * d, nkv * d
-    spans = {"q_proj": (0, q_rows), "k_proj": (q_rows, kv_rows), "v_proj": (q_rows + kv_rows, kv_rows)}
+    q_cols, kv_cols = nh * d, nkv * d
+    spans = {"v_proj": (0, kv_cols), "q_proj": (kv_cols, q_cols), "k_proj": (kv_cols + q_cols, kv_cols)}
     i = spec.intermediate_size
     for proj, (start, n) in spans.items():
         if rest == f"self_attn.{proj}.weight":
-            return layer.qkv_weight, (start, n)
+            return layer.qkv_weight_t, ("cols", start, n)
         if rest == f"self_attn.{proj}.bias":
             return layer.qkv_bias, (start, n)
     table = {
@@ -45,8 +45,8 @@ def _targets(model, name: str):
         "post_attention_layernorm.weight": (layer.post_norm, None),
         "self_attn.o_proj.weight": (layer.o_weight_t, "t"),
         "self_attn.o_proj.bias": (layer.o_bias, None),
-        "mlp.up_proj.weight": (layer.gate_up_weight, (0, i)),
-        "mlp.gate_proj.weight": (layer.gate_up_weight, (i, i)),
+        "mlp.up_proj.weight": (layer.gate_up_weight_t, ("cols", 0, i)),
+        "mlp.gate_proj.weight": (layer.gate_up_weight_t, ("cols", i, i)),
         "mlp.up_proj.bias": (layer.gate_up_bias, (0, i)),
         "mlp.gate_proj.bias": (layer.gate_up_bias, (i, i)),
         "mlp.down_proj.weight": (layer.down_weight_t, "t"),
@@ -64,6 +64,8 @@ def _copy_into(param: torch.Tensor, how, tensor: torch.Tensor) -> None:
         dst, src = param, tensor.t()
     elif how[0] == "heads":
         dst, src = param[how[1] : how[1] + how[2]], tensor[None, :].expand(how[2], -1)
+    elif how[0] == "cols":
+        dst, src = param[:, how[1] : how[1] + how[2]], tensor.t()
     else:
         dst, src = param[how[0] : how[0] + how[1]], tensor
     if tuple(dst.shape) != tuple(src.shape):
@@ -75,7 +77,7 @@ def expected_names(model) -> list[str]:
     """Every HF tensor name a complete checkpoint of this model holds."""
     spec = model.spec
     names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if model.lm_head is not None:
+    if model.lm_head_t is not None:
         names.append("lm_head.weight")
     per = ["input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
            "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
@@ -119,9 +121,11 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
             out[name] = param.detach().t().contiguous()
         elif how[0] == "heads":
             out[name] = param.detach()[how[1]].clone()
+        elif how[0] == "cols":
+            out[name] = param.detach()[:, how[1] : how[1] + how[2]].t().contiguous()
         else:
             out[name] = param.detach()[how[0] : how[0] + how[1]]
-    if model.lm_head is None:
+    if model.lm_head_t is None:
         out["lm_head.weight"] = model.embed.detach()
     return out
 
@@ -155,12 +159,21 @@ def load_checkpoint(model, path: str | Path) -> None:
 @torch.no_grad()
 def init_random(model, seed: int) -> None:
     """Dummy weights: normal(0, initializer_range) matrices and embeddings (pad row zero), unit norms, zero
-    biases, drawn from a generator seeded once (deterministic for a given torch version and device)."""
+    biases, drawn from a generator seeded once (deterministic for a given torch version and device). Fused QKV
+    and gate-up and the LM head draw in their HF-era layout (fused rows Q, K, V and up, gate) and are stored
+    transposed, so a seed gives the same model as before their layout changed."""
     spec = model.spec
     gen = torch.Generator(device=model.device)
     gen.manual_seed(seed)
+    q_cols, kv_cols = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     for name, p in model.named_parameters():
-        if p.dim() >= 2 and not name.endswith("qk_norm"):
+        if name.endswith(("qkv_weight_t", "gate_up_weight_t", "lm_head_t")):
+            rows = torch.empty(p.shape[1], p.shape[0], dtype=p.dtype, device=p.device)
+            rows.normal_(0.0, spec.initializer_range, generator=gen)
+            if name.endswith("qkv_weight_t"):  # rows Q, K, V -> columns V, Q, K
+                rows = torch.cat((rows[q_cols + kv_cols :], rows[: q_cols + kv_cols]))
+            p.copy_(rows.t())
+        elif p.dim() >= 2 and not name.endswith("qk_norm"):
             p.normal_(0.0, spec.initializer_range, generator=gen)
         elif "norm" in name:
             p.fill_(1.0)

@@ -3,6 +3,8 @@ and the torch attention backend (fast paths included) against a dense reference 
 
 On a GPU each ``torch.tensor(list)`` is a blocking copy and each ``.item()``/``.tolist()``/``bool(tensor)``
 drains the stream; the counts below are what a CUDA step would pay, measured on CPU through torch's dispatcher.
+The native static decode step keeps its inputs in persistent host buffers filled in place: on CPU the step reads
+those very tensors (no tensor built from host data at all), on CUDA it copies them once.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def test_a_step_copies_to_the_device_once_and_reads_back_once(tiny_llm, count_to
     try:
         while eng.has_unfinished():
             outs, host_copies, host_reads = counted_step(eng, count_tolist)
-            assert host_copies == 1, f"step {steps}: {host_copies} tensors built from host data"
+            assert host_copies <= 1, f"step {steps}: {host_copies} tensors built from host data"
             assert host_reads == (1 if outs else 0), f"step {steps}: {host_reads} device->host reads"
             steps += 1
     finally:
@@ -98,7 +100,7 @@ def test_mixed_steps_with_interleaved_decode_rows_copy_once(tiny_llm, count_toli
             if mid is not None and mid.in_prefill and running[:1] == ["hi"] and "lo" in running:
                 seen_interleaved = True
             _, host_copies, host_reads = counted_step(eng, count_tolist)
-            assert host_copies == 1 and host_reads <= 1
+            assert host_copies <= 1 and host_reads <= 1
         assert seen_interleaved
     finally:
         eng.scheduler.max_num_batched_tokens = eng.config.max_num_batched_tokens

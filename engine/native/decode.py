@@ -1,0 +1,180 @@
+"""Persistent buffers of the native static decode step, one set per (batch rows, block-table width).
+
+Everything a decode step reads or writes besides the weights and the KV cache lives here and is allocated once:
+- the host inputs (ids, positions, context lengths, K/V rows, block tables and, for the lean torch attention,
+  the K/V block rows to gather and the attention masks) in one byte buffer filled with numpy: on CPU the step's
+  tensors are views of that very buffer (no copy, no dispatched op), elsewhere one copy a step;
+- the work buffers every layer writes with ``out=`` (QKV and RoPE, gate-up, gathered context, RoPE matrices),
+  with their views made once, so a layer dispatches no view or slice op of its own.
+
+The QKV buffer ``z`` of one row is ``[Q' K' | V Q K]``: the fused projection writes ``[V Q K]`` (its weight's
+column order), the RoPE matmul reads ``[Q K]`` and writes ``[Q' K']`` in front of V, so the new token's K' and V
+sit side by side and reach the cache in one ``index_put_``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from pdserve.engine.attention import AttentionMetadata
+
+MAX_CACHED = 2  # shapes kept by an executor: decode batches change shape slowly
+
+
+class WorkBuffers:
+    """The buffers every layer writes ``out=`` for ``batch`` rows (one allocation, views made once)."""
+
+    def __init__(self, spec, batch: int, dtype, device):
+        r, d, i = batch, spec.head_dim, spec.intermediate_size
+        nh, nkv = spec.num_heads, spec.num_kv_heads
+        a, k = nh * d, nkv * d
+        zw, g = 2 * a + 3 * k, nh // nkv
+        n_z, n_rope, n_ug = r * zw, r * d * d, r * 2 * i
+        buf = torch.empty(n_z + n_rope + n_ug + r * i, dtype=dtype, device=device)
+        self.qkv = buf.as_strided((r, a + 2 * k), (zw, 1), a + k)  # projection out: [V Q K]
+        self.qk = buf.as_strided((r, nh + nkv, d), (zw, d, 1), a + 2 * k)  # RoPE in: Q and K heads
+        self.qk_rot = buf.as_strided((r, nh + nkv, d), (zw, d, 1), 0)  # RoPE out: Q' and K' heads
+        self.kv_new = buf.as_strided((r, 2, nkv, d), (zw, k, d, 1), a)  # K' then V: the cache rows kv_rows
+        self.q_heads = buf.as_strided((r, nh, d), (zw, d, 1), 0)
+        self.q_groups = buf.as_strided((r, nkv, g, d), (zw, g * d, d, 1), 0)  # the query heads of each KV head
+        self.rope = buf.as_strided((r, d, d), (d * d, d, 1), n_z)  # one rotation matrix per row
+        self.up_gate = buf.as_strided((r, 2 * i), (2 * i, 1), n_z + n_rope)
+        self.gate = buf.as_strided((r, i), (2 * i, 1), n_z + n_rope + i)
+        self.act = buf.as_strided((r, i), (i, 1), n_z + n_rope + n_ug)
+        self.rope_idx = torch.empty(r, d, d, dtype=torch.int64, device=device)
+
+
+class DecodeBuffers:
+    def __init__(self, executor, batch: int, width: int, work: WorkBuffers | None = None):
+        ex, spec, model = executor, executor.model.spec, executor.model
+        r, w, bs = batch, width, executor.block_size
+        nkv, d = spec.num_kv_heads, spec.head_dim
+        dev = model.device
+        self.batch, self.width, self.block_size, self.device = r, w, bs, dev
+        self.lean, self.windows = ex.lean, ex.windows
+        self.row_views, self.block_views = ex.row_views, ex.block_views
+        self.work = work = work or WorkBuffers(spec, r, model.dtype, dev)
+        self.qkv, self.qk, self.qk_rot, self.kv_new = work.qkv, work.qk, work.qk_rot, work.kv_new
+        self.q_heads, self.q_groups, self.rope, self.rope_idx = work.q_heads, work.q_groups, work.rope, work.rope_idx
+        self.up_gate, self.gate, self.act = work.up_gate, work.gate, work.act
+        # ---- inputs, int64: ids [r], pos [r], ctx [r], kv rows [r, 2], tables [r, w] and (lean) the K/V block
+        # rows to gather [2, r, w], then (lean) one bool mask [r, 1, 1, w * bs] per sliding window: one copy off CPU
+        c = w * bs
+        n_int = 5 * r + r * w + (2 * r * w if self.lean else 0)
+        n_mask = len(self.windows) * r * c if self.lean else 0
+        n_words = n_int + -(-n_mask // 8)
+        if dev.type == "cpu":  # the step reads these very tensors: filled in place, no copy and no op
+            flat = torch.empty(n_words, dtype=torch.int64)
+            host = flat.numpy()
+        else:
+            flat = torch.empty(n_words, dtype=torch.int64, device=dev)
+            host = np.zeros(n_words, dtype=np.int64)
+        self.flat, self.host = flat, host
+        self.h_ids, self.h_pos, self.h_ctx = host[:r], host[r : 2 * r], host[2 * r : 3 * r]
+        self.h_kv = host[3 * r : 5 * r].reshape(r, 2)
+        self.h_tables = host[5 * r : 5 * r + r * w].reshape(r, w)
+        self.h_blocks = host[5 * r + r * w : n_int].reshape(2, r, w) if self.lean else None
+        self.h_masks = host[n_int:].view(bool)[:n_mask].reshape(-1, r, c)
+        self.key_pos = np.arange(c)
+        self.ids = flat.as_strided((r,), (1,), 0)
+        self.pos3 = flat.as_strided((r, 1, 1), (1, 1, 1), r)
+        self.ctx = flat.as_strided((r,), (1,), 2 * r)
+        self.kv_rows = flat.as_strided((r, 2), (2, 1), 3 * r)
+        self.tables = flat.as_strided((r, w), (w, 1), 5 * r)
+        self.masks = {}
+        if self.lean:
+            self.block_rows = flat.as_strided((2 * r * w,), (1,), 5 * r + r * w)
+            as_bool = flat.view(torch.bool)
+            for j, win in enumerate(self.windows):
+                self.masks[win] = as_bool.as_strided((r, 1, 1, c), (c, c, c, 1), 8 * n_int + j * r * c)
+            # gathered K and V blocks: [2, r, w, bs, Hkv, D], seen by SDPA as [r, Hkv, w * bs, D]
+            k = nkv * d
+            self.gathered = torch.empty(2 * r * w, bs * k, dtype=model.dtype, device=dev)
+            shape, strides = (r, nkv, c, d), (c * k, d, k, 1)
+            self.k_ctx = self.gathered.as_strided(shape, strides, 0)
+            self.v_ctx = self.gathered.as_strided(shape, strides, r * c * k)
+        self.meta = AttentionMetadata(
+            kv_caches=ex.kv_layers,
+            block_size=bs,
+            slot_blocks=ex.empty,  # unused: native layers write K/V at kv_rows
+            slot_offsets=ex.empty,
+            seqs=[],
+            decode_indices=list(range(r)),
+            prefill_indices=[],
+            decode_block_tables=self.tables,
+            decode_context_lens=self.ctx,
+            backend=ex.backend,
+            decode_rows=slice(0, r),
+        )
+
+    def fill(self, items) -> None:
+        """Write one step's inputs on the host. Rows past ``len(items)`` repeat row 0 (a padded graph bucket:
+        the same inputs, the same KV written to the same slot)."""
+        bs, w = self.block_size, self.width
+        ids, pos, kv, tables = [], [], [], []
+        for it in items:
+            p = it.start_pos
+            ids.append(it.token_ids[0])
+            pos.append(p)
+            row = it.block_ids[p // bs] * 2 * bs + p % bs
+            kv += (row, row + bs)
+            table = it.block_ids[: p // bs + 1]
+            tables += table
+            tables += [0] * (w - len(table))
+        pad = self.batch - len(items)
+        if pad:
+            ids += ids[:1] * pad
+            pos += pos[:1] * pad
+            kv += kv[:2] * pad
+            tables += tables[:w] * pad
+        self.h_ids[:] = ids
+        self.h_pos[:] = pos
+        np.add(self.h_pos, 1, out=self.h_ctx)
+        self.h_kv.reshape(-1)[:] = kv
+        self.h_tables.reshape(-1)[:] = tables
+        if self.lean:
+            np.multiply(self.h_tables, 2, out=self.h_blocks[0])  # K of block b is row 2b of the block view
+            np.add(self.h_blocks[0], 1, out=self.h_blocks[1])
+            ctx = self.h_ctx[:, None]
+            for i, win in enumerate(self.windows):
+                mask = self.h_masks[i]
+                np.less(self.key_pos, ctx, out=mask)  # decode: causal and in-context are one test
+                if win:
+                    mask &= self.key_pos >= ctx - win
+        self.meta.derived.clear()
+
+    def upload(self) -> None:
+        """Off CPU: one copy of the host inputs into the device buffers (on CPU the step reads them in place)."""
+        if self.device.type != "cpu":
+            self.flat.copy_(torch.from_numpy(self.host).pin_memory(), non_blocking=True)
+
+
+class BufferCache:
+    """The executor's DecodeBuffers by (batch, width) and their WorkBuffers by batch (a new width reuses the
+    batch's work buffers), least recently used dropped past ``MAX_CACHED``."""
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.entries: OrderedDict[tuple[int, int], DecodeBuffers] = OrderedDict()
+        self.work: OrderedDict[int, WorkBuffers] = OrderedDict()
+
+    def get(self, batch: int, width: int) -> DecodeBuffers:
+        key = (batch, width)
+        bufs = self.entries.get(key)
+        if bufs is None:
+            work = self.work.get(batch)
+            bufs = self.entries[key] = DecodeBuffers(self.executor, batch, width, work)
+            self.work[batch] = bufs.work
+            _trim(self.entries)
+        self.entries.move_to_end(key)
+        self.work.move_to_end(batch)
+        _trim(self.work)
+        return bufs
+
+
+def _trim(entries: OrderedDict) -> None:
+    while len(entries) > MAX_CACHED:
+        entries.popitem(last=False)
