@@ -2,8 +2,8 @@
 
 A local cluster (tiny model, one decode worker with ``--max-num-seqs`` small) gets ``--num-low`` closed-loop
 clients of low-priority (0) streams, enough to fill the decode worker's batch and its waiting queue. Every client
-retries a refusal (RESOURCE_EXHAUSTED, the router's admission bound) after 20 ms, and its TTFT counts from its
-first attempt, as the client sees it. Once the low streams run, two open-loop series of short requests
+retries a refusal (RESOURCE_EXHAUSTED, the router's admission bound) after ``--retry-s`` (100 ms; the router's
+hint is 500 ms), and its TTFT counts from its first attempt, as the client sees it. Once the low streams run, two open-loop series of short requests
 arrive at fixed gaps, interleaved: ``high`` (priority 5) and, as the baseline in the same run, ``same-class``
 (the same requests at priority 0). Reported: TTFT p50 / p90 of each series and of the low streams that started
 during the measurement, the ratios to the low streams' p50, the decode worker's preemptions, and whether every
@@ -35,28 +35,31 @@ def prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(*VOCAB) for _ in range(n)]
 
 
-async def one(stub, token_ids: list[int], max_tokens: int, priority: int, timeout: float, retry: bool = False
+async def one(stub, token_ids: list[int], max_tokens: int, priority: int, timeout: float, retry_s: float = 0.0
               ) -> dict:
-    """One request; with ``retry``, a refusal (RESOURCE_EXHAUSTED) is retried after 20 ms and the TTFT counts
-    from the first attempt, as the client sees it."""
+    """One request; with ``retry_s``, a refusal (RESOURCE_EXHAUSTED) is retried after that long and the TTFT
+    counts from the first attempt, as the client sees it."""
     req = pb.GenerateRequest(token_ids=token_ids, priority=priority,
                              sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
     t0 = time.perf_counter()
     refusals = 0
     while True:
-        ttft, tokens = None, []
+        ttft, tokens, timings = None, [], None
         try:
             async for resp in stub.Generate(req, timeout=timeout):
                 if ttft is None and resp.token_ids:
                     ttft = time.perf_counter() - t0
                 tokens.extend(resp.token_ids)
+                if resp.finish_reason:
+                    timings = resp.timings
             return {"prompt": token_ids, "tokens": tokens, "ttft": ttft, "t0": t0, "max_tokens": max_tokens,
-                    "refusals": refusals}
+                    "refusals": refusals, "queue_s": timings.queue_s, "prefill_s": timings.prefill_s,
+                    "transfer_s": timings.transfer_s}
         except grpc.aio.AioRpcError as e:
-            if not retry or e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if not retry_s or e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
             refusals += 1
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(retry_s)
 
 
 async def drive(address: str, a) -> dict:
@@ -69,7 +72,7 @@ async def drive(address: str, a) -> dict:
         async def low_client(i: int) -> None:
             crng = random.Random(a.seed * 1000 + i)
             while not stop.is_set():
-                done["low"].append(await one(stub, prompt(crng, a.low_prompt_len), a.low_tokens, 0, 300, retry=True))
+                done["low"].append(await one(stub, prompt(crng, a.low_prompt_len), a.low_tokens, 0, 300, a.retry_s))
 
         lows = [asyncio.ensure_future(low_client(i)) for i in range(a.num_low)]
         await asyncio.sleep(a.warmup_s)
@@ -78,7 +81,7 @@ async def drive(address: str, a) -> dict:
         for _ in range(a.num_high):
             p = prompt(rng, a.high_prompt_len)
             for series, prio in (("high", 5), ("same-class", 0)):
-                task = asyncio.ensure_future(one(stub, p, a.high_tokens, prio, 300, retry=True))
+                task = asyncio.ensure_future(one(stub, p, a.high_tokens, prio, 300, a.retry_s))
                 task.add_done_callback(lambda t, s=series: done[s].append(t.result()) if not t.exception() else None)
                 probes.append(task)
                 await asyncio.sleep(a.gap_s)
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--high-tokens", type=int, default=8)
     ap.add_argument("--gap-s", type=float, default=0.25, help="between probe arrivals")
     ap.add_argument("--warmup-s", type=float, default=3.0)
+    ap.add_argument("--retry-s", type=float, default=0.1, help="a refused request is retried after this long")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write results here")
     a = ap.parse_args()
@@ -137,7 +141,11 @@ def main() -> None:
         p50 = statistics.median(ttfts)
         out[name] = {"n": len(rows), "ttft_p50_ms": p50 * 1e3, "ttft_p90_ms": pct(ttfts, 0.9) * 1e3,
                      "ratio_to_low_p50": p50 / low_p50}
-        print(f"{name:<11} {len(rows):>4} {p50 * 1e3:12.1f} {pct(ttfts, 0.9) * 1e3:9.1f} {p50 / low_p50:14.3f}")
+        parts = {k: statistics.median(r[k] for r in rows) * 1e3 for k in ("queue_s", "prefill_s", "transfer_s")}
+        out[name]["router_timings_p50_ms"] = parts
+        print(f"{name:<11} {len(rows):>4} {p50 * 1e3:12.1f} {pct(ttfts, 0.9) * 1e3:9.1f} {p50 / low_p50:14.3f}"
+              f"   (last attempt p50: queue {parts['queue_s']:.1f}, prefill {parts['prefill_s']:.1f}, "
+              f"transfer {parts['transfer_s']:.1f} ms)")
     print(f"decode preemptions {res['preemptions']}; exact tokens {exact}/{len(every)} requests "
           f"(low {len(done['low'])}, of them {len(lows)} started in the window); admission refusals (retried) "
           f"{res['refused']}")
