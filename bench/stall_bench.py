@@ -3,11 +3,11 @@
     python -m pdserve.bench.stall_bench                       # starts a local cluster (1 prefill, 1 decode, tiny)
     python -m pdserve.bench.stall_bench --router HOST:PORT    # an existing cluster (--api-key if it needs one)
 
-Two phases of ``--duration`` seconds each, over the public API only. Both run ``--concurrency`` closed-loop
-clients sending small requests (a short prompt, ``--max-tokens`` tokens); the second phase adds ``--big-senders``
-clients that each send a ``--big-mb`` MB prompt every ``--big-interval`` seconds (0: back to back, a flood of
-~200 MB/s on a small box) for the whole phase. Prints each phase's small-request p50/p99 and the ratio of the
-p99s (issue 15's goal: at most 1.5), and what the big prompts got back. Before the router tokenized off its
+Two phases of ``--duration`` seconds each, ``--rounds`` times interleaved, over the public API only. Both run
+``--concurrency`` closed-loop clients sending small requests (a short prompt, ``--max-tokens`` tokens); the
+second phase adds ``--big-senders`` clients, in a process of their own, that each send a ``--big-mb`` MB prompt
+every ``--big-interval`` seconds (0: back to back, a flood of ~200 MB/s on a small box). Prints each phase's
+small-request p50/p99 and the ratio of the p99s (issue 15's goal: at most 1.5), and what the big prompts got. Before the router tokenized off its
 event loop, one 4 MB prompt stalled every other request for ~5 s.
 """
 
@@ -52,8 +52,8 @@ async def _big_client(stub, metadata, prompt: str, until: float, codes: list[str
     next_t = time.monotonic()
     while next_t < until:
         await asyncio.sleep(max(0.0, next_t - time.monotonic()))
-        next_t += interval_s
         t0 = time.monotonic()
+        next_t = max(next_t + interval_s, t0)
         try:
             await stub.Complete(req, timeout=120, metadata=metadata)
             codes.append("OK")
@@ -113,19 +113,33 @@ async def phase(address: str, api_key: str, a: argparse.Namespace, big_senders: 
         if proc is not None:
             codes, big_s = await asyncio.to_thread(results.get, True, 300)
             proc.join(30)
+    return {"big_senders": big_senders, "lat": lat, "errors": errors, "codes": codes, "big_s": big_s, "wall_s": wall}
+
+
+def summarize(phases: list[dict]) -> dict:
+    lat = [x for p in phases for x in p["lat"]]
+    codes = [c for p in phases for c in p["codes"]]
+    big_s = [x for p in phases for x in p["big_s"]]
     return {
-        "big_senders": big_senders, "num_small": len(lat), "small_errors": errors, "wall_s": wall,
+        "big_senders": phases[0]["big_senders"], "num_small": len(lat),
+        "small_errors": [e for p in phases for e in p["errors"]], "wall_s": sum(p["wall_s"] for p in phases),
         "p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3, "max_ms": max(lat, default=0) * 1e3,
         "mean_ms": statistics.fmean(lat) * 1e3 if lat else float("nan"),
         "big_prompts": len(codes), "big_codes": sorted(set(codes)),
         "big_p50_ms": percentile(big_s, 50) * 1e3 if big_s else float("nan"),
+        "p99_ms_by_round": [percentile(p["lat"], 99) * 1e3 for p in phases],
     }
 
 
 def run(address: str, a: argparse.Namespace) -> dict:
-    alone = asyncio.run(phase(address, a.api_key, a, 0))
-    flood = asyncio.run(phase(address, a.api_key, a, a.big_senders))
-    return {"alone": alone, "with_big_prompts": flood, "p99_ratio": flood["p99_ms"] / alone["p99_ms"]}
+    """``--rounds`` rounds of (alone, with big prompts), interleaved so that a change in the box's background load
+    falls on both phases alike."""
+    alone, flood = [], []
+    for _ in range(a.rounds):
+        alone.append(asyncio.run(phase(address, a.api_key, a, 0)))
+        flood.append(asyncio.run(phase(address, a.api_key, a, a.big_senders)))
+    alone_s, flood_s = summarize(alone), summarize(flood)
+    return {"alone": alone_s, "with_big_prompts": flood_s, "p99_ratio": flood_s["p99_ms"] / alone_s["p99_ms"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default="", help="API key for a router that needs one")
     p.add_argument("--model", default="tiny", help="local cluster's model")
     p.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of (alone, with big prompts), interleaved")
     p.add_argument("--concurrency", type=int, default=4, help="small-request clients")
     p.add_argument("--max-tokens", type=int, default=4, help="tokens per small request")
     p.add_argument("--big-senders", type=int, default=4, help="clients sending big prompts back to back")

@@ -14,8 +14,9 @@ Request ids: the client's ``request_id`` is echoed in every response, but inside
 known by an id the router assigns (``cluster_id``: the client's id plus a random suffix), so two clients, or
 two requests of one client, that use the same id never meet on a worker.
 
-Parsing never stalls the event loop (``parse_async``): a request larger than ``INLINE_BYTES`` on the wire (a
-long prompt, chat or token list) is parsed on the router's small thread pool (router.offload).
+Parsing never stalls the event loop (``parse_async``): a request with more than ``INLINE_CHARS`` of prompt or
+chat (or ``INLINE_CHARS / 4`` token ids) is parsed on a thread (router.offload), one with more than
+``LARGE_CHARS`` in the bounded lane for huge requests.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ MAX_PROMPT_CHARS = 4 * 1024 * 1024
 MAX_TOKEN_IDS = 1024 * 1024
 MAX_REQUEST_ID_LEN = 256
 MAX_NAME_LEN = 256  # tenant, session_id, model
-INLINE_BYTES = 2048  # requests up to this size are parsed on the event loop (tokenizing takes ~1 ms at most)
+INLINE_CHARS = 2048  # requests up to this size are parsed on the event loop (tokenizing takes ~1 ms at most)
+LARGE_CHARS = 256 * 1024  # larger ones are "huge": parsed in router.offload's bounded lane
 MIN_PIECE_CHARS, MAX_PIECE_CHARS = 4096, 64 * 1024  # a long prompt is counted in pieces (encode_bounded)
 SAMPLING_CACHE_SIZE = 1024  # distinct sampling settings kept validated (most traffic shares a handful)
 
@@ -81,10 +83,19 @@ class RequestParser:
         return self._request(msg, self.token_ids(msg))
 
     async def parse_async(self, msg: pb.GenerateRequest) -> ClientRequest:
-        """``parse``, on the thread pool when ``msg`` is large (its size is known without reading a field)."""
-        if msg.ByteSize() <= INLINE_BYTES:
+        """``parse``, on a thread when ``msg`` is large (``size_hint``: ~1 ms for a 4 MB prompt, unlike ByteSize)."""
+        size = self.size_hint(msg)
+        if size <= INLINE_CHARS:
             return self.parse(msg)
-        return await self.offload.run(self.parse, msg)
+        return await self.offload.run(self.parse, msg, large=size > LARGE_CHARS)
+
+    @staticmethod
+    def size_hint(msg: pb.GenerateRequest) -> int:
+        """About how many characters parsing ``msg`` has to read: prompt, chat contents, 4 per token id."""
+        size = len(msg.prompt) + 4 * len(msg.token_ids)
+        if msg.messages:
+            size += LARGE_CHARS + 1 if len(msg.messages) > 64 else sum(len(m.content) for m in msg.messages)
+        return size
 
     @staticmethod
     def check_sizes(msg: pb.GenerateRequest) -> None:

@@ -168,18 +168,20 @@ def test_a_long_prompt_is_refused_after_a_piece_not_tokenized_whole():
         encode_bounded(tok, "ab cd", 5)
 
 
-def test_parse_async_runs_large_prompts_on_the_pool_and_bounds_its_queue():
+def test_parse_async_runs_large_prompts_on_threads_and_bounds_only_the_huge_lane():
     async def go():
         parser = RequestParser(CountingTok(), seed=0, offload=Offload(max_workers=1, max_waiting=1))
         small = await parser.parse_async(pb.GenerateRequest(prompt="hi"))
-        big = pb.GenerateRequest(prompt="x " * 10_000)  # 20 kB: parsed on the pool
-        results = await asyncio.gather(*(parser.parse_async(big) for _ in range(3)), return_exceptions=True)
-        return small, results, parser.offload.num_refused
+        long = pb.GenerateRequest(prompt="x " * 10_000)  # 20 kB: on a thread, never refused
+        huge = pb.GenerateRequest(prompt="x " * 200_000)  # 400 kB: the bounded lane
+        longs = await asyncio.gather(*(parser.parse_async(long) for _ in range(5)))
+        huges = await asyncio.gather(*(parser.parse_async(huge) for _ in range(3)), return_exceptions=True)
+        return small, longs, huges, parser.offload.num_refused
 
-    small, results, num_refused = run(go(), timeout=30)
-    assert small.token_ids == (104, 105)
-    assert sum(isinstance(r, AdmissionError) for r in results) == 1 and num_refused == 1
-    assert all(len(r.token_ids) == 20_000 for r in results if not isinstance(r, Exception))
+    small, longs, huges, num_refused = run(go(), timeout=60)
+    assert small.token_ids == (104, 105) and all(len(r.token_ids) == 20_000 for r in longs)
+    assert sum(isinstance(r, AdmissionError) for r in huges) == 1 and num_refused == 1
+    assert all(len(r.token_ids) == 400_000 for r in huges if not isinstance(r, Exception))
 
 
 # ---- admission on fresh load -----------------------------------------------------------------------------
