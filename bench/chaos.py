@@ -24,8 +24,7 @@ import grpc
 from pdserve.deploy.local import LocalCluster
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
-from pdserve.serving.cluster_auth import ClusterCredential
-from pdserve.serving.rpc import channel
+from pdserve.serving.rpc import worker_channel
 
 MAX_TOKENS = 24
 
@@ -104,10 +103,8 @@ async def drive(addresses: list[str], prompts, timeout: float, on_started) -> li
 def leak_check(cluster: LocalCluster, settle_s: float = 5.0) -> tuple[int, list[str]]:
     """(blocks still held by live requests, integrity errors) over every surviving worker, after letting
     in-flight cleanup settle for up to ``settle_s`` per worker."""
-    credential = ClusterCredential(cluster.secret, "chaos")
-
     async def load(addr, role):
-        async with channel(addr, credential=credential) as ch:
+        async with worker_channel(addr, cluster.secret, "chaos") as ch:
             stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
             return await stub.GetLoad(pb.LoadRequest(check_integrity=True), timeout=5)
 

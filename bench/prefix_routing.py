@@ -49,8 +49,7 @@ from pdserve.bench.prefix_workload import (
 )
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
-from pdserve.serving.cluster_auth import ClusterCredential
-from pdserve.serving.rpc import channel
+from pdserve.serving.rpc import worker_channel
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +114,9 @@ async def drive(address: str, wl: Workload, concurrency: int, timeout_s: float =
         return list(await asyncio.gather(*tasks))
 
 
-def _credential(secret: str | None) -> ClusterCredential | None:
-    """What calls to the workers carry: a token of the cluster's secret (LocalCluster.secret)."""
-    return ClusterCredential(secret, "prefix-routing-bench") if secret else None
-
-
 async def _count_events(address: str, role: str, counts: dict, secret: str | None = None) -> None:
     """Count the stored / evicted block hashes a worker reports (the same stream the router indexes)."""
-    async with channel(address, credential=_credential(secret)) as ch:
+    async with worker_channel(address, secret, "prefix-routing-bench") as ch:
         stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
         try:
             async for batch in stub.KVEvents(pb.KVEventsRequest()):
@@ -135,7 +129,7 @@ async def _count_events(address: str, role: str, counts: dict, secret: str | Non
 async def _loads(workers: list[tuple[str, str]], secret: str | None = None) -> dict[str, pb.WorkerLoad]:
     out = {}
     for address, role in workers:
-        async with channel(address, credential=_credential(secret)) as ch:
+        async with worker_channel(address, secret, "prefix-routing-bench") as ch:
             stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
             out[address] = await stub.GetLoad(pb.LoadRequest(), timeout=10)
     return out

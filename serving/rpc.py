@@ -143,6 +143,13 @@ def channel(address: str, tls: TlsConfig | None = None, credential: ClusterCrede
     return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
 
 
+def worker_channel(address: str, secret: str | None, principal: str = "tool", tls: TlsConfig | None = None
+                   ) -> grpc.aio.Channel:
+    """A channel to a worker whose every call carries a cluster token of ``secret`` as ``principal`` (tools,
+    benchmarks and tests that read workers directly; no secret: a plain channel, for a cluster without one)."""
+    return channel(address, tls, ClusterCredential(secret, principal) if secret else None)
+
+
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 

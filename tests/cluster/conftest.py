@@ -16,15 +16,14 @@ from pdserve.deploy.local import LocalCluster
 from pdserve.engine import env
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
-from pdserve.serving.cluster_auth import ClusterCredential
-from pdserve.serving.rpc import channel
+from pdserve.serving.rpc import worker_channel as _worker_channel
 
 os.environ.setdefault(env.CLUSTER_SECRET, f"pdserve-tests-{secrets.token_hex(16)}")
 
 
 def worker_channel(address: str) -> grpc.aio.Channel:
     """A channel to a worker whose every call carries a token of the tests' cluster secret."""
-    return channel(address, credential=ClusterCredential(env.cluster_secret(), "tests"))
+    return _worker_channel(address, env.cluster_secret(), "tests")
 
 
 def generate(address: str, req: pb.GenerateRequest, timeout: float = 60.0) -> list[pb.GenerateResponse]:
