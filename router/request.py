@@ -77,34 +77,32 @@ class RequestParser:
         self._rid_rng = random.Random(seed)  # seeded from os.urandom; no syscall per request id
         self._sampling: dict[bytes, SamplingParams] = {}  # serialized SamplingParams -> validated
 
-    def parse(self, msg: pb.GenerateRequest) -> ClientRequest:
-        """Parse on the calling thread (small requests, tests); ``parse_async`` moves heavy work off the loop."""
-        self.check_sizes(msg)
-        return self._request(msg, self.token_ids(msg))
+    def parse(self, msg: pb.GenerateRequest, prompt: str | None = None) -> ClientRequest:
+        """Parse on the calling thread (small requests, tests); ``parse_async`` moves heavy work off the loop.
+        ``prompt``: ``msg.prompt`` if the caller has it (each read of a proto string field makes a new copy)."""
+        prompt = msg.prompt if prompt is None else prompt
+        self.check_sizes(msg, prompt)
+        return self._request(msg, self.token_ids(msg, prompt))
 
     async def parse_async(self, msg: pb.GenerateRequest) -> ClientRequest:
-        """``parse``, on a thread when ``msg`` is large (``size_hint``: ~1 ms for a 4 MB prompt, unlike ByteSize)."""
-        size = self.size_hint(msg)
-        if size <= INLINE_CHARS:
-            return self.parse(msg)
-        return await self.offload.run(self.parse, msg, large=size > LARGE_CHARS)
-
-    @staticmethod
-    def size_hint(msg: pb.GenerateRequest) -> int:
-        """About how many characters parsing ``msg`` has to read: prompt, chat contents, 4 per token id."""
-        size = len(msg.prompt) + 4 * len(msg.token_ids)
+        """``parse``, on a thread when ``msg`` is large (its size from field lengths: the prompt is read once, ~1 ms
+        for 4 MB; ``ByteSize`` takes several)."""
+        prompt = msg.prompt
+        size = len(prompt) + 4 * len(msg.token_ids)
         if msg.messages:
             size += LARGE_CHARS + 1 if len(msg.messages) > 64 else sum(len(m.content) for m in msg.messages)
-        return size
+        if size <= INLINE_CHARS:
+            return self.parse(msg, prompt)
+        return await self.offload.run(self.parse, msg, prompt, large=size > LARGE_CHARS)
 
     @staticmethod
-    def check_sizes(msg: pb.GenerateRequest) -> None:
+    def check_sizes(msg: pb.GenerateRequest, prompt: str | None = None) -> None:
         """Every size limit, from lengths alone (nothing is copied or tokenized yet)."""
         for name, limit in (("request_id", MAX_REQUEST_ID_LEN), ("tenant", MAX_NAME_LEN),
                             ("session_id", MAX_NAME_LEN), ("model", MAX_NAME_LEN)):
             if len(getattr(msg, name)) > limit:
                 raise InvalidRequestError(f"{name}: at most {limit} characters")
-        if len(msg.prompt) > MAX_PROMPT_CHARS:
+        if len(msg.prompt if prompt is None else prompt) > MAX_PROMPT_CHARS:
             raise InvalidRequestError(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
         if len(msg.token_ids) > MAX_TOKEN_IDS:
             raise InvalidRequestError(f"token_ids: at most {MAX_TOKEN_IDS} ids, got {len(msg.token_ids)}")
@@ -131,8 +129,10 @@ class RequestParser:
             cluster_id=f"{rid}~{suffix}" if msg.request_id else rid,
         )
 
-    def token_ids(self, msg: pb.GenerateRequest) -> tuple[int, ...]:
-        given = [name for name in ("prompt", "token_ids", "messages") if getattr(msg, name)]
+    def token_ids(self, msg: pb.GenerateRequest, prompt: str | None = None) -> tuple[int, ...]:
+        prompt = msg.prompt if prompt is None else prompt
+        given = [name for name, value in (("prompt", prompt), ("token_ids", msg.token_ids), ("messages", msg.messages))
+                 if value]
         if len(given) != 1:
             what = (" and ".join(given) + " are all set" if len(given) == 3 else " and ".join(given) + " are both set"
                     ) if given else "prompt is empty, and no token_ids or messages were given"
@@ -153,7 +153,7 @@ class RequestParser:
             if not token_ids:
                 raise InvalidRequestError("messages: the chat template renders them to no tokens")
             return token_ids
-        token_ids = encode_bounded(self.tokenizer, msg.prompt, limit, add_special_tokens=True)
+        token_ids = encode_bounded(self.tokenizer, prompt, limit, add_special_tokens=True)
         if not token_ids:
             raise InvalidRequestError("prompt: tokenizes to no tokens")
         return token_ids
