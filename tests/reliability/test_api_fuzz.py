@@ -126,8 +126,8 @@ def test_fuzz_public_api():
                         except asyncio.CancelledError:
                             code = grpc.StatusCode.CANCELLED
                     counts[code.name] = counts.get(code.name, 0) + 1
-                    if code is grpc.StatusCode.CANCELLED:
-                        return
+                    if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                        return  # our own cancel, or the default admission bound shedding the burst (issue 15)
                     if code not in OK_CODES or (code is grpc.StatusCode.OK) != expected_valid(d):
                         wrong.append(f"{code.name}: {str(d)[:300]}")
 
