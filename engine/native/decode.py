@@ -7,6 +7,12 @@ Everything a decode step reads or writes besides the weights and the KV cache li
 - the work buffers every layer writes with ``out=`` (QKV and RoPE, gate-up, gathered context, RoPE matrices),
   with their views made once, so a layer dispatches no view or slice op of its own.
 
+On CPU the torch backend's gathered context is resident: each layer keeps its own gathered K/V, and a step whose
+rows are the previous step's sequences one token further (the same block-table objects, positions + 1) writes
+just the new token into it instead of gathering the whole context again (the blocks of running sequences change
+only by their own decode writes). It costs at most the KV cache's size in memory: one shape at a time, in one
+arena the executor keeps (so a new shape does not fault in fresh pages).
+
 The QKV buffer ``z`` of one row is ``[Q' K' | V Q K]``: the fused projection writes ``[V Q K]`` (its weight's
 column order), the RoPE matmul reads ``[Q K]`` and writes ``[Q' K']`` in front of V, so the new token's K' and V
 sit side by side and reach the cache in one ``index_put_``.
@@ -22,6 +28,7 @@ import torch
 from pdserve.engine.attention import AttentionMetadata
 
 MAX_CACHED = 2  # shapes kept by an executor: decode batches change shape slowly
+RESIDENT_MIN_BYTES = 1 << 20  # per layer: below this a fresh gather costs next to nothing
 
 
 class WorkBuffers:
@@ -51,7 +58,7 @@ class DecodeBuffers:
     def __init__(self, executor, batch: int, width: int, work: WorkBuffers | None = None):
         ex, spec, model = executor, executor.model.spec, executor.model
         r, w, bs = batch, width, executor.block_size
-        nkv, d = spec.num_kv_heads, spec.head_dim
+        nkv = spec.num_kv_heads
         dev = model.device
         self.batch, self.width, self.block_size, self.device = r, w, bs, dev
         self.lean, self.windows = ex.lean, ex.windows
@@ -63,7 +70,8 @@ class DecodeBuffers:
         # ---- inputs, int64: ids [r], pos [r], ctx [r], kv rows [r, 2], tables [r, w] and (lean) the K/V block
         # rows to gather [2, r, w], then (lean) one bool mask [r, 1, 1, w * bs] per sliding window: one copy off CPU
         c = w * bs
-        n_int = 5 * r + r * w + (2 * r * w if self.lean else 0)
+        n_lean = 2 * r * w + 2 * r * nkv if self.lean else 0
+        n_int = 5 * r + r * w + n_lean
         n_mask = len(self.windows) * r * c if self.lean else 0
         n_words = n_int + -(-n_mask // 8)
         if dev.type == "cpu":  # the step reads these very tensors: filled in place, no copy and no op
@@ -76,7 +84,9 @@ class DecodeBuffers:
         self.h_ids, self.h_pos, self.h_ctx = host[:r], host[r : 2 * r], host[2 * r : 3 * r]
         self.h_kv = host[3 * r : 5 * r].reshape(r, 2)
         self.h_tables = host[5 * r : 5 * r + r * w].reshape(r, w)
-        self.h_blocks = host[5 * r + r * w : n_int].reshape(2, r, w) if self.lean else None
+        lean0 = 5 * r + r * w
+        self.h_blocks = host[lean0 : lean0 + 2 * r * w].reshape(2, r, w) if self.lean else None
+        self.h_append = host[lean0 + 2 * r * w : n_int].reshape(r, 2, nkv) if self.lean else None
         self.h_masks = host[n_int:].view(bool)[:n_mask].reshape(-1, r, c)
         self.key_pos = np.arange(c)
         self.ids = flat.as_strided((r,), (1,), 0)
@@ -85,17 +95,14 @@ class DecodeBuffers:
         self.kv_rows = flat.as_strided((r, 2), (2, 1), 3 * r)
         self.tables = flat.as_strided((r, w), (w, 1), 5 * r)
         self.masks = {}
+        self.resident, self.append, self.prev_lists = False, False, None
         if self.lean:
-            self.block_rows = flat.as_strided((2 * r * w,), (1,), 5 * r + r * w)
+            self.block_rows = flat.as_strided((2 * r * w,), (1,), lean0)
+            self.append_rows = flat.as_strided((r, 2, nkv), (2 * nkv, nkv, 1), lean0 + 2 * r * w)
             as_bool = flat.view(torch.bool)
             for j, win in enumerate(self.windows):
                 self.masks[win] = as_bool.as_strided((r, 1, 1, c), (c, c, c, 1), 8 * n_int + j * r * c)
-            # gathered K and V blocks: [2, r, w, bs, Hkv, D], seen by SDPA as [r, Hkv, w * bs, D]
-            k = nkv * d
-            self.gathered = torch.empty(2 * r * w, bs * k, dtype=model.dtype, device=dev)
-            shape, strides = (r, nkv, c, d), (c * k, d, k, 1)
-            self.k_ctx = self.gathered.as_strided(shape, strides, 0)
-            self.v_ctx = self.gathered.as_strided(shape, strides, r * c * k)
+            self._context_buffers(ex, spec, model.dtype)
         self.meta = AttentionMetadata(
             kv_caches=ex.kv_layers,
             block_size=bs,
@@ -109,6 +116,28 @@ class DecodeBuffers:
             backend=ex.backend,
             decode_rows=slice(0, r),
         )
+
+    def _context_buffers(self, ex, spec, dtype) -> None:
+        """Gathered K and V blocks, [2, r, w, bs, Hkv, D] seen by SDPA as [r, Hkv, w * bs, D]: one buffer per layer
+        when resident (CPU, big enough, within the KV cache's size), else one shared by every layer."""
+        r, w, bs, dev = self.batch, self.width, self.block_size, self.device
+        nkv, d = spec.num_kv_heads, spec.head_dim
+        k, c = nkv * d, w * bs
+        numel = 2 * r * w * bs * k
+        layer_bytes = numel * torch.empty((), dtype=dtype).element_size()
+        self.resident = dev.type == "cpu" and RESIDENT_MIN_BYTES <= layer_bytes <= ex.kv_bytes // spec.num_layers
+        n = spec.num_layers if self.resident else 1
+        buf = ex.context_arena(n * numel, dtype) if self.resident else torch.empty(numel, dtype=dtype, device=dev)
+        shape, strides = (r, nkv, c, d), (c * k, d, k, 1)
+        self.gathered = [buf.as_strided((2 * r * w, bs * k), (bs * k, 1), j * numel) for j in range(n)]
+        self.k_ctx = [buf.as_strided(shape, strides, j * numel) for j in range(n)]
+        self.v_ctx = [buf.as_strided(shape, strides, j * numel + r * c * k) for j in range(n)]
+        # resident: one token's K and V heads per row go to their position, rows of a [2 * r * c * Hkv, D] view
+        rows = (numel // d, d)
+        self.context_rows = [buf.as_strided(rows, (d, 1), j * numel) for j in range(n)] if self.resident else None
+        if not self.resident:  # every layer reads the one shared buffer
+            n = spec.num_layers
+            self.gathered, self.k_ctx, self.v_ctx = self.gathered * n, self.k_ctx * n, self.v_ctx * n
 
     def fill(self, items) -> None:
         """Write one step's inputs on the host. Rows past ``len(items)`` repeat row 0 (a padded graph bucket:
@@ -130,6 +159,8 @@ class DecodeBuffers:
             pos += pos[:1] * pad
             kv += kv[:2] * pad
             tables += tables[:w] * pad
+        if self.resident:
+            self._check_append(items, pos, tables)
         self.h_ids[:] = ids
         self.h_pos[:] = pos
         np.add(self.h_pos, 1, out=self.h_ctx)
@@ -138,6 +169,10 @@ class DecodeBuffers:
         if self.lean:
             np.multiply(self.h_tables, 2, out=self.h_blocks[0])  # K of block b is row 2b of the block view
             np.add(self.h_blocks[0], 1, out=self.h_blocks[1])
+            if self.append:  # row (kv, b, p, h) of a layer's [2, r, w * bs, Hkv] context
+                r, nkv, c = self.batch, self.h_append.shape[2], w * bs
+                kv_b = np.arange(2)[None, :, None] * r + np.arange(r)[:, None, None]
+                self.h_append[:] = (kv_b * c + self.h_pos[:, None, None]) * nkv + np.arange(nkv)
             ctx = self.h_ctx[:, None]
             for i, win in enumerate(self.windows):
                 mask = self.h_masks[i]
@@ -145,6 +180,22 @@ class DecodeBuffers:
                 if win:
                     mask &= self.key_pos >= ctx - win
         self.meta.derived.clear()
+
+    def _check_append(self, items, pos: list[int], tables: list[int]) -> None:
+        """Whether this step only appends to the resident context: the same sequences in the same rows (the
+        previous step's block-table objects), each one token further, their old blocks unchanged. Called before
+        the host arrays are overwritten (they still hold the previous step)."""
+        prev, self.prev_lists = self.prev_lists, [it.block_ids for it in items]  # held: their ids stay unique
+        self.append = (
+            prev is not None
+            and len(items) == self.batch
+            and all(a is b for a, b in zip(self.prev_lists, prev, strict=True))
+            and np.array_equal(self.h_pos + 1, pos)
+        )
+        if self.append:
+            new = np.asarray(tables, dtype=np.int64).reshape(self.batch, self.width)
+            old_cols = self.key_pos[: self.width][None, :] * self.block_size < self.h_ctx[:, None]
+            self.append = bool(np.array_equal(new[old_cols], self.h_tables[old_cols]))
 
     def upload(self) -> None:
         """Off CPU: one copy of the host inputs into the device buffers (on CPU the step reads them in place)."""
@@ -165,6 +216,8 @@ class BufferCache:
         key = (batch, width)
         bufs = self.entries.get(key)
         if bufs is None:
+            if any(e.resident for e in self.entries.values()):
+                self.entries.clear()  # one resident context at a time: its memory goes before the next is made
             work = self.work.get(batch)
             bufs = self.entries[key] = DecodeBuffers(self.executor, batch, width, work)
             self.work[batch] = bufs.work

@@ -36,9 +36,11 @@ class NativeExecutor:
         self.lean = backend == "torch"
         block_numel = block_size * spec.num_kv_heads * spec.head_dim
         self.block_views = [c.view(-1, block_numel) for c in kv_layers]  # row 2b: K of block b, 2b + 1: V
+        self.kv_bytes = sum(c.numel() * c.element_size() for c in kv_layers)
         self.windows = sorted(set(spec.sliding_windows), key=lambda w: w or 0)
         self.empty = torch.empty(0, dtype=torch.int64, device=self.device)
         self.buffers = BufferCache(self)
+        self._arena: torch.Tensor | None = None
         self.graphs = None  # a DecodeGraphs when CUDA graphs are captured
 
     # ---- general path ---------------------------------------------------------------------------------
@@ -69,6 +71,15 @@ class NativeExecutor:
         bufs.fill(items)
         bufs.upload()
         return self.decode_forward(bufs)
+
+    def context_arena(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Memory for the one resident decode context (engine.native.decode), grown by half again when a shape
+        needs more (a batch's width grows a block at a time), never past the KV cache's size."""
+        if self._arena is None or self._arena.numel() < numel or self._arena.dtype != dtype:
+            self._arena = None  # freed before its successor is allocated
+            cap = self.kv_bytes // torch.empty((), dtype=dtype).element_size()
+            self._arena = torch.empty(max(numel, min(cap, numel * 3 // 2)), dtype=dtype, device=self.device)
+        return self._arena
 
     def decode_forward(self, bufs: DecodeBuffers) -> torch.Tensor:
         """The static decode forward: shapes depend only on (batch, table width); nothing reads the device."""

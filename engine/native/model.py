@@ -114,9 +114,12 @@ class NativeLayer(nn.Module):
         i = self.layer_idx
         bufs.row_views[i].index_put_((bufs.kv_rows,), bufs.kv_new)
         if bufs.lean:
-            torch.index_select(bufs.block_views[i], 0, bufs.block_rows, out=bufs.gathered)
+            if bufs.append:  # the resident context holds the rest (engine.native.decode)
+                bufs.context_rows[i].index_put_((bufs.append_rows,), bufs.kv_new)
+            else:
+                torch.index_select(bufs.block_views[i], 0, bufs.block_rows, out=bufs.gathered[i])
             o = F.scaled_dot_product_attention(
-                bufs.q_groups, bufs.k_ctx, bufs.v_ctx, attn_mask=bufs.masks[self.window], scale=self.scale
+                bufs.q_groups, bufs.k_ctx[i], bufs.v_ctx[i], attn_mask=bufs.masks[self.window], scale=self.scale
             )
         else:
             meta = bufs.meta
