@@ -29,8 +29,8 @@ def load_hf(model: str, device: str):
     from pdserve.engine.models import resolve_model
 
     path, dummy = resolve_model(model)
-    cfg = EngineConfig(model=model, device=device)
-    _, m = _load_model(path, dummy, cfg, cfg.torch_dtype())
+    cfg = EngineConfig(model=model, device=device, model_impl="hf")  # transformers' own modules, not engine.native
+    _, m, _ = _load_model(path, dummy, cfg, cfg.torch_dtype())
     m.set_attn_implementation("sdpa")
     return m
 
