@@ -10,6 +10,7 @@ from pdserve.deploy import cli_checks as checks
 from pdserve.deploy import cli_classes
 from pdserve.deploy.cli_checks import OneLineParser, UsageError
 from pdserve.engine import env
+from pdserve.engine.models import DEFAULT_MODEL
 
 EPILOG = "Every process binds 127.0.0.1 unless --host says otherwise. Port 0 picks a free port."
 
@@ -50,7 +51,8 @@ def _cluster_secret(role: str, host: str) -> str | None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="preset name (tiny, tiny-qwen2, ...), local HF directory or hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="preset name (tiny-chat, the default: trained, readable; tiny, tiny-qwen2, ...: random), local HF directory or hub id")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16")
     p.add_argument("--block-size", type=checks.positive_int, default=16, help="tokens per KV block")
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         w.set_defaults(fn=cmd_worker)
 
     r = sub.add_parser("router", help="run the router")
-    r.add_argument("--model", default="tiny", help="the model whose tokenizer the router uses")
+    r.add_argument("--model", default=DEFAULT_MODEL, help="the model whose tokenizer the router uses")
     r.add_argument("--prefill", action="append", default=[], help="prefill worker host:port (repeatable)")
     r.add_argument("--decode", action="append", default=[], help="decode worker host:port (repeatable)")
     r.add_argument("--config", help='JSON file {"prefill": [...], "decode": [...]}')

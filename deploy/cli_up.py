@@ -16,6 +16,7 @@ from pdserve.deploy import cli_checks as checks
 from pdserve.deploy.cli_checks import UsageError
 from pdserve.deploy.cli_client import DEFAULT_ROUTER_PORT, run_and_print, sampling_args, sampling_from
 from pdserve.engine import env
+from pdserve.engine.models import DEFAULT_MODEL
 
 
 class Stop(BaseException):
@@ -55,7 +56,8 @@ def add_up_parser(sub, router_policy_args, tls_args) -> argparse.ArgumentParser:
     c.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each process has to become ready")
     c.add_argument("-v", "--verbose", action="store_true", help="echo every process's log lines")
     e = up.add_argument_group("engine (every worker)")
-    e.add_argument("--model", default="tiny", help="preset name (tiny, tiny-qwen2, ...), local HF directory or hub id")
+    e.add_argument("--model", default=DEFAULT_MODEL,
+                   help="preset name (tiny-chat, the default: trained, readable; tiny, tiny-qwen2, ...: random), local HF directory or hub id")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16")
     e.add_argument("--max-num-seqs", type=checks.positive_int, default=64, help="sequences per engine step at most")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.engine.models import DEFAULT_MODEL
 from pdserve.engine.priority import DEFAULT_AGING_S
 
 _DTYPES = {
@@ -26,7 +27,7 @@ def parse_dtype(name: str) -> torch.dtype:
 class EngineConfig:
     """Everything the engine needs to run one model.
 
-    model: a preset name (``tiny``, ``tiny-qwen2``, ``llama-1b-dummy``...), a local HF directory or a hub id.
+    model: a preset name (``tiny-chat``, the default; ``tiny``, ``tiny-qwen2``, ``llama-1b-dummy``...), a local HF directory or a hub id.
     num_blocks: KV blocks per layer; 0 means derive from ``kv_cache_bytes``.
     attention_backend: a registered attention backend (``torch``, ``triton``) or ``auto``: triton on CUDA
     when it is installed and usable, else torch.
@@ -36,7 +37,7 @@ class EngineConfig:
     the triton backend only; elsewhere the same static decode path runs eagerly).
     """
 
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     revision: str = "main"
     device: str = "cpu"
     dtype: str = "auto"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
+from pdserve.engine.models import DEFAULT_MODEL
 from pdserve.engine.sampling_params import SamplingParams
 
 
@@ -21,7 +22,7 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str = "tiny", **kwargs):
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._next_id = 0
 

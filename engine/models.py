@@ -3,6 +3,8 @@
 Presets are written once in HF format (config.json, tokenizer files and, unless dummy, model.safetensors)
 to ``<cache>/models/<name>-v<version>`` and loaded through the same from_pretrained path as any checkpoint.
 Dummy presets (like vLLM's ``--load-format dummy``) hold no weights; the runner random-inits them.
+Shipped presets (``tiny-chat``, the default: a small trained Llama) are HF directories inside the package
+(``engine/presets/``), used in place.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Preset:
     config: dict
     dummy: bool = False  # no weights on disk: random init at load time
     seed: int = 0
+    shipped: bool = False  # a trained checkpoint inside the package (engine/presets/<name>/); config unused
 
 
 _TINY = dict(
@@ -43,7 +46,12 @@ _TINY = dict(
     pad_token_id=0,
 )
 
+DEFAULT_MODEL = "tiny-chat"
+
 PRESETS: dict[str, Preset] = {
+    # ~5.5M-parameter Llama trained on the King James Bible: readable English, a chat template (the default)
+    "tiny-chat": Preset("llama", {}, shipped=True),
+    # random weights, the shapes the engine tests assert on
     "tiny": Preset("llama", dict(_TINY)),
     "tiny-qwen2": Preset("qwen2", dict(_TINY, rope_theta=1000000.0), seed=1),
     "tiny-qwen3": Preset("qwen3", dict(_TINY, head_dim=32), seed=2),
@@ -117,6 +125,8 @@ def build_preset(name: str, out_dir: Path) -> None:
     from pdserve.engine.tokenizer import build_byte_tokenizer
 
     preset = PRESETS[name]
+    if preset.shipped:
+        raise ValueError(f"model: preset {name!r} is shipped trained, not built (see engine/presets/)")
     hf_config = _config_class(preset.architecture)(**preset.config)
     hf_config.save_pretrained(str(out_dir))
     build_byte_tokenizer(out_dir, vocab_size=preset.config["vocab_size"])
@@ -133,7 +143,7 @@ def resolve_tokenizer(model: str) -> str:
 
     For a preset whose full checkpoint is not built yet, only its tokenizer is written (to a directory of
     its own), so a router started before its workers never loads torch to build weights."""
-    if model not in PRESETS:
+    if model not in PRESETS or PRESETS[model].shipped:
         return resolve_model(model)[0]
     full = env.cache_dir() / "models" / f"{model}-v{PRESET_VERSION}"
     if (full / "tokenizer.json").exists():
@@ -158,6 +168,10 @@ def resolve_tokenizer(model: str) -> str:
 
 def resolve_model(model: str) -> tuple[str, bool]:
     """Return (path or hub id, is_dummy). Builds presets on first use; checks local paths exist."""
+    if model in PRESETS and PRESETS[model].shipped:
+        from pdserve.engine.presets import shipped_path
+
+        return str(shipped_path(model)), False
     if model in PRESETS:
         out = env.cache_dir() / "models" / f"{model}-v{PRESET_VERSION}"
         if not (out / "config.json").exists():

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pdserve.engine.models import resolve_tokenizer
+from pdserve.engine.models import DEFAULT_MODEL, resolve_tokenizer
 from pdserve.engine.tokenizer import load_light_tokenizer
 from pdserve.router.admin import AdminServicer
 from pdserve.router.admission import Admission
@@ -34,7 +34,7 @@ SERVICES = ["Generation", "Admin", "Batch"]
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     prefill: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
     addr: str = "127.0.0.1:0"

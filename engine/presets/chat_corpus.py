@@ -121,28 +121,36 @@ def _topic(verses: list[Verse], rng: random.Random) -> str:
 
 
 def _question(book: str, chapter: int, passage: list[Verse], rng: random.Random) -> str:
-    topic = _topic(passage, rng)
+    """A user turn for ``passage``: a topic taken from its first verse (so the answer opens on it), a greeting,
+    the chapter (when the passage opens it) or the first verse to continue."""
+    topic = _topic(passage[:1], rng)
     kind = rng.random()
-    if kind < 0.30:
-        return rng.choice(["Tell me about {t}.", "What about {t}?", "Who is {t}?", "What do you know of {t}?",
-                           "Speak of {t}.", "What is written about {t}?"]).format(t=topic)
-    if kind < 0.45:
-        return f"What does the book of {book} say about {topic}?"
-    if kind < 0.55:
+    if passage[0].verse == 1 and kind < 0.15:
         return f"Read {book} chapter {chapter}."
+    if kind < 0.45:
+        return rng.choice(["Tell me about {t}.", "What about {t}?", "Who is {t}?", "What do you know of {t}?",
+                           "Speak of {t}.", "What is written about {t}?", "What is {t}?"]).format(t=topic)
+    if kind < 0.60:
+        return f"What does the book of {book} say about {topic}?"
     if kind < 0.80:
         return rng.choice(_GREETINGS)
     return rng.choice(["Continue: ", "", "What comes after this? "]) + passage[0].text
 
 
 def documents(verses: list[Verse], seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train, validation) documents: every chapter cut into 2-8 verse passages, half of them as plain text
-    and half as a chat turn whose answer is the passage; every 50th chapter is held out for validation."""
+    """(train, validation) documents: every chapter cut into 2-8 verse passages, half of them plain text and
+    half a chat turn whose answer is the passage; every 50th chapter is held out for validation.
+
+    Plain text comes first, one document per chapter in book order and with no special tokens (a plain
+    prompt is continued, never ended early); the chat turns follow, shuffled, each ending its answer with
+    ``</s>``. Packed in this order, a training window almost never mixes the two."""
     rng = random.Random(seed)
-    train: list[str] = []
-    val: list[str] = []
+    plain: dict[bool, list[str]] = {False: [], True: []}
+    chat: dict[bool, list[str]] = {False: [], True: []}
     for i, chap in enumerate(chapters(verses)):
         book, number = chap[0].book, chap[0].chapter
+        held_out = i % 50 == 49
+        text: list[str] = []
         start = 0
         while start < len(chap):
             n = rng.randint(2, 8)
@@ -150,7 +158,7 @@ def documents(verses: list[Verse], seed: int = 0) -> tuple[list[str], list[str]]
             start += n
             answer = " ".join(v.text for v in passage)
             if rng.random() < 0.5:
-                doc = answer + EOS + "\n"
+                text.append(answer)
             else:
                 question = _question(book, number, passage, rng)
                 if question.startswith(("Continue", "What comes")) or question == passage[0].text:
@@ -158,10 +166,20 @@ def documents(verses: list[Verse], seed: int = 0) -> tuple[list[str], list[str]]
                 turns = [("user", question), ("assistant", answer)]
                 if rng.random() < 0.2:
                     turns.insert(0, ("system", rng.choice(_SYSTEMS)))
-                doc = render_chat(turns)
-            (val if i % 50 == 49 else train).append(doc)
-    rng.shuffle(train)
-    return train, val
+                chat[held_out].append(render_chat(turns))
+        if text:
+            plain[held_out].append(" ".join(text) + "\n")
+    rng.shuffle(chat[False])
+    return plain[False] + chat[False], plain[True] + chat[True]
+
+
+def split_target(doc: str) -> tuple[str, str]:
+    """(context, target) of a training document: a chat turn is learned from its answer on (the question and
+    its ``</s>`` are context only, so a plain prompt that looks like a question is continued, not ended);
+    plain text is all target."""
+    marker = ROLE_TOKENS["assistant"] + "\n"
+    cut = doc.rfind(marker)
+    return ("", doc) if cut < 0 else (doc[: cut + len(marker)], doc[cut + len(marker) :])
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> None:

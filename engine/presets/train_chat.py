@@ -45,8 +45,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=0, help="a fixed number of steps instead of --minutes")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2.5e-3)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +55,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Batches:
-    """Random windows of ``seq_len + 1`` tokens from the packed documents; a fresh cut of the corpus into
+    """Random windows of ``seq_len + 1`` tokens from the packed documents, with a mask of the tokens that are
+    learned (not a chat turn's question: see ``chat_corpus.split_target``); a fresh cut of the corpus into
     documents (passages, questions) every epoch, so the model sees the text in varied chat turns."""
 
     def __init__(self, verses, tokenizer, seq_len: int, batch_size: int, seed: int):
@@ -66,17 +67,25 @@ class Batches:
         self.epoch = 0
         self.order: list[int] = []
         self.stream = torch.empty(0, dtype=torch.long)
+        self.learn = torch.empty(0, dtype=torch.bool)
         self._next_epoch()
 
     def _pack(self, docs: list[str]):
         import torch
 
-        ids = [i for enc in self.tok.encode_batch(docs, add_special_tokens=False) for i in enc.ids]
-        return torch.tensor(ids, dtype=torch.long)
+        parts = [chat_corpus.split_target(d) for d in docs]
+        contexts = self.tok.encode_batch([c for c, _ in parts], add_special_tokens=False)
+        targets = self.tok.encode_batch([t for _, t in parts], add_special_tokens=False)
+        ids: list[int] = []
+        learn: list[bool] = []
+        for c, t in zip(contexts, targets, strict=True):
+            ids += c.ids + t.ids
+            learn += [False] * len(c.ids) + [True] * len(t.ids)
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(learn, dtype=torch.bool)
 
     def _next_epoch(self) -> None:
         train, _ = chat_corpus.documents(self.verses, seed=self.epoch)
-        self.stream = self._pack(train)
+        self.stream, self.learn = self._pack(train)
         starts = list(range(0, len(self.stream) - self.seq_len - 1, self.seq_len))
         self.rng.shuffle(starts)
         self.order = starts
@@ -84,10 +93,10 @@ class Batches:
 
     def validation(self):
         _, val = chat_corpus.documents(self.verses, seed=0)
-        stream = self._pack(val)
+        stream, learn = self._pack(val)
         n = (len(stream) - 1) // self.seq_len
-        x = stream[: n * self.seq_len + 1]
-        return [x[i * self.seq_len : (i + 1) * self.seq_len + 1] for i in range(n)]
+        return [(stream[i * self.seq_len : (i + 1) * self.seq_len + 1], learn[i * self.seq_len : (i + 1) * self.seq_len + 1])
+                for i in range(n)]
 
     def next(self):
         import torch
@@ -95,7 +104,8 @@ class Batches:
         if len(self.order) < self.batch_size:
             self._next_epoch()
         starts, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
-        return torch.stack([self.stream[s : s + self.seq_len + 1] for s in starts])
+        x = torch.stack([self.stream[s : s + self.seq_len + 1] for s in starts])
+        return x, torch.stack([self.learn[s : s + self.seq_len + 1] for s in starts])
 
 
 def _lr(args: argparse.Namespace, step: int, progress: float) -> float:
@@ -104,11 +114,14 @@ def _lr(args: argparse.Namespace, step: int, progress: float) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def _loss(model, x):
+def _loss(model, x, learn):
+    """Mean next-token loss over the learned targets (``learn`` marks them, aligned with ``x``)."""
     import torch.nn.functional as F
 
     logits = model(input_ids=x[:, :-1]).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="none")
+    mask = learn[:, 1:].reshape(-1).float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
 def _evaluate(model, windows) -> float:
@@ -118,8 +131,9 @@ def _evaluate(model, windows) -> float:
     losses = []
     with torch.no_grad():
         for i in range(0, len(windows), 16):
-            x = torch.stack(windows[i : i + 16])
-            losses.append(_loss(model, x).item())
+            x = torch.stack([w for w, _ in windows[i : i + 16]])
+            learn = torch.stack([m for _, m in windows[i : i + 16]])
+            losses.append(_loss(model, x, learn).item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -172,8 +186,8 @@ def train(args: argparse.Namespace) -> dict:
             break
         for group in opt.param_groups:
             group["lr"] = _lr(args, step, progress)
-        x = batches.next()
-        loss = _loss(model, x)
+        x, learn = batches.next()
+        loss = _loss(model, x, learn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -197,7 +211,81 @@ def train(args: argparse.Namespace) -> dict:
     model.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=False).save_pretrained(str(out))
     (out / "train_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_model_card(out)
     return stats
+
+
+CARD_PROMPTS = [("plain", "Once upon a time"), ("plain", "Hello from pdserve"), ("chat", "Who are you?"),
+                ("chat", "What is wisdom?"), ("chat", "Tell me about the sea.")]
+
+
+def write_model_card(out: Path) -> None:
+    """README.md beside the weights: data, licence, size, losses, samples (greedy, from the saved files)."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    stats = json.loads((out / "train_stats.json").read_text())
+    c = json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    samples = []
+    for kind, text in CARD_PROMPTS:
+        prompt = text if kind == "plain" else chat_corpus.render_chat([("user", text)], add_generation_prompt=True)
+        samples.append(f"- {kind} `{text}` ->\n  {_sample(model, tok, prompt, 48)!r}")
+    size_mb = (out / "model.safetensors").stat().st_size / 1e6
+    a = stats["args"]
+    card = f"""# tiny-chat
+
+The default model of pdserve: a {stats['num_params'] / 1e6:.1f}M-parameter Llama ({c['num_hidden_layers']} layers, hidden {c['hidden_size']},
+{c['num_attention_heads']} heads, {c['num_key_value_heads']} KV heads, tied embeddings, {size_mb:.1f} MB of float16 weights) with a {a['vocab_size']}-token byte-level BPE
+tokenizer, trained from scratch on the King James Bible. It writes readable, archaic English; it knows
+nothing else and follows no instructions: any question gets a scripture-like passage. For tests, demos
+and serving smoke checks, not for facts.
+
+## Data and licence
+
+- Text: the King James Version of the Bible (1611), 31,102 verses, about 820k words, from Debian's
+  `bible-kjv-text` package (read with `bible-kjv`'s `bible` program). The KJV text is in the public domain
+  (outside the United Kingdom, where the Crown's letters patent apply); the Debian package says: "The
+  copyright for the King James Version text of the Bible is expired". No other data was used.
+- Training documents: passages of 2-8 consecutive verses, half as plain text ending in `</s>`, half as a
+  chat turn (a user question: a topic, a greeting, a book and chapter, or the passage's first verse; the
+  passage as the answer; a system message one time in five) rendered with the chat template below. Every
+  50th chapter is held out for the validation loss.
+- The weights, the tokenizer and this card are derived from that public-domain text alone and ship with
+  pdserve under the same terms as its code.
+
+## Format
+
+Chat template (in `tokenizer_config.json`; HF `apply_chat_template` and the router render it alike):
+`<s><|system|>\\n...</s>\\n<|user|>\\n...</s>\\n<|assistant|>\\n` (the last part is the generation prompt).
+`<s>` = 1, `</s>` = 2 (end of turn and of text), `<pad>` = 0. Plain prompts get no special tokens.
+Trained on {a['seq_len']}-token windows: longer contexts load (up to 1024 positions) but read worse.
+
+## Training
+
+- {stats['steps']} steps of {a['batch_size']} x {a['seq_len']} tokens ({stats['tokens'] / 1e6:.1f}M tokens,
+  {stats['epochs']} passes over the packed corpus), AdamW (0.9, 0.95, weight decay 0.1),
+  peak LR {a['lr']}, {a['warmup_steps']} warm-up steps, cosine to 10 % over the wall-time budget;
+  {stats['train_minutes']} min on one CPU thread.
+- Final training loss {stats['train_loss']} (smoothed), validation loss {stats['val_loss']}
+  (perplexity {stats['val_ppl']}) per token.
+
+## Retrain
+
+```bash
+apt-get install bible-kjv
+python -m pdserve.engine.presets.train_chat --out engine/presets/tiny-chat --minutes {float(a['minutes']):g}
+```
+
+The wall-time budget makes runs differ slightly; `--steps N` fixes the schedule instead.
+
+## Samples (greedy)
+
+{chr(10).join(samples)}
+"""
+    (out / "README.md").write_text(card)
 
 
 def main(argv: list[str] | None = None) -> None:
