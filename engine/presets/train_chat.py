@@ -249,10 +249,11 @@ and serving smoke checks, not for facts.
   `bible-kjv-text` package (read with `bible-kjv`'s `bible` program). The KJV text is in the public domain
   (outside the United Kingdom, where the Crown's letters patent apply); the Debian package says: "The
   copyright for the King James Version text of the Bible is expired". No other data was used.
-- Training documents: passages of 2-8 consecutive verses, half as plain text ending in `</s>`, half as a
-  chat turn (a user question: a topic, a greeting, a book and chapter, or the passage's first verse; the
-  passage as the answer; a system message one time in five) rendered with the chat template below. Every
-  50th chapter is held out for the validation loss.
+- Training documents: passages of 2-8 consecutive verses, half as plain running text (no special tokens,
+  so a plain prompt is continued), half as a chat turn (a user question: a topic from the passage's first
+  verse, a greeting, a book and chapter, or the verse before the passage; the passage as the answer, ending
+  in `</s>`; a system message one time in five) rendered with the chat template below. The loss counts the
+  plain text and the answers, not the questions. A new cut every pass. Every 50th chapter is held out.
 - The weights, the tokenizer and this card are derived from that public-domain text alone and ship with
   pdserve under the same terms as its code.
 
@@ -270,7 +271,9 @@ Trained on {a['seq_len']}-token windows: longer contexts load (up to 1024 positi
   peak LR {a['lr']}, {a['warmup_steps']} warm-up steps, cosine to 10 % over the wall-time budget;
   {stats['train_minutes']} min on one CPU thread.
 - Final training loss {stats['train_loss']} (smoothed), validation loss {stats['val_loss']}
-  (perplexity {stats['val_ppl']}) per token.
+  (perplexity {stats['val_ppl']}) per learned token.
+- Limits: greedy decoding loops within an answer ("and the land of Egypt, and the land of Egypt"); sampling
+  (temperature 0.7) reads better but coins a word now and then; answers barely depend on the question.
 
 ## Retrain
 
@@ -279,9 +282,10 @@ apt-get install bible-kjv
 python -m pdserve.engine.presets.train_chat --out engine/presets/tiny-chat --minutes {float(a['minutes']):g}
 ```
 
-The wall-time budget makes runs differ slightly; `--steps N` fixes the schedule instead.
+The wall-time budget makes the number of steps follow the machine's load (one free core trains about 2.5k
+tokens/s; on a busy shared box this run got about 1k); `--steps N` fixes the schedule instead.
 
-## Samples (greedy)
+## Samples (greedy, max 48 tokens)
 
 {chr(10).join(samples)}
 """
