@@ -148,6 +148,20 @@ def test_chat_template_renders_like_the_training_data():
         router.render([{"role": "wizard", "content": "hi"}])
 
 
+def test_router_resolves_and_renders_it_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pdserve.engine.models import resolve_tokenizer; "
+            "from pdserve.engine.tokenizer import load_light_tokenizer; from pdserve.router.chat import ChatTemplate; "
+            "p = resolve_tokenizer('tiny-chat'); ids = load_light_tokenizer(p).encode("
+            "ChatTemplate.load(p).render([{'role': 'user', 'content': 'Hi'}]), add_special_tokens=False); "
+            "print(ids[0], ids[1], ids[-2], 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "4", "5", "False", "False"]  # <s> <|user|> ... <|assistant|> \n
+
+
 def test_router_tokenizer_matches_hf():
     from transformers import AutoTokenizer
 
