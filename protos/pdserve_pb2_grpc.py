@@ -207,6 +207,16 @@ class PrefillStub:
                 request_serializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/pdserve.v1.Prefill/LoadAdapter',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/pdserve.v1.Prefill/UnloadAdapter',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -230,6 +240,18 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +269,16 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.KVEvents,
                     request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.FromString,
                     response_serializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -340,6 +372,60 @@ class Prefill:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Prefill/LoadAdapter',
+            pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Prefill/UnloadAdapter',
+            pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeStub:
     """Missing associated documentation comment in .proto file."""
@@ -374,6 +460,16 @@ class DecodeStub:
                 '/pdserve.v1.Decode/KVEvents',
                 request_serializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.FromString,
+                _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/pdserve.v1.Decode/LoadAdapter',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/pdserve.v1.Decode/UnloadAdapter',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
 
 
@@ -410,6 +506,18 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -437,6 +545,16 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.KVEvents,
                     request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventsRequest.FromString,
                     response_serializer=pdserve_dot_protos_dot_pdserve__pb2.KVEventBatch.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -584,6 +702,60 @@ class Decode:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Decode/LoadAdapter',
+            pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Decode/UnloadAdapter',
+            pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminStub:
     """Missing associated documentation comment in .proto file."""
@@ -614,6 +786,21 @@ class AdminStub:
                 request_serializer=pdserve_dot_protos_dot_pdserve__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/pdserve.v1.Admin/ListModels',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/pdserve.v1.Admin/LoadAdapter',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/pdserve.v1.Admin/UnloadAdapter',
+                request_serializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -643,6 +830,24 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -665,6 +870,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.RegisterRequest.FromString,
                     response_serializer=pdserve_dot_protos_dot_pdserve__pb2.RegisterResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -775,6 +995,87 @@ class Admin:
             '/pdserve.v1.Admin/Register',
             pdserve_dot_protos_dot_pdserve__pb2.RegisterRequest.SerializeToString,
             pdserve_dot_protos_dot_pdserve__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/ListModels',
+            pdserve_dot_protos_dot_pdserve__pb2.ListModelsRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/LoadAdapter',
+            pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.Admin/UnloadAdapter',
+            pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterRequest.SerializeToString,
+            pdserve_dot_protos_dot_pdserve__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
