@@ -13,6 +13,7 @@ _LAZY = {
     "EngineConfig": "pdserve.engine.config",
     "LLMEngine": "pdserve.engine.engine",
     "StepOutput": "pdserve.engine.outputs",
+    "AdapterNotFoundError": "pdserve.engine.errors",
     "CapacityError": "pdserve.engine.errors",
     "EngineError": "pdserve.engine.errors",
     "InvalidRequestError": "pdserve.engine.errors",

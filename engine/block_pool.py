@@ -4,7 +4,8 @@ The pool only tracks ids; the tensors live in ``engine.kv_cache``. A block with 
 free queue. If it still carries a hash it is a cached block: a later request with the same prefix can
 ``touch`` it back. ``allocate`` takes blocks from the front of the queue (least recently freed) and
 evicts their hash. ``free`` appends a request's blocks tail-first, so the end of a prompt is evicted
-before its shared head.
+before its shared head. A cached block may carry a tag (the LoRA adapter it was computed under) so that
+``drop_tagged`` can forget every block of one adapter at once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class BlockPool:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
+        self.block_tag: dict[int, str] = {}  # block id -> tag, for tagged cached blocks only
         self.record_events = record_events
         self.events: list[KVEvent] = []
 
@@ -89,7 +91,7 @@ class BlockPool:
             if self.ref_cnt[b] == 0:
                 self.free_queue[b] = None
 
-    def cache_block(self, block_id: int, block_hash: int) -> None:
+    def cache_block(self, block_id: int, block_hash: int, tag: str | None = None) -> None:
         """Register a full, computed block under its hash so later prompts can reuse it."""
         if not self.enable_prefix_caching or self.block_hash[block_id] is not None:
             return
@@ -97,13 +99,24 @@ class BlockPool:
             return
         self.block_hash[block_id] = block_hash
         self.cached[block_hash] = block_id
+        if tag is not None:
+            self.block_tag[block_id] = tag
         if self.record_events:
             self.events.append(KVEvent("stored", [block_hash]))
+
+    def drop_tagged(self, tag: str) -> int:
+        """Forget the hash of every block cached under ``tag`` (free ones and ones still in use: neither is found
+        by a later prefix lookup), with an 'evicted' event each. Returns how many were dropped."""
+        blocks = [b for b, t in self.block_tag.items() if t == tag]
+        for b in blocks:
+            self._evict_hash(b)
+        return len(blocks)
 
     def reset_prefix_cache(self) -> None:
         for b in list(self.cached.values()):
             self.block_hash[b] = None
         self.cached.clear()
+        self.block_tag.clear()
         if self.record_events:
             self.events.append(KVEvent("cleared", []))
 
@@ -116,6 +129,7 @@ class BlockPool:
         if h is None:
             return
         self.block_hash[block_id] = None
+        self.block_tag.pop(block_id, None)
         if self.cached.get(h) == block_id:
             del self.cached[h]
         if self.record_events:
@@ -136,6 +150,8 @@ class BlockPool:
             h = self.block_hash[b]
             if h is not None:
                 assert self.cached.get(h) == b, f"block {b}: hash {h:#x} not mapped back"
+        for b in self.block_tag:
+            assert self.block_hash[b] is not None, f"block {b}: tagged {self.block_tag[b]!r} but not cached"
         for h, b in self.cached.items():
             assert self.block_hash[b] == h, (
                 f"cached hash {h:#x} -> block {b} whose hash is {self.block_hash[b]}"

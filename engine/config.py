@@ -55,6 +55,10 @@ class EngineConfig:
     model_impl: str = "auto"
     cuda_graphs: bool = True
     priority_aging_s: float = DEFAULT_AGING_S  # seconds of waiting worth one priority level; 0: none (engine.priority)
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 64
+    lora_modules: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -85,8 +89,29 @@ class EngineConfig:
             raise ValueError(f"cuda_graphs: must be a bool, got {self.cuda_graphs!r}")
         if not self.priority_aging_s >= 0 or self.priority_aging_s == float("inf"):
             raise ValueError(f"priority_aging_s: must be >= 0 and finite, got {self.priority_aging_s}")
+        self._check_lora()
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def _check_lora(self) -> None:
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora: must be a bool, got {self.enable_lora!r}")
+        if not isinstance(self.max_loras, int) or isinstance(self.max_loras, bool) or self.max_loras < 1:
+            raise ValueError(f"max_loras: must be an integer >= 1, got {self.max_loras!r}")
+        rank = self.max_lora_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= 512:
+            raise ValueError(f"max_lora_rank: must be an integer in [1, 512], got {rank!r}")
+        if not isinstance(self.lora_modules, tuple):
+            raise ValueError(f"lora_modules: must be a tuple of (name, path) pairs, got {type(self.lora_modules).__name__}")
+        names = set()
+        for pair in self.lora_modules:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)):
+                raise ValueError(f"lora_modules: each entry must be a (name, path) pair of non-empty strings, got {pair!r}")
+            if pair[0] in names:
+                raise ValueError(f"lora_modules: adapter name {pair[0]!r} appears twice")
+            names.add(pair[0])
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules: adapters given but enable_lora is False")
 
     def use_cuda_graphs(self) -> bool:
         return self.cuda_graphs and self.device.startswith("cuda")

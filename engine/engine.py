@@ -11,12 +11,15 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.connector import KVConnector
 from pdserve.engine.errors import InvalidRequestError, RequestNotFoundError
+from pdserve.engine.hashing import adapter_extra
 from pdserve.engine.holds import BlockHolds
+from pdserve.engine.lora.registry import AdapterRegistry
 from pdserve.engine.model_runner import BatchItem, ModelRunner
 from pdserve.engine.outputs import OutputProcessor, StepOutput, eos_token_ids
 from pdserve.engine.sampler import Sampler
@@ -51,9 +54,17 @@ def _batch_items(scheduled: list[ScheduledSeq]) -> list[BatchItem]:
             s.seq.num_computed_tokens,
             s.seq.block_ids,
             s.samples,
+            s.seq.lora,
         )
         for s in scheduled
     ]
+
+
+def _new_seq(request_id: str, token_ids: list[int], params, priority: int, arrival: int, adapter) -> Sequence:
+    """A new sequence; under a LoRA adapter its block hashes carry the adapter's name (engine.hashing)."""
+    seq = Sequence(request_id, token_ids, params, priority=priority, arrival_seq=arrival)
+    seq.lora, seq.hash_extra = adapter, adapter_extra(adapter.name if adapter else None)
+    return seq
 
 
 class LLMEngine:
@@ -70,12 +81,10 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.runner.model_path)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.geometry.vocab_size
-        self.pool = BlockPool(
-            self.runner.num_blocks, config.enable_prefix_caching, record_events=record_events
-        )
+        self.pool = BlockPool(self.runner.num_blocks, config.enable_prefix_caching, record_events=record_events)
         self.scheduler = Scheduler(
             self.pool, config.block_size, config.max_num_batched_tokens, config.max_num_seqs, config.hash_seed,
-            aging_s=config.priority_aging_s,
+            aging_s=config.priority_aging_s, max_loras=config.max_loras if config.enable_lora else 0,
         )
         self.sampler = Sampler(config.seed, config.device)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model)
@@ -90,6 +99,9 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.num_steps = 0
         self.last_step_s = 0.0
+        self.lora = AdapterRegistry(self.runner.lora_slots, self.pool, config.max_lora_rank)  # engine.lora
+        for name, path in config.lora_modules:
+            self.lora.load(name, path)
 
     @property
     def fingerprint(self):
@@ -115,13 +127,14 @@ class LLMEngine:
         priority: int = 0,
         prefill_only: bool = False,
         sample_offset: int = 0,
+        lora_name: str | None = None,
     ) -> Sequence:
         self._check_new_id(request_id)
+        adapter = self.lora.resolve(lora_name)
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
-        seq = Sequence(request_id, token_ids, params, priority=priority, arrival_seq=next(self._arrivals))
-        seq.prefill_only = prefill_only
-        seq.hold_blocks = prefill_only
+        seq = _new_seq(request_id, token_ids, params, priority, next(self._arrivals), adapter)
+        seq.prefill_only = seq.hold_blocks = prefill_only
         seq.sample_offset = sample_offset
         self._track(seq)
         self.scheduler.add(seq)
@@ -131,10 +144,13 @@ class LLMEngine:
         self.seqs[seq.request_id] = seq
         self.outputs.track(seq)
 
-    def reserve(self, request_id: str, num_tokens: int, priority: int | None = None) -> list[int]:
+    def reserve(self, request_id: str, num_tokens: int, priority: int | None = None,
+                lora_name: str | None = None) -> list[int]:
         """Decode side: hold blocks for a prompt whose KV another worker will write. With a ``priority``,
-        running requests of a lower class are preempted (by recompute) when the blocks are not free."""
+        running requests of a lower class are preempted (by recompute) when the blocks are not free. A
+        ``lora_name`` is checked here, so an unknown adapter is refused before any block is held."""
         self._check_new_id(request_id)
+        self.lora.resolve(lora_name)
         if priority is not None:
             self.scheduler.make_room(self.holds.blocks_for(num_tokens), priority)
         return self.holds.reserve(request_id, num_tokens)
@@ -152,6 +168,7 @@ class LLMEngine:
         first_logprobs: dict[int, float] | None = None,
         num_cached_tokens: int = 0,
         sample_offset: int = 0,
+        lora_name: str | None = None,
     ) -> StepOutput:
         """Decode side: the prompt's KV already sits in the reserved blocks; continue from its first token.
 
@@ -160,9 +177,10 @@ class LLMEngine:
         block_ids = self.reservations.get(request_id)
         if block_ids is None:
             raise RequestNotFoundError(f"request_id: no reservation for {request_id!r}")
+        adapter = self.lora.resolve(lora_name)  # the decode steps run it
         self.validator.validate_prefilled(prompt_token_ids, first_token_id, len(block_ids), params)
         self.holds.take_reservation(request_id)
-        seq = Sequence(request_id, list(prompt_token_ids), params, priority=priority, arrival_seq=next(self._arrivals))
+        seq = _new_seq(request_id, list(prompt_token_ids), params, priority, next(self._arrivals), adapter)
         seq.block_ids = block_ids
         seq.num_computed_tokens = len(prompt_token_ids)
         seq.num_cached_tokens = num_cached_tokens
@@ -189,6 +207,16 @@ class LLMEngine:
     def release(self, request_id: str) -> bool:
         """Free the blocks a finished prefill-only request held for its transfer."""
         return self.holds.release(request_id)
+
+    # ---- LoRA adapters (engine.lora.registry) -------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        self.lora.load(name, path)
+
+    def unload_adapter(self, name: str) -> bool:
+        return self.lora.unload(name)
+
+    def adapters(self) -> list[str]:
+        return self.lora.names()
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
@@ -232,12 +260,8 @@ class LLMEngine:
     # ---- introspection ----------------------------------------------------------------------------
     def live_block_refs(self) -> dict[int, int]:
         """Block id -> references held by live requests, reservations and held transfers."""
-        refs: dict[int, int] = {}
         lists = [s.block_ids for s in self.seqs.values()] + list(self.holds.block_lists())
-        for ids in lists:
-            for b in ids:
-                refs[b] = refs.get(b, 0) + 1
-        return refs
+        return dict(Counter(b for ids in lists for b in ids))
 
     def check_integrity(self) -> None:
         self.pool.check_integrity(self.live_block_refs())

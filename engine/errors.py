@@ -23,6 +23,10 @@ class RequestNotFoundError(EngineError, KeyError):
     """An operation named a request id (or other name) that is not known."""
 
 
+class AdapterNotFoundError(RequestNotFoundError):
+    """A request or an admin call named a LoRA adapter that is not loaded (a not-found kind)."""
+
+
 class UnavailableError(Exception):
     """A peer or worker cannot be reached or failed mid-call; another one may succeed."""
 

@@ -11,6 +11,18 @@ import struct
 from collections.abc import Sequence
 
 ROOT_HASH = 0
+_ADAPTER_TAG = b"\x00lora\x00"
+
+
+def adapter_extra(lora_name: str | None) -> bytes:
+    """The ``extra`` key of every block hash of a request run under LoRA adapter ``lora_name``.
+
+    b"" for the base model (its hashes are unchanged); otherwise a tag plus the name, so KV computed under one
+    adapter never matches another adapter's or the base's. The engine and the router's prefix index both use it.
+    """
+    if not lora_name:
+        return b""
+    return _ADAPTER_TAG + lora_name.encode("utf-8")
 
 
 def hash_block(parent: int, token_ids: Sequence[int], seed: int = 0, extra: bytes = b"") -> int:

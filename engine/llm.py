@@ -21,8 +21,22 @@ class RequestOutput:
     num_cached_tokens: int = 0
 
 
+def _lora_modules(modules) -> tuple[tuple[str, str], ...]:
+    """``lora_modules`` as EngineConfig takes it, from a dict {name: path} or any sequence of pairs."""
+    if isinstance(modules, dict):
+        modules = modules.items()
+    try:
+        return tuple(tuple(pair) for pair in modules)
+    except TypeError:
+        raise ValueError(f"lora_modules: must be (name, path) pairs or a dict, got {modules!r}") from None
+
+
 class LLM:
+    """``LLM(model, enable_lora=True, lora_modules={"name": "/peft/dir"})`` serves LoRA adapters too."""
+
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
+        if "lora_modules" in kwargs:
+            kwargs["lora_modules"] = _lora_modules(kwargs["lora_modules"])
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self._next_id = 0
 
@@ -35,14 +49,19 @@ class LLM:
         prompts: str | list[str] | list[int] | list[list[int]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         priorities: list[int] | None = None,
+        lora_name: str | None | list[str | None] = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion, batched together; outputs keep the input order."""
+        """Run every prompt to completion, batched together; outputs keep the input order. ``lora_name``: one
+        adapter for every prompt, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()
         per = params if isinstance(params, list) else [params] * len(prompts)
         if len(per) != len(prompts):
             raise ValueError("sampling_params: list length must match prompts")
+        loras = lora_name if isinstance(lora_name, list) else [lora_name] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError("lora_name: list length must match prompts")
         outputs: dict[str, RequestOutput] = {}
         order: list[str] = []
         try:
@@ -50,7 +69,8 @@ class LLM:
                 rid = f"offline-{self._next_id}"
                 self._next_id += 1
                 seq = self.engine.add_request(
-                    rid, prompt, replace(per[i]), priority=(priorities or [0] * len(prompts))[i]
+                    rid, prompt, replace(per[i]), priority=(priorities or [0] * len(prompts))[i],
+                    lora_name=loras[i],
                 )
                 outputs[rid] = RequestOutput(rid, list(seq.prompt_token_ids))
                 order.append(rid)

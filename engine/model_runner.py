@@ -18,6 +18,7 @@ from pdserve.engine.attention import (
 )
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec, LayoutFingerprint
+from pdserve.engine.lora.ops import build_step
 from pdserve.engine.models import resolve_model
 from pdserve.engine.native import load_native, resolve_model_impl
 from pdserve.engine.step_inputs import BatchItem, InputPreparer
@@ -162,12 +163,23 @@ class ModelRunner:
         )
         self.inputs = InputPreparer(config.block_size, self.device)
         self._no_mask = torch.empty(1, 1, 0, 0, dtype=torch.bool, device=self.device)
+        self.lora_slots, self.lora_context = None, None  # engine.lora: device slots; the HF wrappers' context
+        if config.enable_lora:
+            from pdserve.engine.lora.adapter import LoRADims
+            from pdserve.engine.lora.hf import wrap_hf_model
+            from pdserve.engine.lora.slots import LoRASlots
+
+            dims = LoRADims.from_hf(self.hf_config)
+            self.lora_slots = LoRASlots(dims, config.max_loras, config.max_lora_rank, self.dtype, self.device)
+            if self.model_impl == "hf":
+                self.lora_context = wrap_hf_model(self.model)
         self.native = None
         if self.model_impl == "native":
             from pdserve.engine.native.executor import NativeExecutor
 
             self.native = NativeExecutor(
-                self.model, self.kv.layers, config.block_size, self.attention_backend, self.max_model_len
+                self.model, self.kv.layers, config.block_size, self.attention_backend, self.max_model_len,
+                lora_slots=self.lora_slots,
             )
             if config.use_cuda_graphs():
                 from pdserve.engine.native.graphs import capture_decode_graphs
@@ -183,9 +195,15 @@ class ModelRunner:
         self, items: list[BatchItem], layer_hook: Callable[[int], None] | None = None
     ) -> torch.Tensor:
         """Run one flattened step. Returns float32 logits [num items with needs_logits, vocab]."""
+        # each item's LoRA slot after swapping in the step's adapters; None: no adapter, no LoRA work at all
+        slots = self.lora_slots.activate([it.lora for it in items]) if self.lora_slots is not None else None
         if self.native is not None and layer_hook is None and self.native.is_decode(items):
-            return self.native.decode(items)  # the static (graph-ready) decode path
+            return self.native.decode(items, slots)  # the static (graph-ready) decode path
         inputs = self.inputs.prepare(items)
+        lora = None
+        if slots is not None:
+            lora = build_step(self.lora_slots, slots, [it.lora for it in items],
+                              [len(it.token_ids) for it in items], self.device)
         meta = AttentionMetadata(
             kv_caches=self.kv.layers,
             block_size=self.config.block_size,
@@ -203,7 +221,16 @@ class ModelRunner:
             prefill_info=inputs.prefill_info,
         )
         if self.native is not None:
-            return self.native.forward(inputs, meta)
+            return self.native.forward(inputs, meta, lora)
+        if self.lora_context is not None:
+            self.lora_context.step = lora  # read by the wrapped projections during this forward only
+        try:
+            return self._hf_forward(inputs, meta)
+        finally:
+            if self.lora_context is not None:
+                self.lora_context.step = None
+
+    def _hf_forward(self, inputs, meta: AttentionMetadata) -> torch.Tensor:
         out = self.model(
             input_ids=inputs.input_ids,
             position_ids=inputs.positions,

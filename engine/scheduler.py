@@ -11,6 +11,9 @@ sampling draws token i from (seed, i), engine.sampler). A waiting sequence of a 
 also ranks ahead may preempt the last-ranked running one, for its blocks or for its batch slot
 (``max_num_seqs``); one of equal or lower class waits. A decode-side reservation of a higher class may do
 the same (``make_room``). Prefill-only sequences are never taken by a class (their KV is on its way out).
+With LoRA, one step holds at most ``max_loras`` distinct adapters (the device slots); a sequence whose adapter
+would need one more waits for a later step, keeping its place. Blocks are hashed with the adapter's name as the
+extra key and tagged with it; a sequence on a retired (unloaded or replaced) adapter neither hits nor caches.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Scheduler:
         max_num_seqs: int,
         hash_seed: int = 0,
         aging_s: float = DEFAULT_AGING_S,
+        max_loras: int = 0,
     ):
         self.pool = pool
         self.block_size = block_size
@@ -54,6 +58,7 @@ class Scheduler:
         self.waiting: list[tuple[tuple[float, int], Sequence]] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.max_loras = max_loras  # distinct adapters per step (0: no LoRA)
 
     # ---- queue management -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -88,15 +93,16 @@ class Scheduler:
         """Extend the sequence's hash chain and cache every full, computed block."""
         if len(seq.block_hashes) < seq.num_tokens // self.block_size:  # a block filled up since last time
             seq.block_hashes = block_hashes(
-                seq.all_token_ids, self.block_size, self.hash_seed, start=seq.block_hashes
+                seq.all_token_ids, self.block_size, self.hash_seed, seq.hash_extra, start=seq.block_hashes
             )
-        if not self.pool.enable_prefix_caching:
+        if not self.pool.enable_prefix_caching or (seq.lora is not None and seq.lora.retired):
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_hashes), len(seq.block_ids))
         hashed = self.pool.block_hash
+        tag = seq.lora.name if seq.lora is not None else None
         for i in range(num_full):
             if hashed[seq.block_ids[i]] is None:  # cache_block does nothing for a block with a hash
-                self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i])
+                self.pool.cache_block(seq.block_ids[i], seq.block_hashes[i], tag)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -137,19 +143,31 @@ class Scheduler:
     def _prefix_hit(self, seq: Sequence) -> list[int]:
         """Cached blocks for a fresh sequence, capped so at least one token is computed."""
         seq.block_hashes = block_hashes(
-            seq.all_token_ids, self.block_size, self.hash_seed, start=seq.block_hashes
+            seq.all_token_ids, self.block_size, self.hash_seed, seq.hash_extra, start=seq.block_hashes
         )
+        if seq.lora is not None and seq.lora.retired:
+            return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         return self.pool.find_cached_prefix(seq.block_hashes[:max_blocks])
+
+    def _lora_fits(self, seq: Sequence, loras: set[int]) -> bool:
+        """Whether ``seq``'s adapter fits this step's slots (``loras``: the adapters' uids taken so far)."""
+        lora = seq.lora
+        return lora is None or lora.uid in loras or len(loras) < self.max_loras
 
     # ---- the step -------------------------------------------------------------------------------
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         out: list[ScheduledSeq] = []
         self.running.sort(key=self._rank)
+        loras: set[int] = set()
+        deferred: list[tuple[tuple[float, int], Sequence]] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if not self._lora_fits(seq, loras):
+                i += 1  # its adapter would need one more slot than there are: a later step
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._blocks_for(seq.num_computed_tokens + n) - len(seq.block_ids)
             while need > 0 and not self.pool.can_allocate(need) and self.running[-1] is not seq:
@@ -162,8 +180,13 @@ class Scheduler:
             out.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
+            if seq.lora is not None:
+                loras.add(seq.lora.uid)
         while self.waiting and budget > 0:
             seq = self.waiting[0][1]
+            if not self._lora_fits(seq, loras):
+                deferred.append(heapq.heappop(self.waiting))
+                continue
             if len(self.running) >= self.max_num_seqs:  # no batch slot: only a higher class takes one
                 victim = self._victim_for(seq)
                 if victim is None:
@@ -194,4 +217,8 @@ class Scheduler:
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))
             budget -= n
+            if seq.lora is not None:
+                loras.add(seq.lora.uid)
+        for entry in deferred:
+            heapq.heappush(self.waiting, entry)
         return out

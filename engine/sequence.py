@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pdserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pdserve.engine.lora.adapter import LoRAAdapter
 
 
 class SequenceStatus(enum.Enum):
@@ -41,6 +45,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     sample_offset: int = 0  # tokens generated before this sequence existed (migration): seeds stay aligned
+    lora: LoRAAdapter | None = None  # the adapter it runs under (engine.lora), held until it finishes
+    hash_extra: bytes = b""  # extra key of its block hashes: engine.hashing.adapter_extra(adapter name)
     generator: torch.Generator | None = None
     # prefill-only requests stop after the first token and hold their blocks until released
     prefill_only: bool = False

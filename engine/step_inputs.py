@@ -18,6 +18,7 @@ class BatchItem:
     start_pos: int
     block_ids: list[int]
     needs_logits: bool
+    lora: object | None = None  # the LoRAAdapter this sequence runs under (engine.lora), None for the base
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pdserve.engine.attention import AttentionMetadata
+from pdserve.engine.lora.dense import LoRADecodeBuffers
 
 MAX_CACHED = 2  # shapes kept by an executor: decode batches change shape slowly
 RESIDENT_MIN_BYTES = 1 << 20  # per layer: below this a fresh gather costs next to nothing
@@ -96,6 +97,8 @@ class DecodeBuffers:
         self.tables = flat.as_strided((r, w), (w, 1), 5 * r)
         self.masks = {}
         self.resident, self.append, self.prev_lists = False, False, None
+        # each row's LoRA slot (engine.lora.dense), when the engine serves adapters
+        self.lora = LoRADecodeBuffers(ex.lora_slots, r, dev) if ex.lora_slots is not None else None
         if self.lean:
             self.block_rows = flat.as_strided((2 * r * w,), (1,), lean0)
             self.append_rows = flat.as_strided((r, 2, nkv), (2 * nkv, nkv, 1), lean0 + 2 * r * w)
@@ -139,9 +142,12 @@ class DecodeBuffers:
             n = spec.num_layers
             self.gathered, self.k_ctx, self.v_ctx = self.gathered * n, self.k_ctx * n, self.v_ctx * n
 
-    def fill(self, items) -> None:
+    def fill(self, items, lora_slots: list[int] | None = None) -> None:
         """Write one step's inputs on the host. Rows past ``len(items)`` repeat row 0 (a padded graph bucket:
-        the same inputs, the same KV written to the same slot)."""
+        the same inputs, the same KV written to the same slot). ``lora_slots``: each row's adapter slot (-1:
+        base), None when no adapter runs."""
+        if self.lora is not None:
+            self.lora.fill(lora_slots)
         bs, w = self.block_size, self.width
         ids, pos, kv, tables = [], [], [], []
         for it in items:
@@ -201,6 +207,8 @@ class DecodeBuffers:
         """Off CPU: one copy of the host inputs into the device buffers (on CPU the step reads them in place)."""
         if self.device.type != "cpu":
             self.flat.copy_(torch.from_numpy(self.host).pin_memory(), non_blocking=True)
+        if self.lora is not None and self.lora.active:
+            self.lora.upload()
 
 
 class BufferCache:

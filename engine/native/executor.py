@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 class NativeExecutor:
     def __init__(self, model: NativeCausalLM, kv_layers: list[torch.Tensor], block_size: int, backend: str,
-                 max_model_len: int):
+                 max_model_len: int, lora_slots=None):
         spec = model.spec
         self.model = model
         self.kv_layers = kv_layers
@@ -42,16 +42,18 @@ class NativeExecutor:
         self.buffers = BufferCache(self)
         self._arena: torch.Tensor | None = None
         self.graphs = None  # a DecodeGraphs when CUDA graphs are captured
+        self.lora_slots = lora_slots  # engine.lora.slots.LoRASlots when the engine serves adapters
 
     # ---- general path ---------------------------------------------------------------------------------
-    def forward(self, inputs, meta: AttentionMetadata) -> torch.Tensor:
-        """Any step (prefill chunks, decode, mixed) from the runner's StepInputs and metadata."""
+    def forward(self, inputs, meta: AttentionMetadata, lora=None) -> torch.Tensor:
+        """Any step (prefill chunks, decode, mixed) from the runner's StepInputs and metadata; ``lora``: the
+        step's LoRAStep (engine.lora.ops) when an adapter runs."""
         bs = self.block_size
         ids = inputs.input_ids.view(-1)
         k_rows = inputs.slot_blocks * (2 * bs) + inputs.slot_offsets
         kv_rows = torch.stack((k_rows + bs, k_rows), dim=1)  # V, then K: the order of the QKV columns
         cos, sin = self.model.cos_sin.index_select(0, inputs.positions.view(-1)).unbind(1)
-        step = NativeStep(meta, kv_rows, cos, sin, self.row_views)
+        step = NativeStep(meta, kv_rows, cos, sin, self.row_views, lora)
         rows = inputs.logit_rows
         return self.model(ids, step, None if rows.numel() == ids.shape[0] else rows)
 
@@ -60,15 +62,15 @@ class NativeExecutor:
     def is_decode(items) -> bool:
         return all(len(it.token_ids) == 1 and it.needs_logits for it in items)
 
-    def decode(self, items) -> torch.Tensor:
-        """A pure decode step: float32 logits [len(items), vocab]."""
+    def decode(self, items, lora_slots: list[int] | None = None) -> torch.Tensor:
+        """A pure decode step: float32 logits [len(items), vocab]. ``lora_slots``: each row's adapter slot."""
         if self.graphs is not None:
-            out = self.graphs.run(items)
+            out = self.graphs.run(items, lora_slots)
             if out is not None:
                 return out
         width = max(it.start_pos // self.block_size + 1 for it in items)
         bufs = self.buffers.get(len(items), width)
-        bufs.fill(items)
+        bufs.fill(items, lora_slots)
         bufs.upload()
         return self.decode_forward(bufs)
 

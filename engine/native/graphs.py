@@ -6,6 +6,9 @@ smallest bucket that fits (rows past the batch repeat row 0: they compute the sa
 slot), copies its host inputs to the device once and replays. Capture needs the triton backend (its decode kernel walks only each sequence's real context; the
 torch reference would gather the whole padded width). Any capture failure logs a warning and leaves the
 executor on the eager static path.
+
+With LoRA each bucket has two graphs over the same buffers: one without any LoRA work (base-only steps) and one
+with the dense multi-LoRA (engine.lora.dense), whose row -> slot indices are one more persistent input.
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ class DecodeGraphs:
         self.executor = executor
         self.width = executor.max_blocks
         self.buffers: dict[int, DecodeBuffers] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}  # (batch, with LoRA) -> logits
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
 
     @property
     def max_batch(self) -> int:
-        return max(self.graphs, default=0)
+        return max(self.buffers, default=0)
 
     def _new_buffers(self, batch: int) -> DecodeBuffers:
         bufs = DecodeBuffers(self.executor, batch, self.width)
@@ -46,32 +49,38 @@ class DecodeGraphs:
     def capture(self, sizes: list[int]) -> None:
         ex = self.executor
         pool = None
+        modes = (False, True) if ex.lora_slots is not None else (False,)
         for batch in sorted(sizes, reverse=True):  # largest first: the smaller ones reuse its memory pool
-            bufs = self._new_buffers(batch)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.inference_mode(), torch.cuda.stream(stream):
-                for _ in range(2):  # compiles the triton kernels, settles the allocator
-                    ex.decode_forward(bufs)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-                out = ex.decode_forward(bufs)
-            pool = graph.pool()
-            self.buffers[batch], self.outputs[batch], self.graphs[batch] = bufs, out, graph
+            bufs = self.buffers[batch] = self._new_buffers(batch)
+            for lora in modes:
+                if bufs.lora is not None:  # slots -1 during capture: every row on the base (a zero delta)
+                    bufs.lora.active = lora
+                    bufs.lora.upload()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.inference_mode(), torch.cuda.stream(stream):
+                    for _ in range(2):  # compiles the triton kernels, settles the allocator
+                        ex.decode_forward(bufs)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                    out = ex.decode_forward(bufs)
+                pool = graph.pool()
+                self.outputs[(batch, lora)], self.graphs[(batch, lora)] = out, graph
         torch.cuda.synchronize()
 
-    def run(self, items) -> torch.Tensor | None:
+    def run(self, items, lora_slots: list[int] | None = None) -> torch.Tensor | None:
         """Logits [len(items), vocab] from the smallest fitting bucket, or None when none fits."""
         n = len(items)
-        batch = next((b for b in sorted(self.graphs) if b >= n), None)
+        batch = next((b for b in sorted(self.buffers) if b >= n), None)
         if batch is None:
             return None
+        key = (batch, lora_slots is not None)
         bufs = self.buffers[batch]
-        bufs.fill(items)
+        bufs.fill(items, lora_slots)
         bufs.upload()
-        self.graphs[batch].replay()
-        return self.outputs[batch][:n]
+        self.graphs[key].replay()
+        return self.outputs[key][:n]
 
 
 def capture_decode_graphs(executor, max_num_seqs: int) -> DecodeGraphs | None:

@@ -43,6 +43,7 @@ class NativeStep:
     cos: torch.Tensor  # [T, 1, D]
     sin: torch.Tensor  # [T, 1, D]
     row_views: list[torch.Tensor]  # per layer: the cache as [num_blocks * 2 * block_size, Hkv, D]
+    lora: object | None = None  # a LoRAStep (engine.lora.ops) when an adapter runs in this step
 
 
 def _proj(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out=None) -> torch.Tensor:
@@ -84,6 +85,9 @@ class NativeLayer(nn.Module):
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = torch.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
         qkv = _proj(x, self.qkv_weight_t, self.qkv_bias)  # [T, V | Q | K]
+        lora = step.lora
+        if lora is not None:  # each of q, k and v's deltas into its columns, before RoPE and the cache write
+            lora.add_fused(self.layer_idx, "qkv", x, qkv)
         t, width = qkv.shape
         off, kd = qkv.storage_offset(), nkv * d
         qk = qkv.as_strided((t, nh + nkv, d), (width, d, 1), off + kd)
@@ -101,12 +105,15 @@ class NativeLayer(nn.Module):
         q = qkv.as_strided((t, nh, d), (width, d, 1), off + kd)
         cache = meta.kv_caches[self.layer_idx]
         o = BACKENDS[meta.backend](cache, meta, q, self.scale, self.window, None).reshape(t, nh * d)
-        return self._mlp(self._o_proj(hidden, o), None)
+        return self._mlp(self._o_proj(hidden, o, lora), None, lora)
 
-    def decode(self, hidden: torch.Tensor, bufs) -> torch.Tensor:
-        """The static decode step over ``DecodeBuffers`` (engine.native.decode)."""
+    def decode(self, hidden: torch.Tensor, bufs, lora=None) -> torch.Tensor:
+        """The static decode step over ``DecodeBuffers`` (engine.native.decode); ``lora``: its
+        LoRADecodeBuffers when an adapter runs in this step."""
         x = torch.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
         _proj(x, self.qkv_weight_t, self.qkv_bias, out=bufs.qkv)
+        if lora is not None:
+            lora.add_fused(self.layer_idx, "qkv", x, bufs.qkv)
         src = bufs.qk
         if self.qk_norm is not None:
             src = torch.rms_norm(src, (self.head_dim,), None, self.eps) * self.qk_norm
@@ -124,28 +131,36 @@ class NativeLayer(nn.Module):
         else:
             meta = bufs.meta
             o = BACKENDS[meta.backend](meta.kv_caches[i], meta, bufs.q_heads, self.scale, self.window, None)
-        return self._mlp(self._o_proj(hidden, o.reshape(hidden.shape[0], -1)), bufs)
+        return self._mlp(self._o_proj(hidden, o.reshape(hidden.shape[0], -1), lora), bufs, lora)
 
-    def _o_proj(self, hidden: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    def _o_proj(self, hidden: torch.Tensor, o: torch.Tensor, lora) -> torch.Tensor:
         hidden = torch.addmm(hidden, o, self.o_weight_t)
         if self.o_bias is not None:
             hidden = hidden + self.o_bias
+        if lora is not None:
+            lora.add(self.layer_idx, "o_proj", o, hidden)
         return hidden
 
-    def _mlp(self, hidden: torch.Tensor, bufs) -> torch.Tensor:
+    def _mlp(self, hidden: torch.Tensor, bufs, lora) -> torch.Tensor:
         x = torch.rms_norm(hidden, (hidden.shape[-1],), self.post_norm, self.eps)
         if bufs is None:
             up_gate = _proj(x, self.gate_up_weight_t, self.gate_up_bias)
+            if lora is not None:
+                lora.add_fused(self.layer_idx, "gate_up", x, up_gate)
             t, i2 = up_gate.shape
             gate = up_gate.as_strided((t, i2 // 2), (i2, 1), up_gate.storage_offset() + i2 // 2)
             act = F.glu(up_gate, dim=-1)
         else:
             up_gate = _proj(x, self.gate_up_weight_t, self.gate_up_bias, out=bufs.up_gate)
+            if lora is not None:
+                lora.add_fused(self.layer_idx, "gate_up", x, up_gate)
             gate, act = bufs.gate, torch.ops.aten.glu.out(up_gate, -1, out=bufs.act)
         act.mul_(gate)  # up * sigmoid(gate) * gate == silu(gate) * up
         hidden = torch.addmm(hidden, act, self.down_weight_t)
         if self.down_bias is not None:
             hidden = hidden + self.down_bias
+        if lora is not None:
+            lora.add(self.layer_idx, "down_proj", act, hidden)
         return hidden
 
 
@@ -203,8 +218,11 @@ class NativeCausalLM(nn.Module):
         torch.add(self.rope_pattern, bufs.pos3, alpha=self.rope_row_len, out=bufs.rope_idx)
         torch.take(self.rope_rows, bufs.rope_idx, out=bufs.rope)
         hidden = F.embedding(bufs.ids, self.embed)
+        lora = bufs.lora if bufs.lora is not None and bufs.lora.active else None
+        if lora is not None:
+            lora.prepare()
         for layer in self.layers:
-            hidden = layer.decode(hidden, bufs)
+            hidden = layer.decode(hidden, bufs, lora)
         return self._logits(hidden)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
