@@ -13,10 +13,10 @@ import sys
 import time
 
 from pdserve.deploy import cli_checks as checks
+from pdserve.deploy import cli_classes, cli_models
 from pdserve.deploy.cli_checks import UsageError
 from pdserve.deploy.cli_client import DEFAULT_ROUTER_PORT, run_and_print, sampling_args, sampling_from
 from pdserve.engine import env
-from pdserve.engine.models import DEFAULT_MODEL
 
 
 class Stop(BaseException):
@@ -56,8 +56,7 @@ def add_up_parser(sub, router_policy_args, tls_args) -> argparse.ArgumentParser:
     c.add_argument("--ready-timeout", type=float, default=180.0, help="seconds each process has to become ready")
     c.add_argument("-v", "--verbose", action="store_true", help="echo every process's log lines")
     e = up.add_argument_group("engine (every worker)")
-    e.add_argument("--model", default=DEFAULT_MODEL,
-                   help="preset name (tiny-chat, the default: trained, readable; tiny, tiny-qwen2, ...: random), local HF directory or hub id")
+    cli_models.add_up_args(e)  # --model [NAME=]PATH[:PREFILL:DECODE] (repeatable), --lora, --max-loras, --route
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16")
     e.add_argument("--max-num-seqs", type=checks.positive_int, default=64, help="sequences per engine step at most")
@@ -66,8 +65,10 @@ def add_up_parser(sub, router_policy_args, tls_args) -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-mib", type=checks.positive_int, default=256, help="KV cache per worker, MiB")
     e.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"], help="KV transfer backend")
     e.add_argument("--no-shm", action="store_true", help="tcp: disable the same-host shared-memory path")
+    cli_classes.add_worker_args(e)
     r = up.add_argument_group("router")
     router_policy_args(r)
+    cli_classes.add_router_args(up)
     t = up.add_argument_group("TLS (every process)")
     tls_args(t)
     g = up.add_argument_group("one request")
@@ -89,7 +90,7 @@ def _check(a: argparse.Namespace):
     """Everything that can be checked before a process starts. Returns (TlsConfig | None, api keys)."""
     from pdserve.serving.rpc import TlsConfig
 
-    checks.check_model(a.model)
+    cli_models.up_pools(a)  # every model, adapter and route flag
     checks.check_device(a.device)
     checks.check_port_free("--port", a.host, a.port)
     if a.metrics_port > 0 and a.metrics_port == a.port:
@@ -101,6 +102,7 @@ def _check(a: argparse.Namespace):
         checks.check_port_free("--http-port", a.host, a.http_port)
     if a.ready_timeout <= 0:
         raise UsageError(f"--ready-timeout: must be > 0, got {a.ready_timeout}")
+    cli_classes.router_kwargs(a)  # the router's request-class flags, checked before anything starts
     try:
         tls = TlsConfig(a.tls_cert, a.tls_key, a.tls_ca, a.tls_server_name)
     except ValueError as e:
@@ -129,7 +131,9 @@ def _router_args(a: argparse.Namespace) -> list[str]:
         args += ["--default-rate", a.default_rate]
     if a.api_keys:
         args += ["--api-keys", a.api_keys]
-    return args
+    for route in a.route:
+        args += ["--route", route]
+    return args + cli_classes.forward_router_args(a)
 
 
 def _worker_args(a: argparse.Namespace) -> list[str]:
@@ -140,7 +144,7 @@ def _worker_args(a: argparse.Namespace) -> list[str]:
         args += ["--metrics-port", "-1"]
     if a.no_shm:
         args.append("--no-shm")
-    return args
+    return args + cli_classes.forward_worker_args(a)
 
 
 def describe(cluster, host: str) -> list[str]:
@@ -162,17 +166,20 @@ def cmd_up(a: argparse.Namespace) -> int:
     from pdserve.deploy.supervisor import ClusterFailed, Supervisor
 
     tls, keys = _check(a)
+    pools = cli_models.up_pools(a)
     install_stop_signals()
     cluster = LocalCluster(
-        a.prefill, a.decode, a.model, a.device, a.transfer, a.policy, extra_worker_args=_worker_args(a),
+        a.prefill, a.decode, pools[0].path, a.device, a.transfer, a.policy, extra_worker_args=_worker_args(a),
         router_args=_router_args(a), echo=a.verbose, ready_timeout_s=a.ready_timeout, host=a.host,
         router_port=a.port, http_port=a.http_port, gateway_args=["--log-format", a.log_format, *_tls_flags(a)],
+        pools=pools, max_loras=a.max_loras, enable_lora=a.enable_lora,
     )
     t0 = time.monotonic()
     try:
         with cluster:
-            print(f"pdserve up: cluster ready in {time.monotonic() - t0:.1f}s (model {a.model}, {a.prefill} prefill, "
-                  f"{a.decode} decode, transfer {a.transfer})", flush=True)
+            sizes = ", ".join(f"model {p.name}: {p.num_prefill} prefill, {p.num_decode} decode" for p in pools)
+            print(f"pdserve up: cluster ready in {time.monotonic() - t0:.1f}s ({sizes}, transfer {a.transfer})",
+                  flush=True)
             print("\n".join(describe(cluster, a.host)), flush=True)
             if cluster.gateway_url:
                 print(f"pdserve up: OpenAI-compatible API at {cluster.gateway_url}", flush=True)

@@ -23,6 +23,10 @@ reads nor stores; ``refresh`` does not read, computes and stores (replacing the 
 stored answer (coalesced into messages of about ``CHUNK_TOKENS`` tokens) with ``cached = true`` on the last
 message, empty worker names and timings of the hit itself; metrics ``pdserve_router_response_cache_hits_total``
 and ``..._misses_total`` count lookups of cacheable requests in ``use`` mode.
+
+With a semantic index (router.semantic_cache, off by default) an exact miss in ``use`` mode is looked up
+again by prompt similarity among the entries that differ from it only in their prompt; a hit replays that
+entry with ``cache_similarity`` (1.0 for an exact hit) on the last message.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pdserve.engine.errors import InvalidRequestError
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.request import ClientRequest
+from pdserve.router.semantic_cache import SemanticIndex
 
 HITS = Counter("pdserve_router_response_cache_hits_total", "Cacheable requests answered from the response cache")
 MISSES = Counter("pdserve_router_response_cache_misses_total", "Cacheable requests the response cache did not hold")
@@ -114,8 +119,10 @@ class _Recorder:
 
 
 class ResponseCache:
-    def __init__(self, cfg: CacheConfig, model: str = "", clock: Callable[[], float] = time.monotonic):
+    def __init__(self, cfg: CacheConfig, model: str = "", clock: Callable[[], float] = time.monotonic,
+                 semantic: SemanticIndex | None = None):
         self.cfg = cfg
+        self.semantic = semantic
         self.model = model
         self.clock = clock
         self.entries: OrderedDict[bytes, _Entry] = OrderedDict()
@@ -126,6 +133,12 @@ class ResponseCache:
     # ---- keys and entries -------------------------------------------------------------------------
     def key(self, req: ClientRequest) -> bytes | None:
         """The request's cache key, or None when its answer is not deterministic."""
+        keys = self.keys(req)
+        return None if keys is None else keys[1]
+
+    def keys(self, req: ClientRequest) -> tuple[bytes, bytes] | None:
+        """(bucket, key): the bucket digests everything but the prompt (model, tenant scope, sampling), the key
+        adds the prompt's token ids. None when the answer is not deterministic."""
         params = req.sampling
         if not is_deterministic(params):
             return None
@@ -136,8 +149,9 @@ class ResponseCache:
         for part in (self.model.encode(), scope, repr(params).encode()):
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
+        bucket = h.digest()
         h.update(array.array("q", req.token_ids).tobytes())
-        return h.digest()
+        return bucket, h.digest()
 
     def get(self, key: bytes) -> list[bytes] | None:
         entry = self.entries.get(key)
@@ -165,6 +179,8 @@ class ResponseCache:
 
     def _drop(self, key: bytes) -> None:
         entry = self.entries.pop(key)
+        if self.semantic is not None:
+            self.semantic.forget(key)
         self.num_bytes -= entry.num_bytes
         STORED_BYTES.set(self.num_bytes)
 
@@ -173,35 +189,47 @@ class ResponseCache:
                       ) -> AsyncIterator[pb.GenerateResponse]:
         """``responses`` (the live answer, not started yet) through the cache: replayed on a hit, recorded on a
         miss."""
-        key = None if mode == "bypass" else self.key(req)
-        if key is None:
+        keys = None if mode == "bypass" else self.keys(req)
+        if keys is None:
             async for resp in responses:
                 yield resp
             return
+        bucket, key = keys
+        vec = None
         if mode == "use":
             t0 = self.clock()
-            chunks = self.get(key)
+            chunks, similarity = self.get(key), 1.0
             if chunks is not None:
                 self.num_hits += 1
                 HITS.inc()
-                for resp in self._replay(chunks, req.request_id, t0):
+            else:
+                self.num_misses += 1
+                MISSES.inc()
+                if self.semantic is not None:
+                    vec = await self.semantic.embed(req)
+                    found = self.semantic.lookup(bucket, vec, alive=lambda k: k in self.entries)
+                    if found is not None:
+                        chunks, similarity = self.get(found[0]), found[1]
+            if chunks is not None:
+                for resp in self._replay(chunks, req, t0, similarity):
                     yield resp
                 return
-            self.num_misses += 1
-            MISSES.inc()
         recorder = _Recorder()
         async for resp in responses:
             recorder.add(resp)
             yield resp
-        if recorder.complete:
-            self.put(key, recorder.chunks)
+        if recorder.complete and self.put(key, recorder.chunks) and self.semantic is not None:
+            self.semantic.add(bucket, key, vec if vec is not None else await self.semantic.embed(req))
 
-    def _replay(self, chunks: list[bytes], request_id: str, t0: float) -> Iterator[pb.GenerateResponse]:
+    def _replay(self, chunks: list[bytes], req: ClientRequest, t0: float, similarity: float
+                ) -> Iterator[pb.GenerateResponse]:
         for i, data in enumerate(chunks):
             resp = pb.GenerateResponse.FromString(data)
-            resp.request_id = request_id
+            resp.request_id = req.request_id
             if i == len(chunks) - 1:
                 resp.cached = True
+                resp.cache_similarity = similarity
+                resp.usage.prompt_tokens = len(req.token_ids)  # a semantic hit answers a prompt of its own
                 elapsed = max(0.0, self.clock() - t0)
                 resp.timings.first_token_s = resp.timings.total_s = elapsed
             yield resp

@@ -19,10 +19,12 @@ from pdserve.router.batch_service import BatchServicer, default_db_path
 from pdserve.router.chat import ChatTemplate
 from pdserve.router.edge import follow
 from pdserve.router.membership import Membership, Worker
+from pdserve.router.models import load_catalog
 from pdserve.router.policy import PairPolicy
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request import MAX_MESSAGE_BYTES
 from pdserve.router.response_cache import CacheConfig, ResponseCache
+from pdserve.router.semantic_cache import SemanticConfig, SemanticIndex
 from pdserve.router.service import GenerationServicer
 from pdserve.serving.cluster_auth import REGISTER, ClusterAuthInterceptor, ClusterCredential, method_name
 from pdserve.serving.observability import serve_metrics
@@ -51,9 +53,14 @@ class RouterConfig:
     api_keys: dict = field(default_factory=dict)
     dns: tuple[tuple[str, str], ...] = ()  # (role, "host:port") headless-Service discovery
     response_cache: CacheConfig = field(default_factory=CacheConfig)  # max_bytes 0: off (router.response_cache)
+    semantic_cache: SemanticConfig = field(default_factory=SemanticConfig)  # threshold 0: off
     batch_db: str = ""  # SQLite file of batch jobs ("": batch.sqlite3 in the cache dir; router.batch_service)
     batch_concurrency: int = 8  # batch requests in flight at most (fewer while interactive load is high)
     cluster_secret: str | None = None  # tokens on every call to workers; Register needs one (serving.cluster_auth)
+    # several base models (router.models): (name, path) each, the first the default; empty: ``model`` alone.
+    # ``model`` is then the default's path (its tokenizer also serves the response cache and the batch service)
+    models: tuple[tuple[str, str], ...] = ()
+    routes: tuple[str, ...] = ()  # traffic splits, "NAME=MODEL:WEIGHT,..." (router.routes)
 
     def __post_init__(self) -> None:
         if self.local_prefill_tokens < 0:
@@ -104,6 +111,15 @@ class IndexFeeds:
             t.cancel()
 
 
+async def _semantic_index(cfg: SemanticConfig, tokenizer) -> SemanticIndex | None:
+    if not cfg.enabled:
+        return None
+    from pdserve.router.embedder import SentenceEmbedder
+
+    embedder = await asyncio.to_thread(SentenceEmbedder, cfg.model_dir or None)
+    return SemanticIndex(cfg, embedder, lambda req: tokenizer.decode(list(req.token_ids)))
+
+
 async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: asyncio.Event | None = None) -> None:
     path = resolve_tokenizer(cfg.model)
     tokenizer = await asyncio.to_thread(load_light_tokenizer, path)
@@ -126,12 +142,15 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     if cfg.api_keys:
         interceptors.append(ApiKeyInterceptor(cfg.api_keys, exempt=(REGISTER,) if credential is not None else ()))
     server, port, health = create_server(cfg.addr, SERVICES, cfg.tls, interceptors, max_receive_bytes=MAX_MESSAGE_BYTES)
+    catalog = await load_catalog(membership, cfg.models or ((cfg.model, cfg.model),), cfg.routes, (tokenizer, chat))
     policy = PairPolicy(cfg.policy, index, local_prefill_tokens=cfg.local_prefill_tokens, saturation_s=cfg.saturation_s)
     admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s, retry_after_s=max(0.1, cfg.poll_interval_s))
+    response_cache = None
+    if cfg.response_cache.max_bytes:
+        response_cache = ResponseCache(cfg.response_cache, cfg.model,
+                                       semantic=await _semantic_index(cfg.semantic_cache, tokenizer))
     generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries,
-                                    chat=chat, model=cfg.model,
-                                    response_cache=ResponseCache(cfg.response_cache, cfg.model)
-                                    if cfg.response_cache.max_bytes else None)
+                                    chat=chat, model=cfg.model, catalog=catalog, response_cache=response_cache)
     add_public_servicer(server, generation, "Generation")
     # Admin too goes through generic handlers: besides the never-failing deserializers, every method
     # registered with the server is one more future its accept loop waits on for every incoming RPC.

@@ -7,7 +7,8 @@ model name) are forwarded and refused there, so both APIs refuse the same things
 - ``n`` and a list of prompts fan out: choice ``i * n + j`` is prompt ``i``'s ``j``-th sample. With a
   ``seed``, sample ``j`` uses ``seed + j``, so the choices differ yet the request stays reproducible.
 - ``user`` is the router's tenant (with API keys, it must be the key's own tenant, else 403).
-- Extensions (as vLLM names them): ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``.
+- Extensions (as vLLM names them): ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``; and
+  pdserve's ``cache``: ``"use"`` (default), ``"bypass"`` or ``"refresh"``, the router's response cache mode.
 - Fields with no equivalent are refused when set to anything but their default (``echo``, ``suffix``,
   ``best_of``, penalties, ``logit_bias``, tools, a non-text ``response_format``); unknown fields are ignored.
 """
@@ -27,6 +28,7 @@ MAX_LOGPROBS = 20
 MAX_TENANT_LEN = 256
 CHAT_ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+CACHE_MODES = {"use": pb.CACHE_USE, "bypass": pb.CACHE_BYPASS, "refresh": pb.CACHE_REFRESH}
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +216,9 @@ def parse(body, kind: str, default_chat_max_tokens: int | None = None) -> Plan:
     user = body.get("user")
     if user is not None and (not isinstance(user, str) or len(user) > MAX_TENANT_LEN):
         raise bad_field("user", f"expected a string of at most {MAX_TENANT_LEN} characters")
+    cache = body.get("cache", "use")
+    if not isinstance(cache, str) or cache not in CACHE_MODES:
+        raise bad_field("cache", f"expected one of {', '.join(map(repr, CACHE_MODES))}, got {cache!r}")
     sampling, logprobs = _sampling(body, kind, default_chat_max_tokens if kind == "chat" else None)
     inputs: list = [messages_of(body)] if kind == "chat" else prompts_of(body)
     if len(inputs) * n > MAX_CHOICES:
@@ -222,7 +227,8 @@ def parse(body, kind: str, default_chat_max_tokens: int | None = None) -> Plan:
     requests = []
     for i, source in enumerate(inputs):
         for j in range(n):
-            req = pb.GenerateRequest(request_id=f"{rid}-{i * n + j}", model=model or "", tenant=user or "")
+            req = pb.GenerateRequest(request_id=f"{rid}-{i * n + j}", model=model or "", tenant=user or "",
+                                     cache=CACHE_MODES[cache])
             req.sampling.CopyFrom(sampling)
             if j and sampling.HasField("seed"):
                 req.sampling.seed = sampling.seed + j

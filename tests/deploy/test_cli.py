@@ -149,3 +149,23 @@ def test_client_and_parser_import_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_up_forwards_the_request_class_flags_to_its_router_and_workers():
+    from pdserve.cli import build_parser
+    from pdserve.deploy.cli_up import _router_args, _worker_args
+
+    a = build_parser().parse_args(["up", "--response-cache-mib", "16", "--response-cache-ttl-s", "30",
+                                   "--cache-shared-tenants", "a,b", "--semantic-cache-threshold", "0.9",
+                                   "--batch-db", "/tmp/x.sqlite3", "--batch-concurrency", "3",
+                                   "--priority-aging-s", "5"])
+    r = _router_args(a)
+    for flag, value in (("--response-cache-mib", "16"), ("--response-cache-ttl-s", "30.0"),
+                        ("--cache-shared-tenants", "a,b"), ("--semantic-cache-threshold", "0.9"),
+                        ("--batch-db", "/tmp/x.sqlite3"), ("--batch-concurrency", "3")):
+        assert r[r.index(flag) + 1] == value, flag
+    w = _worker_args(a)
+    assert w[w.index("--priority-aging-s") + 1] == "5.0"
+    # the forwarded flags parse as the router's own
+    routed = build_parser().parse_args(["router", *r])
+    assert routed.semantic_cache_threshold == 0.9 and routed.response_cache_mib == 16

@@ -154,3 +154,13 @@ def test_a_dead_router_is_503_and_health_says_so():
 
     status, body, health = asyncio.run(go())
     assert status == 503 and body["error"]["type"] == "service_unavailable" and health == 503
+
+
+def test_the_cache_extension_sets_the_router_cache_mode_and_a_bad_one_is_a_400():
+    assert parse({"prompt": "a"}, "completion").requests[0].cache == pb.CACHE_USE
+    for name, mode in (("use", pb.CACHE_USE), ("bypass", pb.CACHE_BYPASS), ("refresh", pb.CACHE_REFRESH)):
+        plan = parse({"messages": [{"role": "user", "content": "hi"}], "n": 2, "cache": name}, "chat")
+        assert [r.cache for r in plan.requests] == [mode, mode]
+    for bad in ("never", 1, ["use"]):
+        with pytest.raises(GatewayError, match="cache"):
+            parse({"prompt": "a", "cache": bad}, "completion")
