@@ -9,9 +9,9 @@ takes the most similar entry of its bucket when that answer is still in the resp
 cache inherits the response cache's TTL, byte budget, tenant isolation and ``cache`` modes (``refresh`` and
 ``bypass`` never read it), and only deterministic requests take part.
 
-Risks (README, "Semantic cache"): two prompts that embed alike can still ask different things ("the capital
-of France" and "the capital of Germany" are ~0.9 apart with all-MiniLM-L6-v2), so a threshold set too low
-serves a wrong answer with ``cached = true``; long prompts are compared by their first ``max_seq_length``
+Risks (README, "Semantic cache"): two prompts that embed alike can still ask different things ("Convert 10
+miles to kilometers" and "Convert 10 kilometers to miles" are 0.992 alike with all-MiniLM-L6-v2), so some
+wrong answers are served with ``cached = true`` at any threshold; long prompts are compared by their first ``max_seq_length``
 embedding tokens only; an embedding costs ~5-20 ms of router CPU per cacheable miss.
 """
 
