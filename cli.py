@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from pdserve.deploy import cli_checks as checks
-from pdserve.deploy import cli_classes
+from pdserve.deploy import cli_classes, cli_models
 from pdserve.deploy.cli_checks import OneLineParser, UsageError
 from pdserve.engine import env
 from pdserve.engine.models import DEFAULT_MODEL
@@ -78,6 +78,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug-kv-cut-every", type=int, default=0, metavar="N",
                    help="fault injection: cut the KV connection midway through every Nth transfer sent (0: never)")
     cli_classes.add_worker_args(p)
+    cli_models.add_worker_args(p)
     _ops_args(p)
 
 
@@ -99,6 +100,7 @@ def _configs(a: argparse.Namespace):
         load_format=a.load_format,
         model_impl=a.model_impl, cuda_graphs=a.cuda_graphs == "on",
         priority_aging_s=a.priority_aging_s,
+        **cli_models.engine_kwargs(a),
     )
     transfer = TransferConfig(
         backend=a.transfer,
@@ -130,6 +132,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
     checks.check_cluster_secret(f"{a.cmd} worker", a.host, env.cluster_secret())  # before any output
     _setup_logging(a.cmd, a.log_format)
     _setup_tracing(a.cmd, a)
+    served = cli_models.served_model(a)
     secret = _cluster_secret(f"{a.cmd} worker", a.host)
     engine, transfer = _configs(a)
     if a.cmd == "prefill":
@@ -137,12 +140,13 @@ def cmd_worker(a: argparse.Namespace) -> int:
     else:
         from pdserve.decode.server import serve
     _run(serve(engine, transfer, f"{a.host}:{a.port}", routers=tuple(a.router), step_delay_s=a.debug_step_delay_ms / 1000,
-                 metrics_port=a.metrics_port, tls=_tls(a), advertise_host=a.advertise_host, cluster_secret=secret))
+                 metrics_port=a.metrics_port, tls=_tls(a), advertise_host=a.advertise_host, cluster_secret=secret,
+                 served_model=served))
     return 0
 
 
 def cmd_router(a: argparse.Namespace) -> int:
-    checks.check_model(a.model)
+    models = cli_models.router_kwargs(a)
     checks.check_port_free("--port", a.host, a.port)
     checks.check_port_free("--metrics-port", a.host, a.metrics_port)
     checks.check_cluster_secret("router", a.host, env.cluster_secret())
@@ -159,7 +163,7 @@ def cmd_router(a: argparse.Namespace) -> int:
     if a.default_rate:
         default_rate = parse_tenant_rates([f"*={a.default_rate}"])["*"]
     cfg = RouterConfig(
-        model=a.model,
+        **models,
         prefill=tuple(prefill),
         decode=tuple(decode),
         addr=f"{a.host}:{a.port}",
@@ -268,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         w.set_defaults(fn=cmd_worker)
 
     r = sub.add_parser("router", help="run the router")
-    r.add_argument("--model", default=DEFAULT_MODEL, help="the model whose tokenizer the router uses")
+    cli_models.add_router_args(r)
     r.add_argument("--prefill", action="append", default=[], help="prefill worker host:port (repeatable)")
     r.add_argument("--decode", action="append", default=[], help="decode worker host:port (repeatable)")
     r.add_argument("--config", help='JSON file {"prefill": [...], "decode": [...]}')

@@ -44,7 +44,7 @@ class PrefillClient:
             return await self.stub(request.prefill_address).Prefill(
                 pb.PrefillRequest(
                     request_id=rid, token_ids=request.token_ids, sampling=request.sampling,
-                    priority=request.priority, num_prior_tokens=request.num_prior_tokens,
+                    priority=request.priority, num_prior_tokens=request.num_prior_tokens, lora_name=request.lora_name,
                     target=pb.KVTarget(endpoint=self.kv_endpoint, block_ids=block_ids, transfer_id=rid,
                                        worker_id=self.identity.worker_id),
                 ),

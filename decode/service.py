@@ -100,12 +100,15 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 self.claims.drop(rid, claim)  # nothing was reserved: _reserve raises before it holds blocks
             await abort_with(context, e)
 
-    async def _reserve(self, rid: str, tokens: list[int], params: SamplingParams, priority: int | None = None):
-        """Hold blocks for the prompt's KV (preempting lower classes, engine.reserve), expect the KV there."""
+    async def _reserve(self, rid: str, tokens: list[int], params: SamplingParams, priority: int | None = None,
+                       lora_name: str = ""):
+        """Hold blocks for the prompt's KV (preempting lower classes, engine.reserve), expect the KV there. An
+        unknown adapter is refused before any block is held."""
+        lora = {"lora_name": lora_name} if lora_name else {}
 
         def reserve(engine):
             engine.validate(tokens, params)
-            return engine.reserve(rid, len(tokens), priority)
+            return engine.reserve(rid, len(tokens), priority, **lora)
 
         block_ids = await self.loop.acall(reserve)
         self.receiver.expect(rid, block_ids)
@@ -170,6 +173,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 request.num_cached_tokens = leg.num_cached_tokens
                 if leg.HasField("first_logprob"):
                     request.first_logprob.CopyFrom(leg.first_logprob)
+            lora = {"lora_name": request.lora_name} if request.lora_name else {}  # the base model: no keyword
             if request.prefilled:
                 self.deadlines.pop(rid, None)
                 head.transfer_wait_s = await self._wait_transfer(rid)
@@ -179,12 +183,13 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 def add(engine):
                     return engine.add_prefilled_request(
                         rid, tokens, request.first_token_id, params, request.priority, first_lp,
-                        request.num_cached_tokens, request.num_prior_tokens,
+                        request.num_cached_tokens, request.num_prior_tokens, **lora,
                     )
             else:
 
                 def add(engine):
-                    return engine.add_request(rid, tokens, params, request.priority, sample_offset=request.num_prior_tokens)
+                    return engine.add_request(rid, tokens, params, request.priority,
+                                              sample_offset=request.num_prior_tokens, **lora)
 
             t_add = time.monotonic()
             async for out in self.loop.stream(rid, add):
@@ -223,10 +228,14 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
 
     async def _remote_prefill(self, rid: str, tokens: list[int], params: SamplingParams, request: pb.DecodeRequest):
         """Decode-driven disaggregation: reserve blocks here, have the prefill worker fill them."""
-        block_ids = await self._reserve(rid, tokens, params, request.priority)
+        block_ids = await self._reserve(rid, tokens, params, request.priority, request.lora_name)
         return await self.prefill.prefill(rid, request, block_ids)
 
     async def _wait_transfer(self, rid: str) -> float:
         t0 = time.monotonic()
-        await asyncio.to_thread(self.receiver.wait, rid, self.transfer_timeout_s)
-        return time.monotonic() - t0
+        stats = await asyncio.to_thread(self.receiver.wait, rid, self.transfer_timeout_s)
+        t1 = time.monotonic()
+        # the receiving end of the KV transfer, under the span the sender's BEGIN named (else this call's)
+        tracing.record("kv_receive", stats.traceparent or tracing.CURRENT.get(), t0, t1,
+                       {"kv.bytes": stats.num_bytes, "kv.path": stats.path, "kv.resends": stats.resends})
+        return t1 - t0

@@ -202,7 +202,11 @@ class LocalCluster:
     ``host`` is where every process binds; ``router_port`` 0 picks a free port. ``procs`` keeps one ``Proc``
     per child in start order (workers, then routers, then the gateway); a supervisor restarts a child in place
     (``respawn``). With ``http_port`` (0: any free port) an OpenAI-compatible gateway fronts the first router
-    (``gateway_args``: more of its flags, e.g. TLS to the router); ``gateway_url`` is its base URL."""
+    (``gateway_args``: more of its flags, e.g. TLS to the router); ``gateway_url`` is its base URL.
+
+    ``pools`` (``deploy.cli_models.ModelPool`` each) runs several base models, each with its own prefill and decode
+    workers (and adapters loaded at start), and names them all to the router; then ``num_prefill``, ``num_decode``
+    and ``model`` are unused."""
 
     def __init__(
         self,
@@ -221,7 +225,15 @@ class LocalCluster:
         router_port: int = 0,
         http_port: int | None = None,
         gateway_args: list[str] | None = None,
+        pools: list | None = None,
+        max_loras: int = 4,
+        enable_lora: bool = False,
     ):
+        self.pools = list(pools or [])
+        self.max_loras = max_loras
+        self.enable_lora = enable_lora  # pools' workers accept adapters at run time
+        if self.pools:
+            model, num_prefill, num_decode = self.pools[0].path, 0, 1
         if num_decode < 1:
             raise ValueError("num_decode: a cluster needs at least one decode worker")
         if num_prefill < 0:
@@ -248,12 +260,24 @@ class LocalCluster:
         self.router_address = ""
         self.gateway_url = ""
 
-    def worker_args(self) -> list[str]:
-        return ["--model", self.model, "--device", self.device, "--transfer", self.transfer, "--host", self.host,
-                *self.extra]
+    def worker_args(self, pool=None) -> list[str]:
+        from pdserve.deploy.cli_models import pool_worker_args
+
+        model = pool_worker_args(pool, self.max_loras, self.enable_lora) if pool is not None else ["--model", self.model]
+        return [*model, "--device", self.device, "--transfer", self.transfer, "--host", self.host, *self.extra]
+
+    def _worker_specs(self) -> list[tuple[str, list[str]]]:
+        """(role, flags) of every worker, prefill first."""
+        if not self.pools:
+            return [("prefill", self.worker_args())] * self.num_prefill + [("decode", self.worker_args())] * self.num_decode
+        specs = [("prefill", self.worker_args(p)) for p in self.pools for _ in range(p.num_prefill)]
+        return specs + [("decode", self.worker_args(p)) for p in self.pools for _ in range(p.num_decode)]
 
     def _router_cmd(self, router_args: list[str], port: int) -> list[str]:
-        args = ["--model", self.model, "--policy", self.policy, "--host", self.host, "--port", str(port), *router_args]
+        from pdserve.deploy.cli_models import router_model_args
+
+        models = router_model_args(self.pools, []) if self.pools else ["--model", self.model]
+        args = [*models, "--policy", self.policy, "--host", self.host, "--port", str(port), *router_args]
         for p in self.procs:
             if p.role in ("prefill", "decode"):
                 args += [f"--{p.role}", p.address]
@@ -261,8 +285,7 @@ class LocalCluster:
 
     def start(self) -> LocalCluster:
         try:
-            workers = [_spawn("prefill", self.worker_args(), self.env, self.echo) for _ in range(self.num_prefill)]
-            workers += [_spawn("decode", self.worker_args(), self.env, self.echo) for _ in range(self.num_decode)]
+            workers = [_spawn(role, args, self.env, self.echo) for role, args in self._worker_specs()]
             self.procs += workers
             for p in workers:
                 _await_ready(p, self.ready_timeout_s, self.echo)

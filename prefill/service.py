@@ -22,6 +22,7 @@ from pdserve.serving.worker_metrics import (
     peer_label,
     record_transfer,
     record_transfer_failure,
+    record_transfer_resend,
     register_transfer_metrics,
 )
 
@@ -64,15 +65,19 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
                 raise InvalidRequestError(
                     f"target.block_ids: {len(target.block_ids)} blocks given, the prompt needs {want}"
                 )
-            handle = await asyncio.to_thread(
-                self.sender.open, target.transfer_id or rid, target.endpoint, list(target.block_ids)
+            handle = await asyncio.to_thread(  # BEGIN carries our traceparent: the receiver's span joins the trace
+                self.sender.open, target.transfer_id or rid, target.endpoint, list(target.block_ids),
+                tracing.traceparent(span),
             )
             plan = TransferPlan(handle, list(target.block_ids))
             peer = peer_label(target.worker_id, target.endpoint)
 
+            lora = {"lora_name": request.lora_name} if request.lora_name else {}  # the base model: no keyword
+
             def add(engine):
-                seq = engine.add_request(  # validates; refuses an id already in use
-                    rid, tokens, params, request.priority, prefill_only=True, sample_offset=request.num_prior_tokens
+                seq = engine.add_request(  # validates (an unknown adapter: not found); refuses an id already in use
+                    rid, tokens, params, request.priority, prefill_only=True, sample_offset=request.num_prior_tokens,
+                    **lora,
                 )
                 self.pusher.plans[rid] = plan  # from now on this call owns ``rid`` (see _cleanup)
                 return seq
@@ -86,6 +91,8 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
             except Exception:
                 record_transfer_failure(self.identity.worker_id, peer)
                 raise
+            finally:
+                record_transfer_resend(self.identity.worker_id, peer, handle.resends)
             handle = None
             t_done = time.monotonic()
             t_start = plan.t_first_push or t_arrive

@@ -1,14 +1,27 @@
-"""The Admin servicer: list workers with their load, drain and undrain, worker self-registration."""
+"""The Admin servicer: list workers with their load, drain and undrain, worker self-registration; list models,
+load and unload LoRA adapters (router.adapters)."""
 
 from __future__ import annotations
 
 from pdserve.engine.errors import InvalidRequestError
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.router.adapters import AdapterAdmin
 from pdserve.router.edge import load_to_proto
 from pdserve.router.membership import ROLES, Membership, Worker
+from pdserve.router.models import ADAPTER, BASE, ROUTE, ModelEntry
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.serving.errors import abort_with
+
+KINDS = {BASE: pb.MODEL_KIND_BASE, ADAPTER: pb.MODEL_KIND_ADAPTER, ROUTE: pb.MODEL_KIND_ROUTE}
+
+
+def model_entry(e: ModelEntry) -> pb.ModelEntry:
+    return pb.ModelEntry(
+        name=e.name, kind=KINDS[e.kind], base_model=e.base, state=e.state,
+        worker_ids=[w.load.worker_id or w.address for w in e.workers], worker_addresses=[w.address for w in e.workers],
+        targets=[pb.RouteTarget(model=m, weight=wt) for m, wt in e.targets],
+    )
 
 
 def worker_status(w: Worker) -> pb.WorkerStatus:
@@ -28,6 +41,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.membership = membership
         self.index = index or PrefixIndex()
         self.generation = generation
+        self.adapters = AdapterAdmin(membership, generation.catalog, generation.failover) if generation else None
 
     async def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
         out = pb.ListWorkersResponse()
@@ -45,6 +59,29 @@ class AdminServicer(pb_grpc.AdminServicer):
                 local_prefills=c.local_prefills, failed=c.failed, rate_limited=a.num_rate_limited, shed=a.num_shed,
             ))
         return out
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        entries = self.generation.catalog.entries() if self.generation is not None else []
+        return pb.ListModelsResponse(models=[model_entry(e) for e in entries])
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.LoadAdapterResponse:
+        try:
+            worker_ids = await self._adapters().load(request.name, request.path, request.base_model)
+        except Exception as e:  # noqa: BLE001 - mapped to a status
+            await abort_with(context, e)
+        return pb.LoadAdapterResponse(worker_ids=worker_ids)
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
+        try:
+            unloaded, worker_ids = await self._adapters().unload(request.name)
+        except Exception as e:  # noqa: BLE001 - mapped to a status
+            await abort_with(context, e)
+        return pb.UnloadAdapterResponse(unloaded=unloaded, worker_ids=worker_ids)
+
+    def _adapters(self) -> AdapterAdmin:
+        if self.adapters is None:
+            raise InvalidRequestError("this router has no model catalog")
+        return self.adapters
 
     async def Drain(self, request: pb.DrainRequest, context) -> pb.DrainResponse:
         return await self._set(request, context, True)

@@ -20,7 +20,8 @@ from pdserve.serving.convert import fingerprint_from_proto, fingerprint_to_proto
 
 logger = logging.getLogger(__name__)
 
-_SCALARS = tuple(f.name for f in fields(WorkerLoad) if f.name != "fingerprint")
+_LISTS = ("adapters", "resident_adapters")
+_SCALARS = tuple(f.name for f in fields(WorkerLoad) if f.name != "fingerprint" and f.name not in _LISTS)
 
 
 def load_from_proto(msg: pb.WorkerLoad) -> WorkerLoad:
@@ -31,11 +32,12 @@ def load_from_proto(msg: pb.WorkerLoad) -> WorkerLoad:
             fingerprint = fingerprint_from_proto(msg.fingerprint)
         except ValueError as e:
             logger.warning("worker %s reports an unusable layout: %s", msg.address or msg.worker_id, e)
-    return WorkerLoad(fingerprint=fingerprint, **{name: getattr(msg, name) for name in _SCALARS})
+    return WorkerLoad(fingerprint=fingerprint, **{name: getattr(msg, name) for name in _SCALARS},
+                      **{name: tuple(getattr(msg, name)) for name in _LISTS})
 
 
 def load_to_proto(load: WorkerLoad) -> pb.WorkerLoad:
-    msg = pb.WorkerLoad(**{name: getattr(load, name) for name in _SCALARS})
+    msg = pb.WorkerLoad(**{name: getattr(load, name) for name in _SCALARS + _LISTS})
     if load.fingerprint is not None:
         msg.fingerprint.CopyFrom(fingerprint_to_proto(load.fingerprint))
     return msg

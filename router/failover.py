@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from pdserve.engine.errors import UnavailableError
-from pdserve.engine.hashing import ROOT_HASH, hash_block
+from pdserve.engine.hashing import ROOT_HASH, adapter_extra, hash_block
 from pdserve.router import metrics
 from pdserve.router.admission import Admission, AdmissionError
 from pdserve.router.leg import DecodeLeg, LegFailure, LoopRef, timeout_for
@@ -39,6 +40,7 @@ class Failover:
         self.backoff_s = backoff_s
         self.counters = RouterCounters()
         self.leg = DecodeLeg(policy.costs, LoopRef(), self.counters, membership.credential)
+        self.adapter_requests: Counter[str] = Counter()  # adapter -> its requests running here (unload waits)
 
     async def run(self, req: ClientRequest, time_remaining: Callable[[], float | None] | None = None):
         """Yields client responses until the request finishes; raises a domain error when it cannot."""
@@ -50,6 +52,9 @@ class Failover:
         self.counters.requests += 1
         st = RequestState.of(req)
         root = tracing.start("generate", tracing.CURRENT.get(), {"pdserve.request_id": st.rid}, st.t_start)
+        lora = req.lora_name
+        if lora:
+            self.adapter_requests[lora] += 1
         try:
             excluded: set[str] = set()
             while True:
@@ -87,6 +92,10 @@ class Failover:
                     attempt.end()
         finally:
             root.end()
+            if lora:
+                self.adapter_requests[lora] -= 1
+                if not self.adapter_requests[lora]:
+                    del self.adapter_requests[lora]
 
     async def _recover(self, st: RequestState, f: LegFailure, excluded: set[str]) -> None:
         """After a failed attempt: open the worker's circuit, exclude it, and back off (or give up)."""
@@ -108,15 +117,18 @@ class Failover:
 
     # ---- routing ----------------------------------------------------------------------------------
     def _decide(self, st: RequestState, excluded: set[str]) -> Decision:
-        """Choose a pair, then check the prompt against the chosen workers' model."""
-        decodes = self.membership.pool("decode")
+        """Choose a pair within the request's base-model pools (only workers holding its adapter), then check the
+        prompt against the chosen workers' model."""
+        model, lora = st.request.base_model or None, st.request.lora_name
+        decodes = holding(self.membership.pool("decode", model=model), lora)
         layout = next((lay for lay in map(Worker.layout, decodes) if lay is not None), None)
         hashes = []
+        prefills = holding(self.membership.pool("prefill", model=model), lora)
         if layout is not None:
             if self.policy.block_size != layout.block_size:
                 self.policy.block_size = layout.block_size
             hashes = self._prefix_hashes(st, layout.block_size, layout.hash_seed)
-        prefills = self.membership.pool("prefill")
+            prefills = [w for w in prefills if w.layout() in (None, layout)]  # KV moves only between equal layouts
         if excluded:
             prefills = [w for w in prefills if w.address not in excluded]
             decodes = [w for w in decodes if w.address not in excluded]
@@ -146,9 +158,20 @@ class Failover:
             st.hashes, st.hash_layout = [], (block_size, seed)
         hashes, held = st.hashes, self.policy.index.by_hash
         tokens = st.tokens()
+        extra = adapter_extra(st.request.lora_name)  # KV under an adapter never matches the base's or another's
         for i in range(len(hashes), len(tokens) // block_size):
             if hashes and hashes[-1] not in held:
                 break
             hashes.append(hash_block(hashes[-1] if hashes else ROOT_HASH, tokens[i * block_size:(i + 1) * block_size],
-                                     seed))
+                                     seed, extra))
         return hashes
+
+
+def holding(workers: list[Worker], lora: str) -> list[Worker]:
+    """The workers that can serve adapter ``lora`` (all for the base model): those with it registered, and of
+    those the ones that hold it resident when there are any (no adapter swap on the request's path)."""
+    if not lora:
+        return workers
+    registered = [w for w in workers if lora in w.load.adapters]
+    resident = [w for w in registered if lora in w.load.resident_adapters]
+    return resident or registered

@@ -39,3 +39,6 @@ class WorkerLoad:
     num_live_blocks: int = 0
     max_num_seqs: int = 0  # 0: not reported (an older worker); no admission bound then
     num_preemptions: int = 0  # engine preemptions since the worker started (engine.priority)
+    served_model: str = ""  # the base model the worker serves ("": the router's default)
+    adapters: tuple[str, ...] = ()  # LoRA adapters registered on the worker
+    resident_adapters: tuple[str, ...] = ()  # those whose weights are resident now

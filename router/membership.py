@@ -71,6 +71,7 @@ class Membership:
         self.poll_interval_s = poll_interval_s
         self.failure_threshold = failure_threshold
         self.on_change = on_change  # called with (worker, added: bool)
+        self.model_of = lambda w: w.load.served_model  # the base model a worker is pooled under (router.models)
         self._task: asyncio.Task | None = None
 
     def add(self, address: str, role: str) -> Worker:
@@ -114,12 +115,18 @@ class Membership:
                 logger.warning("%s worker %s stopped heartbeating; removing it", w.role, w.address)
                 await self.remove(w.address)
 
-    def max_model_len(self) -> int:
-        """The longest context an available decode worker serves (0 until one has reported it)."""
-        return max((w.load.max_model_len for w in self.pool("decode")), default=0)
+    def max_model_len(self, model: str | None = None) -> int:
+        """The longest context an available decode worker (of ``model``'s pool) serves (0 until one has reported it)."""
+        return max((w.load.max_model_len for w in self.pool("decode", model=model)), default=0)
 
-    def pool(self, role: str, available_only: bool = True) -> list[Worker]:
-        return [w for w in self.workers.values() if w.role == role and (w.available or not available_only)]
+    def pool(self, role: str, available_only: bool = True, model: str | None = None) -> list[Worker]:
+        """The ``role`` workers (of base model ``model``'s pool when given; see ``model_of``)."""
+        return [w for w in self.workers.values() if w.role == role and (w.available or not available_only)
+                and (model is None or self.model_of(w) == model)]
+
+    async def poll(self, worker: Worker) -> None:
+        """Refresh one worker's load now (e.g. after its adapters changed)."""
+        await self._poll(worker)
 
     def get(self, address: str) -> Worker:
         try:

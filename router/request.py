@@ -53,6 +53,9 @@ class ClientRequest:
     tenant: str = ""
     session_id: str = ""
     cluster_id: str = ""  # the id workers know it by ("" : request_id)
+    model: str = ""  # what serves it, a base model or an adapter (router.models: a route resolved); "": the default
+    base_model: str = ""  # whose worker pools serve it ("": the one pool of a single-model router)
+    lora_name: str = ""  # the adapter it runs under ("": the base model)
 
     @property
     def session_key(self) -> str:
@@ -64,14 +67,17 @@ class RequestParser:
     """``pb.GenerateRequest`` -> ClientRequest; raises InvalidRequestError naming the bad field.
 
     ``chat`` is the model's chat template (None: the model has none, and ``messages`` is refused); ``model``
-    is the served model's name, which a request's ``model`` must match when set (else NOT_FOUND).
+    is the served model's name, which a request's ``model`` must match when set (else NOT_FOUND) unless
+    ``match_model`` is off (the router's catalog resolves names first, router.models).
     ``context_limit()`` is the longest context a worker of the pool serves (0: not known yet)."""
 
     def __init__(self, tokenizer, seed: int | None = None, chat: ChatTemplate | None = None, model: str = "",
-                 context_limit: Callable[[], int] = lambda: 0, offload: Offload | None = None):
+                 context_limit: Callable[[], int] = lambda: 0, offload: Offload | None = None,
+                 match_model: bool = True):
         self.tokenizer = tokenizer
         self.chat = chat
         self.model = model
+        self.match_model = match_model
         self.context_limit = context_limit
         self.offload = offload or Offload()
         self._rid_rng = random.Random(seed)  # seeded from os.urandom; no syscall per request id
@@ -114,7 +120,7 @@ class RequestParser:
             raise InvalidRequestError(str(e)) from None
 
     def _request(self, msg: pb.GenerateRequest, token_ids: tuple[int, ...]) -> ClientRequest:
-        if msg.model and self.model and msg.model != self.model:
+        if self.match_model and msg.model and self.model and msg.model != self.model:
             raise RequestNotFoundError(f"model: {msg.model[:200]!r} is not served here (this router serves "
                                        f"{self.model!r})")
         suffix = f"{self._rid_rng.getrandbits(48):012x}"

@@ -68,6 +68,7 @@ def finish(st: RequestState, resp: pb.GenerateResponse, reason: str, now: float)
     usage.cached_prompt_tokens = st.num_cached_tokens
     resp.prefill_worker = st.prefill_worker
     resp.decode_worker = st.decode_worker
+    resp.model = st.request.model
     first_token_s, total_s = (st.t_first_token or now) - st.t_start, now - st.t_start
     timings = resp.timings
     timings.queue_s = max(0.0, (st.t_prefill_start or now) - st.t_start)
@@ -100,6 +101,7 @@ class Aggregate:
             total.timings.CopyFrom(resp.timings)
             total.prefill_worker = resp.prefill_worker
             total.decode_worker = resp.decode_worker
+            total.model = resp.model
 
     def result(self) -> pb.GenerateResponse:
         if self.total is None:

@@ -2,22 +2,28 @@
 
 ``Generate`` streams and ``Complete`` folds the same stream into one answer; both go through ``_serve``, the
 one place that maps a failure to its gRPC status (serving.errors) and counts the request's outcome.
+
+``GenerateRequest.model`` is resolved first (router.models: a base model, an adapter, or a route's choice), then
+the request is parsed with that base model's tokenizer and routed within its pools.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 
+from pdserve.engine.errors import InvalidRequestError
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router import metrics
 from pdserve.router.admission import Admission
 from pdserve.router.chat import ChatTemplate
 from pdserve.router.failover import Failover
 from pdserve.router.membership import Membership
+from pdserve.router.models import BaseModel, ModelCatalog
 from pdserve.router.policy import PairPolicy
-from pdserve.router.request import RequestParser
+from pdserve.router.request import MAX_NAME_LEN, RequestParser
 from pdserve.router.response_cache import ResponseCache, cache_mode
 from pdserve.router.responses import Aggregate, RouterCounters
 from pdserve.router.token_text import TokenTexts
@@ -37,12 +43,22 @@ class GenerationServicer:
         chat: ChatTemplate | None = None,
         model: str = "",
         response_cache: ResponseCache | None = None,
+        catalog: ModelCatalog | None = None,
     ):
-        self.parser = RequestParser(tokenizer, chat=chat, model=model, context_limit=membership.max_model_len)
         self.membership = membership
-        self.token_texts = TokenTexts(tokenizer)
+        if catalog is None:  # one model: ``tokenizer``, ``chat`` and ``model`` describe it
+            parser = RequestParser(tokenizer, chat=chat, model=model, context_limit=membership.max_model_len,
+                                   match_model=False)
+            catalog = ModelCatalog(membership, [BaseModel(model, model, parser, TokenTexts(tokenizer))])
+        self.catalog = catalog
         self.failover = Failover(membership, policy, admission, rpc_timeout_s, max_retries, backoff_s)
-        self.response_cache = response_cache  # None: off (router.response_cache)
+        self.response_cache = response_cache  # the default model's (None: off; router.response_cache)
+        self._caches: dict[str, ResponseCache] = {}  # the other served names' (same settings, a budget each)
+
+    @property
+    def parser(self) -> RequestParser:
+        """The default model's parser."""
+        return self.catalog.bases[self.catalog.default].parser
 
     @property
     def admission(self) -> Admission:
@@ -70,19 +86,33 @@ class GenerationServicer:
     async def respond(self, request: pb.GenerateRequest, time_remaining=None):
         """The answer's messages (through the response cache when there is one); raises a domain error. Batch
         jobs (router.batch) run their requests here too."""
-        parsed = await self.parser.parse_async(request)  # heavy parsing runs off the event loop
+        if len(request.model) > MAX_NAME_LEN:  # before it is looked up (the rest is checked by the parser)
+            raise InvalidRequestError(f"model: at most {MAX_NAME_LEN} characters")
+        target = self.catalog.resolve(request.model, request.session_id)
+        base = self.catalog.bases[target.base]
+        parsed = await base.parser.parse_async(request)  # heavy parsing runs off the event loop
+        parsed = dataclasses.replace(parsed, model=target.name, base_model=target.base, lora_name=target.lora)
         mode = cache_mode(request.cache)
-        responses = self._run(parsed, time_remaining)
-        if self.response_cache is not None:
-            responses = self.response_cache.through(parsed, mode, responses)
+        responses = self._run(parsed, base.token_texts, time_remaining)
+        cache = self._cache(target.name)
+        if cache is not None:
+            responses = cache.through(parsed, mode, responses)
         async for resp in responses:
             yield resp
 
-    async def _run(self, parsed, time_remaining):
+    def _cache(self, name: str) -> ResponseCache | None:
+        if self.response_cache is None or name == self.catalog.default:
+            return self.response_cache
+        cache = self._caches.get(name)
+        if cache is None:
+            cache = self._caches[name] = ResponseCache(self.response_cache.cfg, name)
+        return cache
+
+    async def _run(self, parsed, token_texts: TokenTexts, time_remaining):
         with_logprobs = parsed.sampling.logprobs is not None
         async for resp in self.failover.run(parsed, time_remaining):
             if with_logprobs:
-                self.token_texts.fill(resp)
+                token_texts.fill(resp)
             yield resp
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -96,7 +126,15 @@ class GenerationServicer:
         return total.result()
 
     async def Models(self, request: pb.ModelsRequest, context: grpc.aio.ServicerContext) -> pb.ModelsResponse:
-        """The one model this router serves, its context length once a worker has reported it."""
-        max_len = max((w.load.max_model_len for w in self.membership.workers.values()), default=0)
-        parser = self.parser
-        return pb.ModelsResponse(models=[pb.ModelInfo(id=parser.model, max_model_len=max_len, chat=parser.chat is not None)])
+        """Every servable name (base models, adapters, routes), with its base model's context length once a
+        worker has reported it and whether that model has a chat template."""
+        out = pb.ModelsResponse()
+        for entry in self.catalog.entries():
+            if entry.state in ("unloading", "missing target"):
+                continue
+            base = self.catalog.bases.get(entry.base)
+            out.models.append(pb.ModelInfo(
+                id=entry.name, max_model_len=max((w.load.max_model_len for w in self.catalog.pool_workers(entry.base)),
+                                                 default=0),
+                chat=base is not None and base.parser.chat is not None))
+        return out

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import grpc
 
-from pdserve.engine.errors import CapacityError
+from pdserve.engine.errors import CapacityError, InvalidRequestError
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.serving.cluster_auth import ClusterAuthInterceptor, ClusterCredential
 from pdserve.serving.convert import integrity, kv_event_stream, load_to_proto
+from pdserve.serving.errors import abort_with
+from pdserve.serving.model_names import check_name
 from pdserve.serving.observability import serve_metrics
 from pdserve.serving.rpc import TlsConfig, create_server, heartbeat, install_sigterm, set_serving
 from pdserve.serving.worker_metrics import STEP_SECONDS, WorkerCollector
@@ -43,6 +45,7 @@ class WorkerIdentity:
     address: str  # what routers and peers dial
     transfer_backend: str
     credential: ClusterCredential | None = None  # cluster tokens as ``worker_id`` (None: no cluster secret)
+    served_model: str = ""  # the base model's name routers pool this worker under ("": the router's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,7 @@ class WorkerOptions:
     tls: TlsConfig | None = None
     advertise_host: str = ""  # the host peers dial, when the bind address is a wildcard
     cluster_secret: str | None = None  # every Prefill/Decode call must carry a token made with it (None: dev, open)
+    served_model: str = ""  # --served-model-name ("": the router's default model)
 
     @property
     def bind_host(self) -> str:
@@ -87,6 +91,19 @@ class WorkerServicer:
         self.draining = False
         self.in_flight = 0
         self.num_aborted = 0
+        self.adapters: tuple[str, ...] = ()  # registered LoRA adapters, as of the last load/unload (engine thread)
+
+    def _note_adapters(self, engine) -> None:
+        """On the engine thread: remember the engine's adapters for GetLoad (read on the event loop)."""
+        self.adapters = tuple(sorted(engine.adapters()))
+
+    def resident_adapters(self) -> tuple[str, ...]:
+        """The adapters in the engine's device slots now (engine.lora.slots; read without the engine thread: a
+        snapshot of a list that step swaps may change right after, good enough for routing)."""
+        slots = getattr(getattr(self.loop.engine, "lora", None), "slots", None)
+        if slots is None:
+            return ()
+        return tuple(sorted(a.name for a in list(slots.occupant) if a is not None and not a.retired))
 
     def refuse_if_draining(self) -> None:
         if self.draining:
@@ -119,6 +136,42 @@ class WorkerServicer:
             load.integrity_error, load.num_live_blocks = await self.loop.acall(integrity)
         return load
 
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.LoadAdapterResponse:
+        """Load (or replace) a LoRA adapter in this worker's engine, on the engine thread between steps."""
+        name, path = request.name, request.path
+
+        def load(engine):
+            engine.load_adapter(name, path)
+            self._note_adapters(engine)
+
+        try:
+            check_name(name, "name")
+            if not path:
+                raise InvalidRequestError("path: must name a PEFT adapter directory on the worker")
+            await self.loop.acall(load)
+        except Exception as e:  # noqa: BLE001 - mapped to a status
+            await abort_with(context, e)
+        logger.info("loaded adapter %s from %s", name, path)
+        return pb.LoadAdapterResponse(worker_ids=[self.identity.worker_id])
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.UnloadAdapterResponse:
+        """Unload an adapter: new requests for it are refused (NOT_FOUND), running ones finish."""
+        name = request.name
+
+        def unload(engine) -> bool:
+            dropped = engine.unload_adapter(name)
+            self._note_adapters(engine)
+            return dropped
+
+        try:
+            dropped = await self.loop.acall(unload)
+        except Exception as e:  # noqa: BLE001 - mapped to a status
+            await abort_with(context, e)
+        logger.info("unloaded adapter %s (%s)", name, "was loaded" if dropped else "was not loaded")
+        return pb.UnloadAdapterResponse(unloaded=dropped, worker_ids=[self.identity.worker_id] if dropped else [])
+
     async def KVEvents(self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.KVEventBatch]:
         async for batch in kv_event_stream(self.loop, self.identity.worker_id):
@@ -140,6 +193,9 @@ class WorkerServicer:
             num_aborted=self.num_aborted,
             device=e.config.device,
             last_abort_latency_s=self.loop.last_abort_latency_s,
+            served_model=self.identity.served_model,
+            adapters=self.adapters,
+            resident_adapters=self.resident_adapters(),
             **self.load_fields(),
         )
 
@@ -208,9 +264,11 @@ async def run_worker(
     interceptors = [ClusterAuthInterceptor(credential)] if credential is not None else None
     server, port, health = create_server(options.addr, [role.capitalize()], options.tls, interceptors)
     identity = WorkerIdentity(
-        role, worker_id, f"{options.advertise_host or options.bind_host}:{port}", transfer_backend, credential
+        role, worker_id, f"{options.advertise_host or options.bind_host}:{port}", transfer_backend, credential,
+        options.served_model,
     )
     servicer = make_servicer(loop, identity)
+    servicer._note_adapters(engine)  # the engine thread has not started: adapters loaded at start (--lora)
     servicer.add_to_server(server)
     collector = WorkerCollector(role, servicer.load, lambda: servicer.in_flight, lambda: loop.stats.generated_tokens)
     loop.on_step = STEP_SECONDS.labels(worker_id).observe
