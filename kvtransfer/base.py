@@ -60,8 +60,17 @@ class TransferConfig:
     max_pending_per_source: int = 32
     # fault injection (tests, chaos bench): cut the connection in the middle of every Nth transfer (0: never)
     debug_cut_every: int = 0
+    # a cut link's in-flight transfers are re-sent on a new connection (re-handshake), at most this many times
+    # each and within this many seconds of the first cut; the receiver holds a transfer whose link was lost
+    # that long (at most timeout_s) for its resend before failing it. 0 attempts: a cut fails them at once
+    resend_attempts: int = 2
+    resend_window_s: float = 3.0
 
     def __post_init__(self) -> None:
+        if self.resend_attempts < 0:
+            raise ValueError(f"resend_attempts: must be >= 0, got {self.resend_attempts}")
+        if self.resend_window_s <= 0:
+            raise ValueError(f"resend_window_s: must be > 0, got {self.resend_window_s}")
         if self.debug_cut_every < 0:
             raise ValueError(f"debug_cut_every: must be >= 0, got {self.debug_cut_every}")
         if self.backend not in BACKENDS:
@@ -85,6 +94,8 @@ class TransferStats:
     num_frames: int = 0
     seconds: float = 0.0
     path: str = ""  # e.g. "tcp", "shm", "ucx", "gloo", "nccl"
+    resends: int = 0  # times the transfer was re-sent on a new connection after a link cut
+    traceparent: str = ""  # receiver side: the W3C traceparent the sender put in BEGIN ("" if none)
 
 
 class KVReceiver(ABC):
@@ -123,6 +134,8 @@ class KVReceiver(ABC):
 
 
 class TransferHandle(ABC):
+    resends: int = 0  # times this transfer was re-sent on a new connection (a backend that re-sends updates it)
+
     @abstractmethod
     def push_layer(
         self, layer_idx: int, src_block_ids: list[int], dst_block_ids: list[int], ready: object | None = None
@@ -147,8 +160,9 @@ class KVSender(ABC):
         self.config = config
 
     @abstractmethod
-    def open(self, transfer_id: str, endpoint: str, dst_block_ids: list[int]) -> TransferHandle:
-        """Handshake with the receiver at ``endpoint`` (fingerprint, auth) and start a transfer."""
+    def open(self, transfer_id: str, endpoint: str, dst_block_ids: list[int], traceparent: str = "") -> TransferHandle:
+        """Handshake with the receiver at ``endpoint`` (fingerprint, auth) and start a transfer. ``traceparent``
+        (W3C) travels in BEGIN, so the receiver's span joins the request's trace."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -1,7 +1,8 @@
 """One sender's connection to a receiver: a writer thread drains its queue, a reader thread collects ACKs.
 
 The connection is opened once per endpoint (handshake: layout fingerprint, mutual auth) and reused by every
-transfer to it; losing it fails every transfer in flight on it. The sender (``sender.SocketSender``) does
+transfer to it; losing it hands every transfer in flight on it to the sender's ``Resender`` (resend.py), which
+re-sends them on a new connection or fails them. The sender (``sender.SocketSender``) does
 the actual sending on the writer thread (``push``) through its backend hooks.
 """
 
@@ -44,6 +45,21 @@ class Tx:
     num_bytes: int = 0
     cut: bool = False  # fault injection: this transfer's connection is cut midway
     t0: float = field(default_factory=time.monotonic)
+    traceparent: str = ""
+    # what was pushed, in order (kind "data" items), so a resend can replay it; guarded by ``lock`` with
+    # ``conn``, ``finished`` and ``error`` against the resend moving the transfer to a new connection
+    log: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    resends: int = 0
+    resend_deadline: float | None = None
+
+    def submit(self, item: tuple) -> None:
+        """Log a push and queue it on the current connection (call with ``lock`` held). On a dead one it is
+        only logged: the resend replays it, or the transfer fails."""
+        if item[0] == "data":
+            self.log.append(item)
+        if self.conn.dead is None:
+            self.conn.q.put(item)
 
 
 class Connection:
@@ -100,10 +116,8 @@ class Connection:
             pending = list(self.pending.values())
             self.pending.clear()
         logger.info("KV connection to %s: %s", self.endpoint, reason)
-        for tx in pending:
-            tx.error = tx.error or reason
-            tx.acked.set()
         self.sender.forget(self)
+        self.sender.resender.lost(self, pending, reason)
         self.sender.on_disconnected(self)
         self.q.put(None)
         try:
@@ -118,8 +132,15 @@ class Connection:
                 return
             kind, tx, *args = item
             try:
+                if tx.conn is not self:
+                    continue  # re-sent on another connection since
                 if kind == "begin":
+                    tx.num_frames = tx.num_bytes = 0  # what DONE reports: the frames sent on this connection
                     body = {"blocks": len(tx.dst_block_ids)}
+                    if tx.resends:
+                        body["resend"] = tx.resends
+                    if tx.traceparent:
+                        body["traceparent"] = tx.traceparent
                     control.send_json(self.sock, wire.BEGIN, body, tx.transfer_id)
                 elif kind == "data" and tx.error is None:
                     if tx.cut and args[0] >= len(self.sender.layers) // 2:
@@ -144,6 +165,7 @@ class Connection:
         header = wire.encode_header(wire.Frame(wire.DATA, tx.transfer_id, layer, [], 0, 0, 0))
         self.sock.sendall(header[: len(header) // 2])
         self.sock.shutdown(socket.SHUT_RDWR)
+        tx.cut = False  # once: the resend goes through
         raise OSError(f"injected cut of the KV connection mid-transfer {tx.transfer_id!r}")
 
     def _reader(self) -> None:

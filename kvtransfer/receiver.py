@@ -54,7 +54,8 @@ class SocketReceiver(KVReceiver):
             )
         self.num_blocks = int(layers[0].shape[0])
         self.block_bytes = fingerprint.block_bytes()
-        self._transfers = ExpectedTransfers(layers, self.block_bytes)
+        grace = min(config.resend_window_s, config.timeout_s) if config.resend_attempts else 0.0
+        self._transfers = ExpectedTransfers(layers, self.block_bytes, grace)
         self._gate = LinkGate(fingerprint, config, names.ReceiverNames(self.scheme, config.advertise_host),
                               self.close_link)
         self._listener: socket.socket | None = None
@@ -179,7 +180,9 @@ class SocketReceiver(KVReceiver):
             elif not self._closed.is_set():
                 log = logger.info if link.authenticated else logger.debug  # a flood must not flood the log
                 log("KV link from %s closed: %s", peer, e)
-            self._transfers.fail(link.transfer_ids, f"connection lost: {e}")
+            # a cut link's transfers may be re-sent on a new one (expected.py); a broken protocol's may not
+            resumable = not isinstance(e, (wire.WireError, TransferError))
+            self._transfers.lost(link, link.transfer_ids, f"connection lost: {e}", resumable)
         except Exception as e:  # noqa: BLE001 - a bug must fail the transfers, not strand them
             logger.exception("KV link from %s crashed", peer)
             self._transfers.fail(link.transfer_ids, f"receiver error: {e}")
@@ -197,18 +200,21 @@ class SocketReceiver(KVReceiver):
         if frame.type in (wire.DATA, wire.NOTIFY):
             self._transfers.check(frame, link.shm)
             self.check_frame(link, frame)
-            rx = self._transfers.target(frame)
+            rx = self._transfers.target(frame, link)
             if frame.type == wire.DATA:
                 if rx is None:
                     self.drop_payload(link, frame)
                     return
                 self.receive_payload(link, frame)
             if rx is not None:
-                self._transfers.account(rx, frame, self.data_path if frame.type == wire.DATA else link.notify_path)
+                self._transfers.account(rx, frame, self.data_path if frame.type == wire.DATA else link.notify_path,
+                                        link)
         elif frame.type == wire.BEGIN:
-            control.read_json(link.sock, frame)
+            superseded = self._transfers.begin(frame.transfer_id, link, control.read_json(link.sock, frame))
+            if superseded is not None:  # its sender re-sends on this link: the old one is dead to it
+                self.close_link(superseded)
         elif frame.type == wire.DONE:
-            ack = self._transfers.finish(frame.transfer_id, control.read_json(link.sock, frame))
+            ack = self._transfers.finish(frame.transfer_id, control.read_json(link.sock, frame), link)
             link.transfer_ids.discard(frame.transfer_id)
             control.send_json(link.sock, wire.ACK, ack, transfer_id=frame.transfer_id)
         elif frame.type == wire.ABORT:

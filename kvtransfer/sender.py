@@ -3,7 +3,8 @@
 ``push_layer`` only validates and enqueues; the connection's writer thread waits on the layer's ``ready``
 event, then sends (so the forward pass keeps computing), and a reader thread collects the receiver's
 ACKs. A connection to an endpoint is opened once (handshake: layout fingerprint, mutual auth) and reused by
-every transfer to it; losing it fails every transfer in flight on it.
+every transfer to it; losing it re-sends every transfer in flight on it on a new connection, a bounded
+number of times (``resend``), before failing them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pdserve.kvtransfer.base import (
     TransferTimeoutError,
 )
 from pdserve.kvtransfer.connection import Connection, Tx
+from pdserve.kvtransfer.resend import Resender
 from pdserve.kvtransfer.views import byte_chunks, byte_view, host_view, pair_runs, run_views, staging_buffer
 
 logger = logging.getLogger(__name__)
@@ -36,25 +38,32 @@ class _Handle(TransferHandle):
         self.tx = tx
         self.sender = sender
 
+    @property
+    def resends(self) -> int:
+        return self.tx.resends
+
     def push_layer(self, layer_idx, src_block_ids, dst_block_ids, ready=None) -> None:
         tx = self.tx
-        if tx.finished or tx.error:
-            raise TransferError(tx.error or f"transfer {tx.transfer_id!r} already finished")
         src, dst = list(src_block_ids), list(dst_block_ids)
         self.sender.check_push(layer_idx, src, dst)
         if not tx.dst_block_ids.issuperset(dst):
             raise ValueError(f"dst_block_ids: blocks outside transfer {tx.transfer_id!r}")
-        if src:
-            tx.conn.submit(("data", tx, layer_idx, src, dst, ready))
+        with tx.lock:
+            if tx.finished or tx.error:
+                raise TransferError(tx.error or f"transfer {tx.transfer_id!r} already finished")
+            if src:
+                tx.submit(("data", tx, layer_idx, src, dst, ready))
 
     def finish(self, timeout: float | None = None) -> TransferStats:
-        tx, conn = self.tx, self.tx.conn
-        if tx.error:
-            raise TransferError(tx.error)
-        if not tx.finished:
-            tx.finished = True
-            conn.submit(("done", tx))
+        tx = self.tx
+        with tx.lock:
+            if tx.error:
+                raise TransferError(tx.error)
+            if not tx.finished:
+                tx.finished = True
+                tx.submit(("done", tx))
         if not tx.acked.wait(self.sender.config.timeout_s if timeout is None else timeout):
+            conn = tx.conn
             conn.discard(tx)
             tx.error = f"transfer {tx.transfer_id!r}: no acknowledgement from {conn.endpoint} in time"
             raise TransferTimeoutError(tx.error)
@@ -64,16 +73,20 @@ class _Handle(TransferHandle):
         if not ack.get("ok"):
             cls = ChecksumError if ack.get("checksum") else TransferError
             raise cls(f"transfer {tx.transfer_id!r} refused by the receiver: {ack.get('error')}")
-        return TransferStats(tx.transfer_id, tx.num_bytes, tx.num_frames, time.monotonic() - tx.t0, conn.path)
+        return TransferStats(tx.transfer_id, tx.num_bytes, tx.num_frames, time.monotonic() - tx.t0, tx.conn.path,
+                             resends=tx.resends)
 
     def abort(self, reason: str = "") -> None:
-        tx, conn = self.tx, self.tx.conn
-        conn.discard(tx)
-        already_failed = tx.error is not None
-        tx.error = tx.error or f"aborted: {reason}"
+        tx = self.tx
+        with tx.lock:
+            conn = tx.conn
+            conn.discard(tx)
+            already_failed = tx.error is not None
+            tx.error = tx.error or f"aborted: {reason}"
+            tx.log.clear()
+            if not already_failed and not conn.dead:
+                conn.q.put(("abort", tx, reason))
         tx.acked.set()
-        if not already_failed and not conn.dead:
-            conn.q.put(("abort", tx, reason))
 
 
 class SocketSender(KVSender):
@@ -99,10 +112,11 @@ class SocketSender(KVSender):
         # tests: maps a source run view to the tensor actually sent (after its checksum was taken)
         self.fault_injector: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._ipc_copier: cuda_ipc.IpcCopier | None = None  # made on the first cuda_ipc push
+        self.resender = Resender(self)
 
-    def open(self, transfer_id: str, endpoint: str, dst_block_ids: list[int]) -> TransferHandle:
+    def open(self, transfer_id: str, endpoint: str, dst_block_ids: list[int], traceparent: str = "") -> TransferHandle:
         conn = self._connection(endpoint)
-        tx = Tx(transfer_id, frozenset(dst_block_ids), conn)
+        tx = Tx(transfer_id, frozenset(dst_block_ids), conn, traceparent=traceparent)
         every = self.config.debug_cut_every
         if every:
             with self._lock:
@@ -115,6 +129,8 @@ class SocketSender(KVSender):
     def close(self) -> None:
         with self._lock:
             self._closed = True
+        self.resender.close()  # no more resends; joins those under way
+        with self._lock:
             conns, self._conns = [*self._conns.values(), *self._retired], {}
             self._retired = []
         for c in conns:  # joins each connection's threads, so none outlives the sender (nor runs at exit)

@@ -1,12 +1,14 @@
 """OpenTelemetry traces, optional: ``pip install pdserve[otel]`` and ``--otlp-endpoint`` on any process.
 
 Without the flag (or the packages) every function here is a no-op and nothing imports opentelemetry. W3C
-``traceparent`` travels router -> decode -> prefill in gRPC metadata. Spans:
+``traceparent`` travels router -> decode -> prefill in gRPC metadata, and prefill -> decode in the KV
+transfer's BEGIN frame (an optional JSON field: older receivers ignore it, so the wire version stays 3). Spans:
 
 - router: ``generate`` (the request), ``route_decision``, ``attempt`` (one per decode leg), ``first_token``
   (request start -> first token relayed), ``retry`` / ``migration`` (the backoff before the next attempt);
 - decode: ``decode``, ``kv_transfer_wait`` (reservation -> all layers landed), ``decode_queue`` (added to the
-  engine -> first token), event ``first_token``;
+  engine -> first token), event ``first_token``; ``kv_receive`` (the receiving end of the KV transfer, with
+  bytes, path and resends) under the prefill span: its traceparent travels in the KV BEGIN frame;
 - prefill: ``prefill``, ``prefill_queue``, ``prefill_compute``, ``kv_transfer`` (attributes bytes, path, peer).
 
 No OpenTelemetry context is ever attached (async generators would detach it on another task): parents are

@@ -61,8 +61,10 @@ def record_transfer_failure(worker: str, peer: str) -> None:
     TRANSFER_FAILURES.labels(worker, peer).inc()
 
 
-def record_transfer_resend(worker: str, peer: str) -> None:
-    TRANSFER_RESENDS.labels(worker, peer).inc()
+def record_transfer_resend(worker: str, peer: str, count: int = 1) -> None:
+    """``count`` resends of one transfer (a cut link's transfer re-sent on a new connection)."""
+    if count > 0:
+        TRANSFER_RESENDS.labels(worker, peer).inc(count)
 
 
 class WorkerCollector:

@@ -127,9 +127,11 @@ def test_corrupted_payload_fails_the_checksum_on_both_sides(backend, shm, path):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend,shm,path", PATHS)
-def test_connection_cut_midway_fails_both_sides_and_the_next_transfer_reconnects(backend, shm, path):
-    """The injected fault: every 2nd transfer's connection is cut in the middle of a frame."""
-    c = cfg(backend, shm, checksum=True, debug_cut_every=2)
+def test_connection_cut_midway_fails_both_sides_without_resends_and_the_next_transfer_reconnects(
+        backend, shm, path):
+    """The injected fault: every 2nd transfer's connection is cut in the middle of a frame. With resends off
+    the cut transfer fails on both sides (with them on it completes: test_resend.py)."""
+    c = cfg(backend, shm, checksum=True, debug_cut_every=2, resend_attempts=0)
     rx_cache = KVCache(spec(), shared=shm)
     tx_cache = filled_cache(1)
     r = make_receiver(c, rx_cache.layers, fingerprint(), rx_cache.shm_path)
@@ -159,9 +161,13 @@ def test_connection_cut_midway_fails_both_sides_and_the_next_transfer_reconnects
 
 
 @pytest.mark.parametrize("bad", [-1, -5])
-def test_debug_cut_every_is_validated(bad):
+def test_debug_cut_every_and_resend_settings_are_validated(bad):
     with pytest.raises(ValueError, match="debug_cut_every"):
         cfg("tcp", debug_cut_every=bad)
+    with pytest.raises(ValueError, match="resend_attempts"):
+        cfg("tcp", resend_attempts=bad)
+    with pytest.raises(ValueError, match="resend_window_s"):
+        cfg("tcp", resend_window_s=float(bad))
 
 
 @pytest.mark.timeout(30)

@@ -87,6 +87,10 @@ def test_span_tree_of_a_disaggregated_request():
     kv = one("kv_transfer")
     assert kv.attributes["kv.bytes"] > 0 and kv.attributes["kv.path"]
     assert kv.attributes["kv.peer"].startswith("decode-")
+    received = one("kv_receive")  # the decode worker's end of the transfer, joined through the KV BEGIN frame
+    assert parent_of(received) is prefill, "traceparent in BEGIN: the prefill span, not the decode call's"
+    assert received.attributes["kv.bytes"] == kv.attributes["kv.bytes"]
+    assert received.attributes["kv.path"] == kv.attributes["kv.path"] and received.attributes["kv.resends"] == 0
     for name in ("kv_transfer_wait", "decode_queue"):
         assert parent_of(one(name)) is decode, name
     assert root.start_time <= prefill.start_time <= prefill.end_time <= root.end_time
