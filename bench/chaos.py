@@ -2,11 +2,13 @@
 block pool is checked (integrity + no block held by a finished request).
 
     python -m bench.chaos --requests 24
+    python -m bench.chaos --requests 24 --faults cut      # only the faults whose name contains "cut"
 
 Faults: kill -9 a decode worker mid-stream; kill -9 a prefill worker mid-prefill; kill a router replica
 (clients retry on the other); SIGSTOP a decode worker past the clients' deadline; cut every 3rd KV transfer
 connection in the middle of a frame (``--debug-kv-cut-every``). Prints, per fault:
-requests in flight, completed correctly, failed by status, blocks leaked.
+requests in flight, completed correctly, failed by status, blocks leaked, router retries, and (cut fault) KV
+transfers failed and KV transfers re-sent on a new connection (read from the prefill workers' metrics).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class FaultResult:
     failed: dict[str, int] = field(default_factory=dict)
     leaked_blocks: int = 0
     kv_failures: int = 0  # cut fault: KV transfers that failed (read from the prefill workers' metrics)
+    kv_resends: int = 0  # cut fault: KV transfers re-sent on a new connection after the cut (same)
     retries: int = 0  # attempts the router retried on another worker (its metrics)
     integrity_errors: list[str] = field(default_factory=list)
 
@@ -142,6 +145,7 @@ def count_faults(cluster: LocalCluster, res: FaultResult) -> None:
         if p.popen.poll() is None and p.metrics_port:
             if p.role == "prefill":
                 res.kv_failures += int(metric_total(p.metrics_port, "pdserve_kv_transfer_failures_total"))
+                res.kv_resends += int(metric_total(p.metrics_port, "pdserve_kv_transfer_resends_total"))
             elif p.role == "router":
                 res.retries += int(metric_total(p.metrics_port, "pdserve_router_retries_total"))
 
@@ -212,16 +216,20 @@ FAULTS = ["kill -9 decode mid-stream", "kill -9 prefill mid-prefill", "kill a ro
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--faults", default="", help="run only the faults whose name contains this (e.g. cut)")
     a = ap.parse_args()
+    faults = [f for f in FAULTS if a.faults in f]
+    if not faults:
+        ap.error(f"--faults: no fault name contains {a.faults!r}; faults: {FAULTS}")
     prompts = workload(a.requests)
     want = expected(prompts)
-    rows = [run_fault(f, prompts, want) for f in FAULTS]
+    rows = [run_fault(f, prompts, want) for f in faults]
     print(f"{'fault':36} {'in flight':>9} {'correct':>8} {'wrong':>6} {'failed (status)':24} {'leaked blocks':>13}"
-          f" {'retries':>7} {'kv fail':>7}")
+          f" {'retries':>7} {'kv fail':>7} {'kv resent':>9}")
     for r in rows:
         failed = ", ".join(f"{v} {k}" for k, v in r.failed.items()) or "0"
         print(f"{r.fault:36} {r.in_flight:9d} {r.correct:8d} {r.wrong:6d} {failed:24} {r.leaked_blocks:13d}"
-              f" {r.retries:7d} {r.kv_failures:7d}"
+              f" {r.retries:7d} {r.kv_failures:7d} {r.kv_resends:9d}"
               + (f"  INTEGRITY: {r.integrity_errors}" if r.integrity_errors else ""))
 
 

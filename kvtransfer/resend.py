@@ -112,6 +112,7 @@ class Resender:
                 tx.acked.set()
                 return
             tx.conn = conn
+            tx.cut = False  # fault injection cuts a transfer's first connection only, never its resend
             logger.info("KV transfer %s: re-sending on a new connection to %s (attempt %d): %s",
                         tx.transfer_id, conn.endpoint, tx.resends, reason)
             conn.q.put(("begin", tx))

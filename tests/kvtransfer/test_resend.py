@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from pdserve.kvtransfer import TransferError, make_receiver, make_sender, wire
 from pdserve.kvtransfer import control as ctl
@@ -175,3 +176,36 @@ def test_a_lost_link_not_resumed_fails_the_transfer_after_the_grace():
             r.wait("t", 3)
     finally:
         r.close()
+
+
+@pytest.mark.timeout(60)
+def test_every_transfer_in_flight_on_a_cut_connection_is_re_sent_and_the_fault_does_not_repeat():
+    """Two transfers share a connection, both marked to be cut; the first's cut takes the second down before
+    its own cut point. Both are re-sent once (the injected cut applies to a transfer's first connection
+    only) and both land."""
+    c = cfg("tcp", debug_cut_every=1)
+    rx_cache = KVCache(spec())
+    tx_cache = filled_cache(3)
+    r = make_receiver(c, rx_cache.layers, fingerprint())
+    s = make_sender(c, tx_cache.layers, fingerprint())
+    dst2 = [13, 14, 15, 16, 17, 18, 19, 21]  # clear of DST
+    assert not set(dst2) & set(DST)
+    try:
+        ep = r.start()
+        r.expect("a", DST)
+        r.expect("b", dst2)
+        ha, hb = s.open("a", ep, DST), s.open("b", ep, dst2)
+        for layer in range(LAYERS):
+            ha.push_layer(layer, SRC, DST)
+            hb.push_layer(layer, SRC, dst2)
+        sa, sb = ha.finish(10), hb.finish(10)
+        assert r.wait("a", 10).num_bytes == sa.num_bytes and r.wait("b", 10).num_bytes == sb.num_bytes
+        assert (sa.resends, sb.resends) == (1, 1)
+        for layer in range(LAYERS):
+            for src, d1, d2 in zip(SRC, DST, dst2, strict=True):
+                assert torch.equal(rx_cache.layers[layer][d1], tx_cache.layers[layer][src])
+                assert torch.equal(rx_cache.layers[layer][d2], tx_cache.layers[layer][src])
+    finally:
+        s.close()
+        r.close()
+        rx_cache.close()
