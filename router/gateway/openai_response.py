@@ -70,7 +70,8 @@ def full_response(plan: Plan, results: list[pb.GenerateResponse], created: int) 
         if plan.return_token_ids:
             choice["token_ids"] = list(r.token_ids)
         choices.append(choice)
-    return {"id": plan.id, "object": _object(plan, False), "created": created, "model": plan.model,
+    served = next((r.model for r in results if r.model), plan.model)  # after any route: what really served it
+    return {"id": plan.id, "object": _object(plan, False), "created": created, "model": served,
             "choices": choices, "usage": usage(plan, {i: r.usage for i, r in enumerate(results)})}
 
 
@@ -105,6 +106,8 @@ class StreamChunks:
             choice["token_ids"] = list(resp.token_ids)
         if resp.finish_reason:
             self.finals[index] = resp.usage
+            if resp.model:  # the last message names the model that served it (after any route)
+                self.head["model"] = resp.model
         out = {**self.head, "choices": [choice]}
         if plan.include_usage:
             out["usage"] = None

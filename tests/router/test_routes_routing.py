@@ -163,3 +163,16 @@ def test_unload_hides_the_adapter_at_once_and_waits_for_its_running_requests():
     assert m.workers["d1:1"].stub.calls == [("unload", "ad1")]
     with pytest.raises(RequestNotFoundError, match="no adapter 'ghost'"):
         asyncio.run(admin.unload("ghost"))
+
+
+def test_the_openai_gateway_reports_the_model_that_served():
+    from pdserve.router.gateway.openai_request import Plan
+    from pdserve.router.gateway.openai_response import StreamChunks, full_response
+
+    plan = Plan("completion", "cmpl-1", "canary", (pb.GenerateRequest(model="canary"),), 1, False, False, None, False)
+    final = pb.GenerateResponse(text="x", finish_reason="length", model="base-lora-v2")
+    assert full_response(plan, [final], 0)["model"] == "base-lora-v2"
+    chunks = StreamChunks(plan, 0)
+    assert chunks.chunk(0, pb.GenerateResponse(text="a"))["model"] == "canary"  # not known before the end
+    assert chunks.chunk(0, final)["model"] == "base-lora-v2"
+    assert chunks.usage_chunk()["model"] == "base-lora-v2"
