@@ -100,3 +100,35 @@ def test_base_only_steps_do_no_lora_work(tmp_path, monkeypatch, impl):
     assert calls == [] and llm.engine.runner.lora_slots.num_swaps == 0
     llm.generate([[5, 6, 7]], params, lora_name="a")
     assert calls, "the adapter step does run LoRA"
+
+
+def test_static_decode_in_a_padded_bucket_with_adapters(tmp_path):
+    """What a CUDA-graph bucket does, run eagerly: the decode step in buffers larger than the batch (rows past it
+    repeat row 0, LoRA slot included) gives the same logits as the exact-size step."""
+    from pdserve.engine.native.decode import DecodeBuffers
+
+    llm = LLM("tiny", num_blocks=64, enable_lora=True, model_impl="native")
+    eng = llm.engine
+    path = eng.runner.model_path
+    eng.load_adapter("a", make_adapter(path, tmp_path / "a", 8, seed=4))
+    eng.load_adapter("b", make_adapter(path, tmp_path / "b", 4, seed=5))
+    ex = eng.runner.native
+    inner = ex.decode
+    checked = []
+
+    def spy(items, lora_slots=None):
+        out = inner(items, lora_slots)
+        if lora_slots is not None and len(items) == 3:
+            width = max(it.start_pos // ex.block_size + 1 for it in items)
+            bufs = DecodeBuffers(ex, 5, width)
+            bufs.fill(items, lora_slots)
+            bufs.upload()
+            torch.testing.assert_close(ex.decode_forward(bufs)[:3], out)
+            checked.append(sorted(lora_slots))
+        return out
+
+    ex.decode = spy
+    outs = llm.generate([[5, 6, 7], list(range(3, 30)), [9] * 20], SamplingParams(max_tokens=5, temperature=0),
+                        lora_name=["a", None, "b"])
+    assert all(len(o.token_ids) == 5 for o in outs)
+    assert len(checked) == 4 and checked[0][0] == -1 and len(set(checked[0])) == 3
