@@ -29,6 +29,7 @@ def test_wheel_installs_one_top_level_package(tmp_path):
     assert top == {"pdserve"}, sorted(top)
     # the pieces a user and the workers need are inside it
     for path in ("pdserve/__init__.py", "pdserve/__main__.py", "pdserve/cli.py", "pdserve/engine/__init__.py",
+                 "pdserve/engine/lora/slots.py",
                  "pdserve/protos/pdserve.proto", "pdserve/protos/pdserve_pb2_grpc.py", "pdserve/router/server.py",
                  "pdserve/kvtransfer/__init__.py", "pdserve/serving/errors.py", "pdserve/deploy/local.py",
                  *(f"pdserve/engine/presets/tiny-chat/{f}" for f in ("config.json", "model.safetensors",
