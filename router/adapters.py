@@ -4,6 +4,10 @@ Load: every worker of the pool loads the adapter (engine thread, between steps);
 all have (a worker that fails rolls the others back, and the call fails with that worker's status). Unload:
 the adapter is hidden at once (new requests for it get NOT_FOUND), the requests already running under it here
 finish (up to ``drain_s``), then every worker of the pool unloads it. No request is lost on either path.
+
+A worker that joins the pool later (a restart, a scale-up) lacks the adapters loaded through this router; a
+background task loads them on it (``reconcile``, every ``interval_s``; a failure is retried after ``retry_s``).
+Until it has them, routing leaves it out for those adapters (router.failover.holding).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import grpc
 
 from pdserve.engine.errors import InvalidRequestError, RequestNotFoundError, UnavailableError
 from pdserve.protos import pdserve_pb2 as pb
-from pdserve.router.failover import Failover
 from pdserve.router.membership import Membership, Worker
 from pdserve.router.models import ModelCatalog
 from pdserve.serving.errors import RpcStatusError
@@ -26,14 +29,18 @@ logger = logging.getLogger(__name__)
 
 
 class AdapterAdmin:
-    def __init__(self, membership: Membership, catalog: ModelCatalog, failover: Failover | None = None,
-                 timeout_s: float = 60.0, drain_s: float = 120.0):
+    def __init__(self, membership: Membership, catalog: ModelCatalog, timeout_s: float = 60.0, drain_s: float = 120.0,
+                 interval_s: float = 1.0, retry_s: float = 30.0):
         self.membership = membership
         self.catalog = catalog
-        self.failover = failover  # its per-adapter count of running requests (None: nothing to wait for)
         self.timeout_s = timeout_s
         self.drain_s = drain_s
-        self._lock = asyncio.Lock()  # one load/unload at a time
+        self.interval_s = interval_s
+        self.retry_s = retry_s
+        self.loaded: dict[str, tuple[str, str]] = {}  # adapters loaded through this router -> (base model, path)
+        self._retry_at: dict[tuple[str, str], float] = {}  # (worker address, adapter) whose load failed -> when next
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # one load/unload/reconcile at a time
 
     async def _call(self, worker: Worker, method: str, request) -> object:
         rpc = getattr(worker.stub, method)
@@ -67,9 +74,12 @@ class AdapterAdmin:
                     await self._unload_on(done, name)  # all or nothing: no half-loaded adapter
                     raise _failure(*failed[0], f"loading adapter {name!r}")
                 self.catalog.hidden.discard(name)
+                self.loaded[name] = (base, path)
                 await asyncio.gather(*(self.membership.poll(w) for w in workers))
             finally:
                 self.catalog.loading.discard(name)
+        if self._task is None:
+            self._task = asyncio.create_task(self._reconcile_forever())
         logger.info("adapter %s loaded from %s on %d workers of %s", name, path, len(workers), base)
         return [w.load.worker_id or w.address for w in workers]
 
@@ -82,6 +92,7 @@ class AdapterAdmin:
             base = self.catalog.adapters().get(name) or next(
                 (b for b in map(self.catalog.base_of, holders) if b is not None), self.catalog.default)
             self.catalog.hidden.add(name)  # from now on new requests for it are NOT_FOUND
+            self.loaded.pop(name, None)
             await self._drain(name)
             workers = list({w.address: w for w in [*self.catalog.pool_workers(base), *holders]}.values())
             dropped = await self._unload_on(workers, name)
@@ -89,16 +100,47 @@ class AdapterAdmin:
         logger.info("adapter %s unloaded from %d workers", name, len(dropped))
         return bool(dropped) or bool(holders), dropped
 
+    async def reconcile(self) -> list[str]:
+        """Load every adapter loaded through this router on the healthy workers of its pool that lack it;
+        -> the "adapter@address" pairs loaded."""
+        done = []
+        async with self._lock:
+            now = time.monotonic()
+            for name, (base, path) in list(self.loaded.items()):
+                for w in self.catalog.pool_workers(base):
+                    key = (w.address, name)
+                    if not w.healthy or name in w.load.adapters or self._retry_at.get(key, 0.0) > now:
+                        continue
+                    try:
+                        await self._call(w, "LoadAdapter", pb.LoadAdapterRequest(name=name, path=path))
+                    except grpc.aio.AioRpcError as e:
+                        self._retry_at[key] = now + self.retry_s
+                        logger.warning("adapter %s: cannot load it on %s worker %s (retry in %.0fs): %s", name,
+                                       w.role, w.address, self.retry_s, e.details())
+                        continue
+                    self._retry_at.pop(key, None)
+                    await self.membership.poll(w)
+                    done.append(f"{name}@{w.address}")
+                    logger.info("adapter %s loaded on %s worker %s, which lacked it", name, w.role, w.address)
+        return done
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.reconcile()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
     async def _drain(self, name: str) -> None:
         """Wait (up to ``drain_s``) for the requests running under ``name`` through this router to finish."""
-        if self.failover is None:
-            return
+        running = self.catalog.running
         deadline = time.monotonic() + self.drain_s
-        while self.failover.adapter_requests.get(name) and time.monotonic() < deadline:
+        while running.get(name) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if self.failover.adapter_requests.get(name):
-            logger.warning("unloading adapter %s with %d requests still running", name,
-                           self.failover.adapter_requests[name])
+        if running.get(name):
+            logger.warning("unloading adapter %s with %d requests still running", name, running[name])
 
     async def _unload_on(self, workers: list[Worker], name: str) -> list[str]:
         results = await asyncio.gather(

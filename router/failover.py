@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 
 from pdserve.engine.errors import UnavailableError
@@ -40,7 +39,6 @@ class Failover:
         self.backoff_s = backoff_s
         self.counters = RouterCounters()
         self.leg = DecodeLeg(policy.costs, LoopRef(), self.counters, membership.credential)
-        self.adapter_requests: Counter[str] = Counter()  # adapter -> its requests running here (unload waits)
 
     async def run(self, req: ClientRequest, time_remaining: Callable[[], float | None] | None = None):
         """Yields client responses until the request finishes; raises a domain error when it cannot."""
@@ -52,9 +50,6 @@ class Failover:
         self.counters.requests += 1
         st = RequestState.of(req)
         root = tracing.start("generate", tracing.CURRENT.get(), {"pdserve.request_id": st.rid}, st.t_start)
-        lora = req.lora_name
-        if lora:
-            self.adapter_requests[lora] += 1
         try:
             excluded: set[str] = set()
             while True:
@@ -92,10 +87,6 @@ class Failover:
                     attempt.end()
         finally:
             root.end()
-            if lora:
-                self.adapter_requests[lora] -= 1
-                if not self.adapter_requests[lora]:
-                    del self.adapter_requests[lora]
 
     async def _recover(self, st: RequestState, f: LegFailure, excluded: set[str]) -> None:
         """After a failed attempt: open the worker's circuit, exclude it, and back off (or give up)."""

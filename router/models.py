@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +70,7 @@ class ModelCatalog:
                 raise ValueError(f"route: {r.name!r} is also a base model's name")
         self.hidden: set[str] = set()  # adapters unloaded (or unloading) through this router
         self.loading: set[str] = set()  # adapters being loaded through this router
+        self.running: Counter[str] = Counter()  # adapter -> its requests resolved and not yet ended here
         self._rng = random.Random(seed)
         membership.model_of = self.base_of
 
@@ -110,6 +112,18 @@ class ModelCatalog:
             except RequestNotFoundError:
                 raise RequestNotFoundError(f"model: route {name!r} chose {chosen!r}, which is not served here") from None
         return self._plain(name)
+
+    def begin(self, target: Target) -> None:
+        """A request resolved to ``target`` starts (call with no await after ``resolve``: an unload that hides the
+        adapter then waits for it, router.adapters)."""
+        if target.lora:
+            self.running[target.lora] += 1
+
+    def end(self, target: Target) -> None:
+        if target.lora:
+            self.running[target.lora] -= 1
+            if self.running[target.lora] <= 0:
+                del self.running[target.lora]
 
     def _plain(self, name: str) -> Target:
         if name in self.bases:

@@ -89,16 +89,20 @@ class GenerationServicer:
         if len(request.model) > MAX_NAME_LEN:  # before it is looked up (the rest is checked by the parser)
             raise InvalidRequestError(f"model: at most {MAX_NAME_LEN} characters")
         target = self.catalog.resolve(request.model, request.session_id)
-        base = self.catalog.bases[target.base]
-        parsed = await base.parser.parse_async(request)  # heavy parsing runs off the event loop
-        parsed = dataclasses.replace(parsed, model=target.name, base_model=target.base, lora_name=target.lora)
-        mode = cache_mode(request.cache)
-        responses = self._run(parsed, base.token_texts, time_remaining)
-        cache = self._cache(target.name)
-        if cache is not None:
-            responses = cache.through(parsed, mode, responses)
-        async for resp in responses:
-            yield resp
+        self.catalog.begin(target)  # from resolution on: an unload of its adapter waits for it to end
+        try:
+            base = self.catalog.bases[target.base]
+            parsed = await base.parser.parse_async(request)  # heavy parsing runs off the event loop
+            parsed = dataclasses.replace(parsed, model=target.name, base_model=target.base, lora_name=target.lora)
+            mode = cache_mode(request.cache)
+            responses = self._run(parsed, base.token_texts, time_remaining)
+            cache = self._cache(target.name)
+            if cache is not None:
+                responses = cache.through(parsed, mode, responses)
+            async for resp in responses:
+                yield resp
+        finally:
+            self.catalog.end(target)
 
     def _cache(self, name: str) -> ResponseCache | None:
         if self.response_cache is None or name == self.catalog.default:

@@ -16,7 +16,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.adapters import AdapterAdmin
 from pdserve.router.load import WorkerLoad
 from pdserve.router.membership import Membership, Worker
-from pdserve.router.models import BaseModel, ModelCatalog
+from pdserve.router.models import BaseModel, ModelCatalog, Target
 from pdserve.router.policy import PairPolicy
 from pdserve.router.prefix_index import BlockEvents, PrefixIndex
 from pdserve.router.request import RequestParser
@@ -104,6 +104,7 @@ def test_an_adapter_request_carries_its_adapter_and_prefers_workers_holding_it_r
     assert models == {"tiny", "ad1"}
     sticky = {_run(g, model="split", session_id="same")[-1].model for _ in range(10)}
     assert len(sticky) == 1
+    assert not g.catalog.running  # every adapter request counted while it ran, and no longer
 
 
 def test_prefix_hashes_are_keyed_by_adapter():
@@ -128,13 +129,13 @@ def test_load_adapter_fans_out_to_the_pool_and_rolls_back_on_failure():
     workers = [_worker("p1:1", "prefill", "tiny"), _worker("d1:1", "decode", "tiny"),
                _worker("d2:1", "decode", "tiny-qwen2")]
     g, m = _servicer(workers)
-    admin = AdapterAdmin(m, g.catalog, g.failover)
+    admin = AdapterAdmin(m, g.catalog)
     ids = asyncio.run(admin.load("ad1", "/x/ad1"))
     assert sorted(ids) == ["decode-d1:1", "prefill-p1:1"]
     assert m.workers["d2:1"].stub.calls == []  # another base model's pool
     bad = [_worker("p1:1", "prefill", "tiny"), _worker("d1:1", "decode", "tiny", fail_load=True)]
     g, m = _servicer(bad)
-    admin = AdapterAdmin(m, g.catalog, g.failover)
+    admin = AdapterAdmin(m, g.catalog)
     with pytest.raises(RpcStatusError, match="decode worker d1:1: path: no adapter_config.json"):
         asyncio.run(admin.load("ad1", "/nope"))
     assert m.workers["p1:1"].stub.calls == [("load", "ad1", "/nope"), ("unload", "ad1")]  # rolled back
@@ -147,16 +148,16 @@ def test_load_adapter_fans_out_to_the_pool_and_rolls_back_on_failure():
 def test_unload_hides_the_adapter_at_once_and_waits_for_its_running_requests():
     workers = [_worker("d1:1", "decode", "tiny", ["ad1"])]
     g, m = _servicer(workers)
-    admin = AdapterAdmin(m, g.catalog, g.failover)
+    admin = AdapterAdmin(m, g.catalog)
 
     async def go():
-        g.failover.adapter_requests["ad1"] = 1  # one request still running under it
+        g.catalog.begin(g.catalog.resolve("ad1"))  # one request resolved to it, still running
         task = asyncio.create_task(admin.unload("ad1"))
         await asyncio.sleep(0.1)
         assert not task.done() and m.workers["d1:1"].stub.calls == []  # waits for the running request
         with pytest.raises(RequestNotFoundError, match="ad1"):
             g.catalog.resolve("ad1")  # but new requests are refused already
-        del g.failover.adapter_requests["ad1"]
+        g.catalog.end(Target("ad1", "tiny", "ad1"))
         return await task
 
     assert asyncio.run(go()) == (True, ["decode-d1:1"])
@@ -176,3 +177,24 @@ def test_the_openai_gateway_reports_the_model_that_served():
     assert chunks.chunk(0, pb.GenerateResponse(text="a"))["model"] == "canary"  # not known before the end
     assert chunks.chunk(0, final)["model"] == "base-lora-v2"
     assert chunks.usage_chunk()["model"] == "base-lora-v2"
+
+
+def test_a_worker_that_joins_later_gets_the_adapters_loaded_through_the_api():
+    workers = [_worker("d1:1", "decode", "tiny"), _worker("d9:1", "decode", "tiny-qwen2")]
+    g, m = _servicer(workers)
+    admin = AdapterAdmin(m, g.catalog, interval_s=3600)
+
+    async def go():
+        await admin.load("ad1", "/x/ad1")
+        m.workers["d1:1"].load = dataclasses.replace(m.workers["d1:1"].load, adapters=("ad1",))  # as polled
+        late = _worker("d2:1", "decode", "tiny")  # a restarted or new worker of the pool: no adapters yet
+        m.workers[late.address] = late
+        done = await admin.reconcile()
+        assert late.stub.calls == [("load", "ad1", "/x/ad1")] and done == ["ad1@d2:1"]
+        assert m.workers["d1:1"].stub.calls == [("load", "ad1", "/x/ad1")]  # only the first load
+        assert m.workers["d9:1"].stub.calls == []  # another base model
+        await admin.unload("ad1")
+        assert await admin.reconcile() == []  # unloaded: never loaded again
+        admin.close()
+
+    asyncio.run(go())
