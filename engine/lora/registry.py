@@ -68,6 +68,7 @@ class AdapterRegistry:
 
     def _retire(self, adapter: LoRAAdapter) -> None:
         adapter.retired = True
+        self.slots.evict(adapter)  # its slot is free at once; a request still on it swaps it back in
         dropped = self.pool.drop_tagged(adapter.name)
         if dropped:
             logger.info("lora: dropped %d cached blocks of adapter %r", dropped, adapter.name)

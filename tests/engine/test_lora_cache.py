@@ -63,6 +63,7 @@ def test_unload_and_reload_under_the_same_name_drops_the_old_kv(adapters, refere
     assert a_hashes <= set(stored)
     assert eng.unload_adapter("a") and not eng.unload_adapter("a")
     assert eng.adapters() == ["b"]
+    assert [o.name for o in eng.runner.lora_slots.occupant if o is not None] == ["b"], "a's slot is freed"
     evicted = [h for e in eng.pool.drain_events() if e.kind == "evicted" for h in e.block_hashes]
     assert set(evicted) == a_hashes, "exactly a's blocks are dropped, reported as evictions"
     assert not a_hashes & set(eng.pool.cached)
