@@ -190,6 +190,7 @@ def cmd_gateway(a: argparse.Namespace) -> int:
 
     cfg = config_from(a, _tls(a))
     _setup_logging("gateway", a.log_format)
+    _setup_tracing("gateway", a)
     from pdserve.router.gateway.server import serve
 
     _run(serve(cfg))
@@ -199,7 +200,8 @@ def cmd_gateway(a: argparse.Namespace) -> int:
 def cmd_generate(a: argparse.Namespace) -> int:
     from pdserve.deploy.cli_client import api_key, run_and_print, sampling_from
 
-    return run_and_print(a.router, a.prompt, sampling_from(a), a.json, _tls(a), api_key(a))
+    return run_and_print(a.router, a.prompt, sampling_from(a), a.json, _tls(a), api_key(a), model=a.model,
+                         session_id=a.session_id)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:

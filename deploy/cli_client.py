@@ -38,17 +38,19 @@ class Completion:
     total_s: float
     prefill_worker: str
     decode_worker: str
+    model: str = ""  # what served it (a base model or an adapter, after any route)
 
     def summary(self) -> str:
         workers = (f"prefill {self.prefill_worker} -> decode {self.decode_worker}" if self.prefill_worker
                    else f"decode {self.decode_worker} (prefilled locally)")
         return (f"[{self.completion_tokens} tokens, finish {self.finish_reason or '?'}, "
                 f"TTFT {self.ttft_s * 1e3:.0f} ms, total {self.total_s:.2f} s, "
-                f"prompt {self.prompt_tokens} tokens ({self.cached_prompt_tokens} cached), {workers}]")
+                f"prompt {self.prompt_tokens} tokens ({self.cached_prompt_tokens} cached), {workers}"
+                + (f", model {self.model}]" if self.model else "]"))
 
 
 async def generate(address: str, prompt: str, sampling: Sampling, out: TextIO | None = None, tls=None,
-                   api_key: str = "", timeout_s: float = 120.0) -> Completion:
+                   api_key: str = "", timeout_s: float = 120.0, model: str = "", session_id: str = "") -> Completion:
     """Send one request; write each text piece to ``out`` as it arrives (None: stay quiet)."""
     from pdserve.protos import pdserve_pb2 as pb
     from pdserve.protos import pdserve_pb2_grpc as pb_grpc
@@ -69,8 +71,8 @@ async def generate(address: str, prompt: str, sampling: Sampling, out: TextIO | 
     last = None
     async with channel(address, tls) as ch:
         stub = pb_grpc.GenerationStub(ch)
-        async for resp in stub.Generate(pb.GenerateRequest(prompt=prompt, sampling=params), timeout=timeout_s,
-                                        metadata=metadata):
+        req = pb.GenerateRequest(prompt=prompt, sampling=params, model=model, session_id=session_id)
+        async for resp in stub.Generate(req, timeout=timeout_s, metadata=metadata):
             if ttft is None and (resp.text or resp.token_ids):
                 ttft = time.perf_counter() - t0
             pieces.append(resp.text)
@@ -85,19 +87,21 @@ async def generate(address: str, prompt: str, sampling: Sampling, out: TextIO | 
         text="".join(pieces), request_id=last.request_id, finish_reason=last.finish_reason,
         prompt_tokens=last.usage.prompt_tokens, completion_tokens=last.usage.completion_tokens,
         cached_prompt_tokens=last.usage.cached_prompt_tokens, ttft_s=total if ttft is None else ttft, total_s=total,
-        prefill_worker=last.prefill_worker, decode_worker=last.decode_worker,
+        prefill_worker=last.prefill_worker, decode_worker=last.decode_worker, model=last.model,
     )
 
 
 def run_and_print(address: str, prompt: str, sampling: Sampling, as_json: bool, tls=None, api_key: str = "",
-                  prog: str = "pdserve generate", out: TextIO | None = None) -> int:
+                  prog: str = "pdserve generate", out: TextIO | None = None, model: str = "",
+                  session_id: str = "") -> int:
     """Stream the text then a one-line summary on stderr, or (``as_json``) print one JSON object.
     An RPC error prints one line and returns 1."""
     import grpc
 
     out = out or sys.stdout
     try:
-        done = asyncio.run(generate(address, prompt, sampling, None if as_json else out, tls, api_key))
+        done = asyncio.run(generate(address, prompt, sampling, None if as_json else out, tls, api_key,
+                                    model=model, session_id=session_id))
     except grpc.aio.AioRpcError as e:
         if as_json:
             print(json.dumps({"error": e.code().name, "details": e.details()}), file=out)
@@ -138,6 +142,8 @@ def add_generate_parser(sub, tls_args) -> argparse.ArgumentParser:
                        description="Stream the text as it arrives, then a one-line summary on stderr.")
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--router", default=DEFAULT_ROUTER, metavar="HOST:PORT", help="router address (pdserve up listens on port 50051)")
+    g.add_argument("--model", default="", help="a base model, adapter or route the router serves (empty: its default)")
+    g.add_argument("--session-id", default="", help="session key: sticky routes and session affinity")
     sampling_args(g)
     g.add_argument("--api-key", default="", help="API key sent as 'authorization: Bearer KEY' "
                    "(default: $PDSERVE_API_KEY)")

@@ -4,6 +4,10 @@ real ``pdserve up`` serving two base models, each answering like its offline LLM
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -15,6 +19,7 @@ from pdserve.deploy.cli_models import ModelPool, pool_worker_args, router_kwargs
 from pdserve.deploy.cli_up import _router_args
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.router.routes import parse_route
 from tests.deploy.test_launcher import up_factory  # noqa: F401  (fixture)
 
 
@@ -81,3 +86,8 @@ def test_one_up_serves_two_base_models(up_factory):  # noqa: F811
     assert rows["tiny"].state == rows["tiny-qwen2"].state == "ready"
     assert len(rows["tiny"].worker_ids) == 2 and len(rows["tiny-qwen2"].worker_ids) == 1
     assert rows["ab"].kind == pb.MODEL_KIND_ROUTE
+    r = subprocess.run([sys.executable, "-m", "pdserve", "generate", "--router", up.router, "--json", "--max-tokens",
+                        "3", "--model", "ab", "--session-id", "u1", "Hello"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PDSERVE_API_KEY": ""})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model"] == parse_route("ab=tiny:50,tiny-qwen2:50").choose("u1")
