@@ -1,7 +1,7 @@
 """LoRA greedy parity with transformers + PEFT (float32), on the native and the HF-module paths.
 
 Adapters with random nonzero A and B (PEFT inits B to zero) on all seven targets, ranks 8 and 64, on a Llama
-(``tiny``) and a Qwen3 (``tiny-qwen3``: q/k norms, head_dim != hidden / heads). The prompts run batched, with
+(``tiny``) and a Qwen3 (``tiny-qwen3``: q/k norms, head_dim != hidden / heads), and a Qwen2 (QKV biases) natively. The prompts run batched, with
 one spanning many blocks and chunked prefill (a small token budget), so the general path, mixed steps and the
 static decode path all carry the adapter.
 """
@@ -30,8 +30,10 @@ def adapter_root(tmp_path_factory):
     return tmp_path_factory.mktemp("lora-parity")
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-qwen3"])
-@pytest.mark.parametrize("impl", ["native", "hf"])
+@pytest.mark.parametrize("model, impl", [
+    ("tiny", "native"), ("tiny", "hf"), ("tiny-qwen3", "native"), ("tiny-qwen3", "hf"),
+    ("tiny-qwen2", "native"),  # biases on q, k and v: the deltas land after them in the fused output
+])
 def test_greedy_matches_hf_peft(model, impl, adapter_root):
     llm = LLM(model, num_blocks=128, enable_lora=True, model_impl=impl, max_num_batched_tokens=64)
     assert llm.engine.runner.model_impl == impl
