@@ -22,6 +22,9 @@ def add_gateway_parser(sub, tls_args) -> argparse.ArgumentParser:
     g.add_argument("--default-max-tokens", type=checks.positive_int, default=1024,
                    help="max_tokens of a chat request that sets none (completions default to 16, as OpenAI's)")
     g.add_argument("--log-format", default="text", choices=["text", "json"], help="log line format")
+    g.add_argument("--otlp-endpoint", default="", help="export OpenTelemetry traces to this OTLP/gRPC collector "
+                   "(host:port; needs pip install pdserve[otel]; empty: tracing off); the client's traceparent "
+                   "header is honoured and passed on to the router")
     t = g.add_argument_group("TLS to the router")
     tls_args(t)
     return g

@@ -27,6 +27,7 @@ from pdserve.router.request import MAX_NAME_LEN, RequestParser
 from pdserve.router.response_cache import ResponseCache, cache_mode
 from pdserve.router.responses import Aggregate, RouterCounters
 from pdserve.router.token_text import TokenTexts
+from pdserve.serving import tracing
 from pdserve.serving.errors import abort_with, status_for
 
 
@@ -70,6 +71,8 @@ class GenerationServicer:
 
     async def _serve(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         """Parse, run, and end with a status: OK, the failure's mapped status, or CANCELLED."""
+        if context is not None:  # a caller's traceparent (the gateway's): the request's span joins its trace
+            tracing.CURRENT.set(tracing.from_context(context))
         try:
             async for resp in self.respond(request, context.time_remaining if context is not None else None):
                 yield resp

@@ -9,6 +9,9 @@
 - A client that disconnects cancels its handler (``handler_cancellation``) or fails its next write; either
   way every gRPC call of the request is cancelled, so the decode worker frees the KV blocks at once.
 - ``GET /v1/models`` (the router's ``Models``), ``GET /health`` (the router's grpc health), ``GET /metrics``.
+- Traces (``--otlp-endpoint``): a ``gateway`` span per completion request, under the client's W3C
+  ``traceparent`` header when it sends one; its traceparent goes to the router in gRPC metadata, so the
+  router's ``generate`` span (and everything below it) joins the same trace.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+import pdserve.serving.tracing as tracing
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.gateway import metrics
@@ -186,14 +190,23 @@ class Gateway:
 
     async def _generate(self, request: web.Request, plan: Plan) -> web.StreamResponse:
         md = auth_metadata(request)
-        if plan.stream:
-            return await self._stream(request, plan, md)
+        span = tracing.start("gateway", request.headers.get(tracing.TRACEPARENT, "") if tracing.enabled() else None,
+                             {"http.route": request.path, "pdserve.stream": plan.stream,
+                              "pdserve.choices": len(plan.requests)})
         try:
-            results = await _all([self.stub.Complete(r, metadata=md, timeout=self.timeout_s) for r in plan.requests])
-        except grpc.aio.AioRpcError as e:
-            raise from_rpc_error(e) from None
-        return web.Response(text=_dumps(full_response(plan, results, int(time.time()))),
-                            content_type="application/json")
+            md = tracing.with_traceparent(md, span)
+            if plan.stream:
+                return await self._stream(request, plan, md)
+            try:
+                results = await _all([self.stub.Complete(r, metadata=md, timeout=self.timeout_s)
+                                      for r in plan.requests])
+            except grpc.aio.AioRpcError as e:
+                span.set_attribute("error", e.code().name)
+                raise from_rpc_error(e) from None
+            return web.Response(text=_dumps(full_response(plan, results, int(time.time()))),
+                                content_type="application/json")
+        finally:
+            span.end()
 
     async def _stream(self, request: web.Request, plan: Plan, md) -> web.StreamResponse:
         t0 = time.perf_counter()
