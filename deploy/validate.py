@@ -51,7 +51,7 @@ def apply_json6902(doc: dict, ops: list[dict]) -> None:
 
 def _images(doc: dict, images: list[dict]) -> None:
     spec = doc.get("spec", {}).get("template", {}).get("spec", {})
-    for c in spec.get("containers", []):
+    for c in [*spec.get("initContainers", []), *spec.get("containers", [])]:  # as kustomize does
         name, _, tag = c["image"].partition(":")
         for img in images:
             if img["name"] == name:
