@@ -114,3 +114,27 @@ def test_a_route_to_an_unknown_target_is_not_found_naming_both():
 def test_catalog_refuses_a_route_named_like_a_base_model():
     with pytest.raises(ValueError, match="also a base model"):
         _catalog([], [Route("tiny", (("tiny-qwen2", 1),)).name + "=tiny-qwen2:1"])
+
+
+def test_each_base_model_parses_with_its_own_tokenizer_and_chat_template():
+    import asyncio
+
+    from pdserve.engine.errors import InvalidRequestError
+    from pdserve.engine.models import resolve_tokenizer
+    from pdserve.engine.tokenizer import load_light_tokenizer
+    from pdserve.protos import pdserve_pb2 as pb
+    from pdserve.router.models import load_catalog
+
+    m = Membership()
+    cat = asyncio.run(load_catalog(m, (("chat", "tiny-chat"), ("tiny", "tiny")), ("r=chat:1,tiny:1",)))
+    assert cat.default == "chat" and set(cat.routes) == {"r"}
+    msgs = [pb.ChatMessage(role="user", content="In the beginning")]
+    chat = cat.bases["chat"].parser.parse(pb.GenerateRequest(messages=msgs, model="chat"))
+    hello = pb.GenerateRequest(prompt="hello world", model="tiny")
+    for name, path in (("chat", "tiny-chat"), ("tiny", "tiny")):
+        want = tuple(load_light_tokenizer(resolve_tokenizer(path)).encode("hello world"))
+        assert cat.bases[name].parser.parse(hello).token_ids == want
+    assert chat.token_ids and cat.bases["chat"].parser.parse(hello).token_ids != cat.bases["tiny"].parser.parse(
+        hello).token_ids  # two tokenizers really
+    with pytest.raises(InvalidRequestError, match="model 'tiny' has no chat template"):
+        cat.bases["tiny"].parser.parse(pb.GenerateRequest(messages=msgs, model="tiny"))
