@@ -120,6 +120,7 @@ class PairPolicy:
         self._counter = itertools.count()
         self._rng = random.Random(seed)
         self._routed: dict[str, deque[int]] = {}  # prefill address -> uncached tokens of the latest requests sent
+        self._kv_layout = None  # the layout ``costs.kv_bytes_per_token`` was computed for
 
     def choose(self, req: RouteRequest, prefills: list[Worker], decodes: list[Worker]) -> Decision:
         """Raises LookupError when no decode worker is available."""
@@ -127,8 +128,9 @@ class PairPolicy:
             raise LookupError("no decode worker is available")
         prefills = sorted(prefills, key=lambda w: w.address)
         decodes = sorted(decodes, key=lambda w: w.address)
-        if not self.costs.kv_bytes_per_token:
-            self.costs.kv_bytes_per_token = kv_bytes_per_token(decodes[0].load)
+        fp = decodes[0].load.fingerprint  # the request's pool (one per base model): its KV size per token
+        if fp is not self._kv_layout:
+            self._kv_layout, self.costs.kv_bytes_per_token = fp, kv_bytes_per_token(decodes[0].load)
         overlap = self.index.overlap(req.block_hashes, [w.address for w in prefills + decodes])
         if self.name == "cache_aware" and prefills:
             local = self._local_by_affinity(req, decodes, overlap)
