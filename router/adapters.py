@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 class AdapterAdmin:
     def __init__(self, membership: Membership, catalog: ModelCatalog, timeout_s: float = 60.0, drain_s: float = 120.0,
-                 interval_s: float = 1.0, retry_s: float = 30.0):
+                 interval_s: float = 1.0, retry_s: float = 30.0, on_change=lambda name: None):
         self.membership = membership
+        self.on_change = on_change  # (adapter name): its weights changed or went; cached answers must go too
         self.catalog = catalog
         self.timeout_s = timeout_s
         self.drain_s = drain_s
@@ -73,6 +74,7 @@ class AdapterAdmin:
                     done = [w for w, r in zip(workers, results, strict=True) if not isinstance(r, BaseException)]
                     await self._unload_on(done, name)  # all or nothing: no half-loaded adapter
                     raise _failure(*failed[0], f"loading adapter {name!r}")
+                self.on_change(name)  # answers of an adapter loaded before under this name are stale
                 self.catalog.hidden.discard(name)
                 self.loaded[name] = (base, path)
                 await asyncio.gather(*(self.membership.poll(w) for w in workers))
@@ -96,6 +98,7 @@ class AdapterAdmin:
             await self._drain(name)
             workers = list({w.address: w for w in [*self.catalog.pool_workers(base), *holders]}.values())
             dropped = await self._unload_on(workers, name)
+            self.on_change(name)
             await asyncio.gather(*(self.membership.poll(w) for w in workers))
         logger.info("adapter %s unloaded from %d workers", name, len(dropped))
         return bool(dropped) or bool(holders), dropped

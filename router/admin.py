@@ -41,7 +41,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.membership = membership
         self.index = index or PrefixIndex()
         self.generation = generation
-        self.adapters = AdapterAdmin(membership, generation.catalog) if generation else None
+        self.adapters = (AdapterAdmin(membership, generation.catalog, on_change=generation.forget_answers)
+                         if generation else None)
 
     async def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
         out = pb.ListWorkersResponse()

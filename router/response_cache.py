@@ -5,7 +5,8 @@ sampling draws token i from (seed, i), so the answer does not depend on the batc
 is stored only when it finished normally (``stop`` or ``length``), never after an error, a cancel or a
 client that went away mid-stream.
 
-Key: a BLAKE2b-256 digest of the served model, the tenant scope, the sampling parameters (for greedy ones,
+Key: a BLAKE2b-256 digest of the served model (the base model or adapter that answers, after a route;
+``ClientRequest.model``), so one cache and one byte budget serve every model of the router, the tenant scope, the sampling parameters (for greedy ones,
 without the knobs greedy ignores: temperature, top_p, top_k, seed) and the prompt's token ids (after chat
 templating and tokenization, so two spellings of one prompt share an entry).
 
@@ -83,6 +84,7 @@ def is_deterministic(params: SamplingParams) -> bool:
 
 @dataclass(slots=True)
 class _Entry:
+    model: str  # what served it: dropped when that adapter is loaded anew or unloaded (drop_model)
     chunks: list[bytes]  # serialized GenerateResponse messages; the last one carries finish_reason and usage
     num_bytes: int
     expires: float
@@ -146,7 +148,7 @@ class ResponseCache:
             params = replace(params, temperature=0.0, top_p=1.0, top_k=0, seed=None)
         scope = SHARED_SCOPE if req.tenant in self.cfg.shared_tenants else b"t:" + req.tenant.encode()
         h = hashlib.blake2b(digest_size=32, person=b"pdserve-respcach")
-        for part in (self.model.encode(), scope, repr(params).encode()):
+        for part in ((req.model or self.model).encode(), scope, repr(params).encode()):
             h.update(len(part).to_bytes(8, "little"))
             h.update(part)
         bucket = h.digest()
@@ -163,7 +165,7 @@ class ResponseCache:
         self.entries.move_to_end(key)
         return entry.chunks
 
-    def put(self, key: bytes, chunks: list[bytes]) -> bool:
+    def put(self, key: bytes, chunks: list[bytes], model: str = "") -> bool:
         """Store an answer (replacing one under the same key); False when it alone exceeds the budget."""
         size = sum(len(c) for c in chunks) + len(key) + ENTRY_OVERHEAD
         if size > self.cfg.max_bytes:
@@ -172,10 +174,17 @@ class ResponseCache:
             self._drop(key)
         while self.num_bytes + size > self.cfg.max_bytes:
             self._drop(next(iter(self.entries)))
-        self.entries[key] = _Entry(chunks, size, self.clock() + self.cfg.ttl_s)
+        self.entries[key] = _Entry(model, chunks, size, self.clock() + self.cfg.ttl_s)
         self.num_bytes += size
         STORED_BYTES.set(self.num_bytes)
         return True
+
+    def drop_model(self, model: str) -> int:
+        """Forget every answer ``model`` gave (an adapter loaded anew under its name, or unloaded); -> how many."""
+        keys = [k for k, e in self.entries.items() if e.model == model]
+        for k in keys:
+            self._drop(k)
+        return len(keys)
 
     def _drop(self, key: bytes) -> None:
         entry = self.entries.pop(key)
@@ -218,7 +227,7 @@ class ResponseCache:
         async for resp in responses:
             recorder.add(resp)
             yield resp
-        if recorder.complete and self.put(key, recorder.chunks) and self.semantic is not None:
+        if recorder.complete and self.put(key, recorder.chunks, req.model) and self.semantic is not None:
             self.semantic.add(bucket, key, vec if vec is not None else await self.semantic.embed(req))
 
     def _replay(self, chunks: list[bytes], req: ClientRequest, t0: float, similarity: float

@@ -111,13 +111,18 @@ class IndexFeeds:
             t.cancel()
 
 
-async def _semantic_index(cfg: SemanticConfig, tokenizer) -> SemanticIndex | None:
+async def _semantic_index(cfg: SemanticConfig, catalog) -> SemanticIndex | None:
     if not cfg.enabled:
         return None
     from pdserve.router.embedder import SentenceEmbedder
 
     embedder = await asyncio.to_thread(SentenceEmbedder, cfg.model_dir or None)
-    return SemanticIndex(cfg, embedder, lambda req: tokenizer.decode(list(req.token_ids)))
+
+    def text_of(req) -> str:  # the prompt as its own base model's tokenizer reads it (chat template included)
+        base = catalog.bases[req.base_model or catalog.default]
+        return base.parser.tokenizer.decode(list(req.token_ids))
+
+    return SemanticIndex(cfg, embedder, text_of)
 
 
 async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: asyncio.Event | None = None) -> None:
@@ -147,8 +152,8 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s, retry_after_s=max(0.1, cfg.poll_interval_s))
     response_cache = None
     if cfg.response_cache.max_bytes:
-        response_cache = ResponseCache(cfg.response_cache, cfg.model,
-                                       semantic=await _semantic_index(cfg.semantic_cache, tokenizer))
+        response_cache = ResponseCache(cfg.response_cache, catalog.default,
+                                       semantic=await _semantic_index(cfg.semantic_cache, catalog))
     generation = GenerationServicer(membership, policy, tokenizer, admission, max_retries=cfg.max_retries,
                                     chat=chat, model=cfg.model, catalog=catalog, response_cache=response_cache)
     add_public_servicer(server, generation, "Generation")

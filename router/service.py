@@ -53,8 +53,7 @@ class GenerationServicer:
             catalog = ModelCatalog(membership, [BaseModel(model, model, parser, TokenTexts(tokenizer))])
         self.catalog = catalog
         self.failover = Failover(membership, policy, admission, rpc_timeout_s, max_retries, backoff_s)
-        self.response_cache = response_cache  # the default model's (None: off; router.response_cache)
-        self._caches: dict[str, ResponseCache] = {}  # the other served names' (same settings, a budget each)
+        self.response_cache = response_cache  # every model's, keyed by the model that serves (None: off)
 
     @property
     def parser(self) -> RequestParser:
@@ -99,7 +98,7 @@ class GenerationServicer:
             parsed = dataclasses.replace(parsed, model=target.name, base_model=target.base, lora_name=target.lora)
             mode = cache_mode(request.cache)
             responses = self._run(parsed, base.token_texts, time_remaining)
-            cache = self._cache(target.name)
+            cache = self.response_cache
             if cache is not None:
                 responses = cache.through(parsed, mode, responses)
             async for resp in responses:
@@ -107,13 +106,10 @@ class GenerationServicer:
         finally:
             self.catalog.end(target)
 
-    def _cache(self, name: str) -> ResponseCache | None:
-        if self.response_cache is None or name == self.catalog.default:
-            return self.response_cache
-        cache = self._caches.get(name)
-        if cache is None:
-            cache = self._caches[name] = ResponseCache(self.response_cache.cfg, name)
-        return cache
+    def forget_answers(self, model: str) -> None:
+        """Drop the response cache's answers from ``model`` (an adapter loaded anew or unloaded)."""
+        if self.response_cache is not None:
+            self.response_cache.drop_model(model)
 
     async def _run(self, parsed, token_texts: TokenTexts, time_remaining):
         with_logprobs = parsed.sampling.logprobs is not None

@@ -156,3 +156,20 @@ def test_ttl_and_lru_byte_budget():
     assert not tiny.entries and tiny.num_bytes == 0, "an answer larger than the whole budget is not stored"
     with pytest.raises(ValueError, match="response_cache_ttl_s"):
         CacheConfig(ttl_s=0)
+
+
+def test_one_cache_serves_every_model_apart_and_forgets_a_reloaded_adapter():
+    from dataclasses import replace
+
+    cache = ResponseCache(CacheConfig(max_bytes=1 << 20, ttl_s=60), model="base")
+    base_req = req()  # model "": the default (base)
+    lora_req = replace(req(), model="lora-a", base_model="base", lora_name="lora-a")
+    through(cache, base_req, "use", Live(answer(4)))
+    live = Live(answer(4, start=500))
+    assert not through(cache, lora_req, "use", live)[-1].cached and live.runs == 1, "an adapter never gets base's"
+    assert through(cache, replace(base_req, model="base"), "use", Live(answer(2)))[-1].cached, "'' is the default"
+    assert through(cache, lora_req, "use", Live(answer(2)))[-1].cached
+    assert cache.drop_model("lora-a") == 1 and cache.drop_model("lora-a") == 0
+    live = Live(answer(4, start=600))
+    assert not through(cache, lora_req, "use", live)[-1].cached and live.runs == 1, "reloaded: computed again"
+    assert through(cache, base_req, "use", Live(answer(2)))[-1].cached, "other models' answers stay"
