@@ -63,6 +63,11 @@ def add_up_parser(sub, router_policy_args, tls_args) -> argparse.ArgumentParser:
     e.add_argument("--max-num-batched-tokens", type=checks.positive_int, default=2048,
                    help="tokens per engine step at most")
     e.add_argument("--kv-cache-mib", type=checks.positive_int, default=256, help="KV cache per worker, MiB")
+    e.add_argument("--block-size", type=checks.positive_int, default=16, help="tokens per KV block")
+    e.add_argument("--max-model-len", type=checks.non_negative_int, default=0, help="longest sequence (0: the model's)")
+    e.add_argument("--model-impl", default="auto", choices=["auto", "native", "hf"], help="native models or HF modules")
+    e.add_argument("--cuda-graphs", default="on", choices=["on", "off"], help="CUDA graphs for native decode")
+    e.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     e.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"], help="KV transfer backend")
     e.add_argument("--no-shm", action="store_true", help="tcp: disable the same-host shared-memory path")
     cli_classes.add_worker_args(e)
@@ -139,7 +144,10 @@ def _router_args(a: argparse.Namespace) -> list[str]:
 def _worker_args(a: argparse.Namespace) -> list[str]:
     args = ["--dtype", a.dtype, "--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens",
             str(a.max_num_batched_tokens), "--kv-cache-mib", str(a.kv_cache_mib), "--log-format", a.log_format,
-            *_tls_flags(a)]
+            "--block-size", str(a.block_size), "--max-model-len", str(a.max_model_len), "--model-impl", a.model_impl,
+            "--cuda-graphs", a.cuda_graphs, *_tls_flags(a)]
+    if a.no_prefix_caching:
+        args.append("--no-prefix-caching")
     if a.metrics_port != 0:
         args += ["--metrics-port", "-1"]
     if a.no_shm:

@@ -169,3 +169,18 @@ def test_up_forwards_the_request_class_flags_to_its_router_and_workers():
     # the forwarded flags parse as the router's own
     routed = build_parser().parse_args(["router", *r])
     assert routed.semantic_cache_threshold == 0.9 and routed.response_cache_mib == 16
+
+
+def test_up_forwards_the_engine_flags_to_every_worker():
+    from pdserve.cli import build_parser
+    from pdserve.deploy.cli_up import _worker_args
+
+    a = build_parser().parse_args(["up", "--block-size", "32", "--max-model-len", "512", "--model-impl", "hf",
+                                   "--cuda-graphs", "off", "--no-prefix-caching"])
+    w = _worker_args(a)
+    for flag, value in (("--block-size", "32"), ("--max-model-len", "512"), ("--model-impl", "hf"),
+                        ("--cuda-graphs", "off")):
+        assert w[w.index(flag) + 1] == value, flag
+    assert "--no-prefix-caching" in w
+    worker = build_parser().parse_args(["prefill", *w])  # they parse as the workers' own flags
+    assert (worker.block_size, worker.max_model_len, worker.model_impl, worker.no_prefix_caching) == (32, 512, "hf", True)
