@@ -98,3 +98,16 @@ def test_a_volume_over_the_image_cache_is_seeded_from_it(tree):
                 assert seeders, f"{name}: volume {volume!r} hides the presets baked into {cache}"
                 seeded += 1
     assert seeded >= 2, "prefill and decode keep a writable cache volume"
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+@pytest.mark.parametrize("tree", trees(), ids=lambda p: p.name)
+def test_the_router_tokenizes_with_the_model_its_workers_serve(tree):
+    """A router left on its default model while the workers run another would tokenize with the wrong
+    vocabulary: every tree names one model for all three."""
+    models = {name: _flag(spec["containers"][0]["args"], "--model") for name, spec in pod_specs(build(tree))}
+    assert set(models) == {"pdserve-router", "pdserve-prefill", "pdserve-decode"}
+    assert len(set(models.values())) == 1 and None not in models.values(), models
