@@ -1,9 +1,15 @@
-"""LoRA adapters in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``): loaded, validated
+r"""LoRA adapters in PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``): loaded, validated
 against the model's projection shapes, and kept on the host ready to copy into a device slot.
 
 Each (layer, target) pair holds ``a_t`` [in, r] and ``b_t`` [r, out] (the transposes of PEFT's ``lora_A`` and
 ``lora_B``) with the scale (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` under ``use_rslora``) folded into
 ``b_t``, so applying it is ``out += (x @ a_t) @ b_t``.
+
+What is applied is what the tensors hold: ``target_modules`` may be a list of the supported projections, or a
+string (PEFT's ``"all-linear"`` or a regex), and ``layers_to_transform`` simply leaves tensors out. Per-module
+``rank_pattern`` and ``alpha_pattern`` are matched against each module's name as PEFT matches them (the first
+key ``k`` with ``re.match(rf"(.*\.)?({k})$", name)``), so modules may have ranks of their own up to
+``max_lora_rank``; the adapter's ``rank`` is the largest.
 """
 
 from __future__ import annotations
@@ -77,8 +83,29 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
-def _check_config(p: str, cfg: dict, max_rank: int) -> tuple[int, float]:
-    """(rank, scale) of a supported config; ValueError for anything this engine cannot apply exactly."""
+@dataclass(frozen=True, slots=True)
+class _Scaling:
+    rank: int
+    alpha: float
+    rslora: bool
+    rank_pattern: dict
+    alpha_pattern: dict
+
+    @staticmethod
+    def _pattern(patterns: dict, module: str):
+        return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", module)), None)
+
+    def of(self, p: str, module: str) -> tuple[int, float]:
+        """(rank, scale) of one module, by PEFT's pattern rules."""
+        rank = self._pattern(self.rank_pattern, module) or self.rank
+        alpha = self._pattern(self.alpha_pattern, module) or self.alpha
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise _bad(p, f"rank_pattern gives {module} rank {rank!r}")
+        return rank, float(alpha / math.sqrt(rank) if self.rslora else alpha / rank)
+
+
+def _check_config(p: str, cfg: dict, max_rank: int) -> _Scaling:
+    """The scaling of a supported config; ValueError for anything this engine cannot apply exactly."""
     if cfg.get("peft_type", "LORA") != "LORA":
         raise _bad(p, f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     rank = cfg.get("r")
@@ -87,24 +114,34 @@ def _check_config(p: str, cfg: dict, max_rank: int) -> tuple[int, float]:
     if rank > max_rank:
         raise _bad(p, f"rank {rank} exceeds max_lora_rank {max_rank}")
     targets = cfg.get("target_modules")
-    if isinstance(targets, str):
-        targets = [targets]
-    if not targets or not isinstance(targets, list):
-        raise _bad(p, f"target_modules must list some of {', '.join(TARGETS)}")
-    bad = [t for t in targets if t not in TARGETS]
-    if bad:
-        raise _bad(p, f"target module {bad[0]!r} is not supported; targets must be among {', '.join(TARGETS)}")
+    if isinstance(targets, list) and targets:  # a string ("all-linear", a regex): the tensors say what is targeted
+        bad = [t for t in targets if t not in TARGETS]
+        if bad:
+            raise _bad(p, f"target module {bad[0]!r} is not supported; targets must be among {', '.join(TARGETS)}")
+    elif not isinstance(targets, str) or not targets:
+        raise _bad(p, f"target_modules must list some of {', '.join(TARGETS)} (or be a string)")
     for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
         if cfg.get(key, ok) not in (ok, None):
             raise _bad(p, f"{key}={cfg[key]!r} is not supported")
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
-        if cfg.get(key):
-            raise _bad(p, f"{key} is not supported")
+    if cfg.get("modules_to_save"):
+        raise _bad(p, "modules_to_save is not supported")
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        value = cfg.get(key) or {}
+        if not isinstance(value, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                  for v in value.values()):
+            raise _bad(p, f"{key} must map module patterns to numbers")
+        try:
+            for k in value:
+                re.compile(k)
+        except re.error as e:
+            raise _bad(p, f"{key}: bad pattern ({e})") from None
+        patterns[key] = value
     alpha = cfg.get("lora_alpha", rank)
     if not isinstance(alpha, int | float) or isinstance(alpha, bool):
         raise _bad(p, f"lora_alpha must be a number, got {alpha!r}")
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    return rank, float(scale)
+    return _Scaling(rank, float(alpha), bool(cfg.get("use_rslora")), patterns["rank_pattern"],
+                    patterns["alpha_pattern"])
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -120,8 +157,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def load_adapter(name: str, path: str, dims: LoRADims, max_rank: int, dtype: torch.dtype) -> LoRAAdapter:
     """Read and validate a PEFT LoRA directory; ValueError with a one-line reason for anything wrong."""
     root = Path(path).expanduser()
-    rank, scale = _check_config(path, _read_config(root), max_rank)
+    scaling = _check_config(path, _read_config(root), max_rank)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    modules: dict[tuple[int, str], str] = {}
     for key, tensor in _read_tensors(root).items():
         m = _KEY.search(key)
         if m is None:
@@ -132,6 +170,7 @@ def load_adapter(name: str, path: str, dims: LoRADims, max_rank: int, dtype: tor
         if layer >= dims.num_layers:
             raise _bad(path, f"tensor {key!r} names layer {layer} but the model has {dims.num_layers}")
         pairs.setdefault((layer, target), {})[ab] = tensor
+        modules[(layer, target)] = key[: m.start(3) - len(".lora_")].removeprefix("base_model.model.")
     if not pairs:
         raise _bad(path, "adapter_model.safetensors holds no LoRA tensors")
     weights = {}
@@ -140,6 +179,9 @@ def load_adapter(name: str, path: str, dims: LoRADims, max_rank: int, dtype: tor
             raise _bad(path, f"layer {layer} {target}: lora_{'B' if 'A' in ab else 'A'} is missing")
         fan_in, fan_out = dims.shapes[target]
         a, b = ab["A"], ab["B"]
+        rank, scale = scaling.of(path, modules[(layer, target)])
+        if rank > max_rank:
+            raise _bad(path, f"rank {rank} exceeds max_lora_rank {max_rank}")
         if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
             raise _bad(path, f"layer {layer} {target}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
                              f"rank {rank} and the model's {fan_in} -> {fan_out} projection")
@@ -147,4 +189,5 @@ def load_adapter(name: str, path: str, dims: LoRADims, max_rank: int, dtype: tor
         b_t = (b.float() * scale).t().to(dtype).contiguous()
         weights[(layer, target)] = (a_t, b_t)
     targets = frozenset(t for _, t in weights)
-    return LoRAAdapter(name, str(root), rank, scale, weights, targets)
+    rank = max(a_t.shape[1] for a_t, _ in weights.values())
+    return LoRAAdapter(name, str(root), rank, scaling.of(path, "")[1], weights, targets)  # scale: the default one

@@ -79,13 +79,14 @@ class LoRASlots:
 
     @torch.no_grad()
     def _install(self, slot: int, adapter: LoRAAdapter) -> None:
-        r0, r = slot * self.max_rank, adapter.rank
+        r0 = slot * self.max_rank
         for layer, stack in enumerate(self.stacks):
             for target, (a_all, b_all) in stack.items():
                 a_all[:, r0 : r0 + self.max_rank].zero_()  # padding and absent targets contribute nothing
                 b_all[r0 : r0 + self.max_rank].zero_()
                 w = adapter.weights.get((layer, target))
-                if w is not None:
+                if w is not None:  # each module at its own rank (rank_pattern); the rest stays zero
+                    r = w[0].shape[1]
                     a_all[:, r0 : r0 + r].copy_(w[0], non_blocking=True)
                     b_all[r0 : r0 + r].copy_(w[1], non_blocking=True)
         self.occupant[slot] = adapter

@@ -65,3 +65,43 @@ def test_rslora_and_partial_targets_match_peft(adapter_root):
     assert ref != peft_greedy(path, None, batch, MAX_TOKENS)
     assert [o.token_ids for o in llm.generate(batch, GREEDY, lora_name="rs")] == ref
     assert_idle(llm.engine)
+
+
+def _pattern_adapter(base_path: str, out_dir, seed: int, **config) -> str:
+    """A PEFT adapter as trainers often write them: ``target_modules="all-linear"``, per-module ranks and
+    alphas (``rank_pattern`` / ``alpha_pattern``) and only some layers (``layers_to_transform``)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", **config)
+    peft_model = get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    peft_model.save_pretrained(str(out_dir))
+    return str(out_dir)
+
+
+PATTERNS = {
+    "all-linear+patterns": dict(target_modules="all-linear", rank_pattern={"q_proj": 4, "mlp.down_proj": 24},
+                                alpha_pattern={"v_proj": 3}),
+    "some-layers": dict(target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[0, 2]),
+}
+
+
+@pytest.mark.parametrize("impl", ["native", "hf"])
+@pytest.mark.parametrize("variant", list(PATTERNS))
+def test_all_linear_rank_and_alpha_patterns_and_some_layers_match_peft(variant, impl, adapter_root):
+    llm = LLM("tiny", num_blocks=64, enable_lora=True, model_impl=impl)
+    path = llm.engine.runner.model_path
+    adapter = _pattern_adapter(path, adapter_root / f"{variant}-{impl}", seed=3, **PATTERNS[variant])
+    llm.engine.load_adapter("patterns", adapter)
+    batch = prompts(11)[:3]
+    ref = peft_greedy(path, adapter, batch, MAX_TOKENS)
+    assert ref != peft_greedy(path, None, batch, MAX_TOKENS)
+    assert [o.token_ids for o in llm.generate(batch, GREEDY, lora_name="patterns")] == ref
+    assert_idle(llm.engine)
