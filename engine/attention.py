@@ -155,8 +155,14 @@ def torch_paged_attention(
     scaling: float,
     sliding_window: int | None,
     softcap: float | None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Reference paged attention. q: [T, H, D] -> [T, H, D] in q's dtype."""
+    """Reference paged attention. q: [T, H, D] -> [T, H, D] in q's dtype.
+
+    ``new_kv``: the step's new K and V, [T, Hkv, D] each, as just written to the cache. A prefill chunk that is
+    its sequence's whole context (a fresh prompt, no prefix hit) attends over these directly: no gather of its
+    blocks back out of the cache.
+    """
     out = None
     if meta.decode_indices:
         rows = decode_rows(meta)
@@ -183,16 +189,29 @@ def torch_paged_attention(
         out = torch.empty_like(q)
     for i in meta.prefill_indices:
         s = meta.seqs[i]
-        qs = q[s.query_start : s.query_start + s.query_len].unsqueeze(0)
-        k, v = _gather(cache, s.block_table)
-        k, v = k[: s.context_len].unsqueeze(0), v[: s.context_len].unsqueeze(0)
+        rows = slice(s.query_start, s.query_start + s.query_len)
+        qs = q[rows].unsqueeze(0)
+        if new_kv is not None and s.query_len == s.context_len:
+            k, v = new_kv[0][rows], new_kv[1][rows]
+        else:
+            k, v = _gather(cache, s.block_table)
+            k, v = k[: s.context_len], v[: s.context_len]
+        k, v = k.unsqueeze(0), v.unsqueeze(0)
         if s.query_len == s.context_len and not softcap and (not sliding_window or sliding_window >= s.context_len):
             mask = None  # the whole context is this chunk: plain causal, and SDPA skips the masked-out tiles
         else:
             mask = _prefill_mask(meta, i, s, q.device, sliding_window)
         o = _attend(qs, k, v, mask, scaling, softcap)
-        out[s.query_start : s.query_start + s.query_len] = o[0].to(q.dtype)
+        out[rows] = o[0].to(q.dtype)
     return out
+
+
+def attend(cache: torch.Tensor, meta: AttentionMetadata, q: torch.Tensor, scaling: float,
+           sliding_window: int | None, softcap: float | None, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The step's backend; the torch reference also gets the new K/V (``new_kv``: fresh prompts skip the gather)."""
+    if meta.backend == "torch":
+        return torch_paged_attention(cache, meta, q, scaling, sliding_window, softcap, (k, v))
+    return BACKENDS[meta.backend](cache, meta, q, scaling, sliding_window, softcap)
 
 
 BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": torch_paged_attention}
@@ -210,13 +229,13 @@ def pdserve_attention(module, query, key, value, attention_mask, scaling=None, d
         raise RuntimeError("pdserve attention called without pd_meta; run the model through ModelRunner")
     layer = module.layer_idx
     cache = meta.kv_caches[layer]
-    q = query[0].transpose(0, 1)
-    write_kv(cache, meta, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
+    write_kv(cache, meta, k, v)
     if meta.layer_hook is not None:
         meta.layer_hook(layer)
     if scaling is None:
         scaling = q.shape[-1] ** -0.5
-    out = BACKENDS[meta.backend](cache, meta, q, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"))
+    out = attend(cache, meta, q, scaling, kwargs.get("sliding_window"), kwargs.get("softcap"), k, v)
     return out.unsqueeze(0), None
 
 

@@ -50,6 +50,7 @@ class WorkBuffers:
         self.q_groups = buf.as_strided((r, nkv, g, d), (zw, g * d, d, 1), 0)  # the query heads of each KV head
         self.rope = buf.as_strided((r, d, d), (d * d, d, 1), n_z)  # one rotation matrix per row
         self.up_gate = buf.as_strided((r, 2 * i), (2 * i, 1), n_z + n_rope)
+        self.up = buf.as_strided((r, i), (2 * i, 1), n_z + n_rope)
         self.gate = buf.as_strided((r, i), (2 * i, 1), n_z + n_rope + i)
         self.act = buf.as_strided((r, i), (i, 1), n_z + n_rope + n_ug)
         self.rope_idx = torch.empty(r, d, d, dtype=torch.int64, device=device)
@@ -67,7 +68,7 @@ class DecodeBuffers:
         self.work = work = work or WorkBuffers(spec, r, model.dtype, dev)
         self.qkv, self.qk, self.qk_rot, self.kv_new = work.qkv, work.qk, work.qk_rot, work.kv_new
         self.q_heads, self.q_groups, self.rope, self.rope_idx = work.q_heads, work.q_groups, work.rope, work.rope_idx
-        self.up_gate, self.gate, self.act = work.up_gate, work.gate, work.act
+        self.up_gate, self.up, self.gate, self.act = work.up_gate, work.up, work.gate, work.act
         # ---- inputs, int64: ids [r], pos [r], ctx [r], kv rows [r, 2], tables [r, w] and (lean) the K/V block
         # rows to gather [2, r, w], then (lean) one bool mask [r, 1, 1, w * bs] per sliding window: one copy off CPU
         c = w * bs

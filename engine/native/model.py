@@ -7,7 +7,7 @@ Per layer (no per-layer Python beyond attribute reads; the same code runs every 
   ``[V | Q | K]`` and one fused gate-up projection ``[up | gate]``; q/k/v are views into their output;
 - Qwen3's q/k norm as one weightless ``rms_norm`` over q and k heads together, times one [heads, D] weight;
 - K and V written to the paged cache with one ``index_put_``, then the layer-ready hook, then attention;
-- SiLU-and-mul is ``glu`` over [up, gate] times gate (u*sigmoid(g)*g).
+- SiLU-and-mul is ``silu`` of the gate half times the up half, in place (HF's order of rounding).
 
 Two entry points share the weights: ``forward`` (any step: prefill chunks, mixed batches; RoPE in place from a
 cos/sin table gathered once per step, rotate-half as a matmul with a constant +-1 matrix; attention through
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.attention import BACKENDS, AttentionMetadata
+from pdserve.engine.attention import BACKENDS, AttentionMetadata, attend
 from pdserve.engine.native.rope import (
     cos_sin_table,
     inv_freq_and_scaling,
@@ -75,7 +75,7 @@ class NativeLayer(nn.Module):
         self.o_bias = param(h) if spec.o_bias else None
         self.post_norm = param(h)
         i = spec.intermediate_size
-        self.gate_up_weight_t = param(h, 2 * i)  # columns: up, then gate (see glu)
+        self.gate_up_weight_t = param(h, 2 * i)  # columns: up, then gate (see _mlp)
         self.gate_up_bias = param(2 * i) if spec.mlp_bias else None
         self.down_weight_t = param(i, h)
         self.down_bias = param(h) if spec.mlp_bias else None
@@ -103,8 +103,9 @@ class NativeLayer(nn.Module):
         if meta.layer_hook is not None:
             meta.layer_hook(self.layer_idx)
         q = qkv.as_strided((t, nh, d), (width, d, 1), off + kd)
-        cache = meta.kv_caches[self.layer_idx]
-        o = BACKENDS[meta.backend](cache, meta, q, self.scale, self.window, None).reshape(t, nh * d)
+        k = qkv.as_strided((t, nkv, d), (width, d, 1), off + kd + nh * d)
+        v = qkv.as_strided((t, nkv, d), (width, d, 1), off)
+        o = attend(meta.kv_caches[self.layer_idx], meta, q, self.scale, self.window, None, k, v).reshape(t, nh * d)
         return self._mlp(self._o_proj(hidden, o, lora), None, lora)
 
     def decode(self, hidden: torch.Tensor, bufs, lora=None) -> torch.Tensor:
@@ -148,14 +149,15 @@ class NativeLayer(nn.Module):
             if lora is not None:
                 lora.add_fused(self.layer_idx, "gate_up", x, up_gate)
             t, i2 = up_gate.shape
-            gate = up_gate.as_strided((t, i2 // 2), (i2, 1), up_gate.storage_offset() + i2 // 2)
-            act = F.glu(up_gate, dim=-1)
+            off = up_gate.storage_offset()
+            up = up_gate.as_strided((t, i2 // 2), (i2, 1), off)
+            act = F.silu(up_gate.as_strided((t, i2 // 2), (i2, 1), off + i2 // 2))
         else:
             up_gate = _proj(x, self.gate_up_weight_t, self.gate_up_bias, out=bufs.up_gate)
             if lora is not None:
                 lora.add_fused(self.layer_idx, "gate_up", x, up_gate)
-            gate, act = bufs.gate, torch.ops.aten.glu.out(up_gate, -1, out=bufs.act)
-        act.mul_(gate)  # up * sigmoid(gate) * gate == silu(gate) * up
+            up, act = bufs.up, torch.ops.aten.silu.out(bufs.gate, out=bufs.act)
+        act.mul_(up)  # silu(gate) * up, HF's own rounding (and ~1.7x faster on CPU than glu(up, gate) * gate)
         hidden = torch.addmm(hidden, act, self.down_weight_t)
         if self.down_bias is not None:
             hidden = hidden + self.down_bias
