@@ -40,6 +40,7 @@ class ChurnResult:
     num_requests: int = 0
     ends: Counter = field(default_factory=Counter)  # status name -> requests
     no_end: int = 0  # the client's watchdog fired: no end by deadline + grace
+    hung_ids: list[str] = field(default_factory=list)  # request ids of the hung ones (the first 50)
     actions: Counter = field(default_factory=Counter)  # action -> times done
     skipped: Counter = field(default_factory=Counter)  # action -> times its bound said no
     leaked_blocks: int = 0
@@ -66,7 +67,7 @@ async def client_loop(address: str, stop, res: ChurnResult, deadline_s: float, m
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.GenerationStub(ch)
         while not stop.is_set():
-            req = pb.GenerateRequest(token_ids=workload(i), sampling=pb.SamplingParams(
+            req = pb.GenerateRequest(request_id=f"churn-{i}", token_ids=workload(i), sampling=pb.SamplingParams(
                 max_tokens=max_tokens, temperature=0, ignore_eos=True))
             i += 1000
             res.num_requests += 1
@@ -81,11 +82,14 @@ async def client_loop(address: str, stop, res: ChurnResult, deadline_s: float, m
                 res.ends["OK"] += 1
             except grpc.aio.AioRpcError as e:
                 res.ends[e.code().name] += 1
-                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    res.hung_ids.append(req.request_id)
+                else:
                     await asyncio.sleep(0.05)  # a refused request: do not spin
             except TimeoutError:
                 call.cancel()
                 res.no_end += 1
+                res.hung_ids.append(req.request_id)
 
 
 def load_main(address: str, stop, conn, concurrency: int, deadline_s: float, max_tokens: int) -> None:
@@ -98,7 +102,7 @@ def load_main(address: str, stop, conn, concurrency: int, deadline_s: float, max
                                for k in range(concurrency)))
 
     asyncio.run(main())
-    conn.send((res.num_requests, dict(res.ends), res.no_end))
+    conn.send((res.num_requests, dict(res.ends), res.no_end, res.hung_ids[:50]))
 
 
 class Churner:
@@ -129,7 +133,7 @@ class Churner:
         if len(self.alive(role)) >= self.max_workers:
             return False
         args = [*self.cluster.worker_args(), "--router", self.cluster.router_address]
-        self.cluster.procs.append(_spawn(role, args, self.cluster.env, False))
+        self.cluster.procs.append(_spawn(role, args, self.cluster.env, self.cluster.echo))
         return True
 
     def _victim(self, role: str) -> Proc | None:
@@ -151,7 +155,7 @@ class Churner:
             return False
         p = dead[0]
         self.dead.remove(p)
-        respawn(p, self.cluster.env, False)  # same address and flags: routers find it where it was
+        respawn(p, self.cluster.env, self.cluster.echo)  # same address and flags: routers find it where it was
         return True
 
     def _drain(self, role: str) -> bool:
@@ -197,7 +201,7 @@ def churn(cluster: LocalCluster, seconds: float, concurrency: int = 4, deadline_
     if not parent.poll(deadline_s + WATCHDOG_GRACE_S + 30):
         load.kill()
         raise RuntimeError("the load process did not report")
-    res.num_requests, ends, res.no_end = parent.recv()
+    res.num_requests, ends, res.no_end, res.hung_ids = parent.recv()
     res.ends.update(ends)
     load.join(10)
     churner.settle(60.0)
@@ -213,6 +217,7 @@ def report(res: ChurnResult) -> str:
     rows = [("seconds of churn", f"{res.seconds:.0f}"), ("actions", actions), ("requests", str(res.num_requests)),
             ("ends per status", ends), ("hung (deadline exceeded + no end)", f"{res.hung} ({res.no_end} no end)"),
             ("unclean statuses", str(res.unclean)),
+            *([("hung request ids", ", ".join(res.hung_ids))] if res.hung_ids else []),
             ("leaked blocks", f"{res.leaked_blocks} on {res.workers_checked} surviving workers"),
             ("integrity errors", "; ".join(res.integrity_errors) or "none")]
     return "\n".join(f"| {k} | {v} |" for k, v in [("measured", "value"), ("---", "---"), *rows])
@@ -226,10 +231,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-workers", type=int, default=3, help="live workers per role at most")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--echo", action="store_true", help="every process's log lines to stderr, prefixed by role")
     a = ap.parse_args()
     if a.seconds <= 0 or a.concurrency < 1 or a.max_workers < 2:
         ap.error("--seconds must be > 0, --concurrency >= 1, --max-workers >= 2")
-    with LocalCluster(2, 2, policy="round_robin", router_args=["--local-prefill-tokens", "0"]) as c:
+    with LocalCluster(2, 2, policy="round_robin", router_args=["--local-prefill-tokens", "0"], echo=a.echo) as c:
         res = churn(c, a.seconds, a.concurrency, a.deadline_s, a.max_tokens, a.max_workers, a.seed)
     print(report(res))
 

@@ -126,6 +126,14 @@ class DecodeLeg:
             trailers = dict(await call.trailing_metadata() or ())
             blamed = prefill if trailers.get("pdserve-failed-role") == "prefill" and prefill else decode
             raise self._failure(blamed, e, trailers) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this request was cancelled (the client went away)
+            # the call was cancelled under us: its channel closed (the worker left the membership). grpc raises
+            # CancelledError for that, which would end the handler with no status (the client hangs to its
+            # deadline): another worker can take the request
+            raise LegFailure(decode, f"decode worker {decode.address}: its channel closed mid-call") from None
         finally:
             if first and prefill is not None:
                 prefill.in_flight -= 1

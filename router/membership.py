@@ -21,6 +21,7 @@ from pdserve.serving.rpc import channel
 logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode")
+REMOVED_CLOSE_GRACE_S = 30.0  # a removed worker's channel: calls in flight may finish this long (a worker's drain)
 
 
 @dataclass(slots=True)
@@ -73,6 +74,7 @@ class Membership:
         self.on_change = on_change  # called with (worker, added: bool)
         self.model_of = lambda w: w.load.served_model  # the base model a worker is pooled under (router.models)
         self._task: asyncio.Task | None = None
+        self._closing: dict[asyncio.Task, grpc.aio.Channel] = {}  # removed workers' channels, closing with grace
 
     def add(self, address: str, role: str) -> Worker:
         if role not in ROLES:
@@ -106,7 +108,10 @@ class Membership:
             logger.info("removed %s worker %s", worker.role, address)
             if self.on_change:
                 self.on_change(worker, False)
-            await worker.channel.close()
+            # calls in flight finish first (a draining worker completes them): closing at once would cancel them
+            task = asyncio.get_running_loop().create_task(worker.channel.close(grace=REMOVED_CLOSE_GRACE_S))
+            self._closing[task] = worker.channel
+            task.add_done_callback(lambda t: self._closing.pop(t, None))
 
     async def expire(self) -> None:
         now = time.monotonic()
@@ -220,3 +225,5 @@ class Membership:
             self._task.cancel()
         for w in list(self.workers.values()):
             await w.channel.close()
+        for ch in list(self._closing.values()):  # removed workers' calls are not waited for at shutdown
+            await ch.close()
