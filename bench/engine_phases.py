@@ -21,8 +21,8 @@ import time
 
 import torch
 
+from pdserve import LLM, SamplingParams
 from pdserve.bench.engine_bench import load_hf, make_prompts
-from pdserve.engine import LLM, SamplingParams
 
 
 def engine_phases(llm: LLM, prompts, max_tokens: int) -> dict:
