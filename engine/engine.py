@@ -212,6 +212,13 @@ class LLMEngine:
     def load_adapter(self, name: str, path: str) -> None:
         self.lora.load(name, path)
 
+    def read_adapter(self, name: str, path: str):
+        """``load_adapter``'s file reading and checks, safe off the engine thread; then ``install_adapter``."""
+        return self.lora.read(name, path)
+
+    def install_adapter(self, adapter) -> None:
+        self.lora.install(adapter)
+
     def unload_adapter(self, name: str) -> bool:
         return self.lora.unload(name)
 

@@ -141,15 +141,17 @@ class WorkerServicer:
         """Load (or replace) a LoRA adapter in this worker's engine, on the engine thread between steps."""
         name, path = request.name, request.path
 
-        def load(engine):
-            engine.load_adapter(name, path)
+        def install(engine, adapter):
+            engine.install_adapter(adapter)
             self._note_adapters(engine)
 
         try:
             check_name(name, "name")
             if not path:
                 raise InvalidRequestError("path: must name a PEFT adapter directory on the worker")
-            await self.loop.acall(load)
+            # the files are read and checked on a thread of their own: steps go on meanwhile
+            adapter = await asyncio.to_thread(self.loop.engine.read_adapter, name, path)
+            await self.loop.acall(lambda engine: install(engine, adapter))
         except Exception as e:  # noqa: BLE001 - mapped to a status
             await abort_with(context, e)
         logger.info("loaded adapter %s from %s", name, path)

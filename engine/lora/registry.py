@@ -31,6 +31,11 @@ class AdapterRegistry:
         return sorted(self.adapters)
 
     def load(self, name: str, path: str) -> None:
+        self.install(self.read(name, path))
+
+    def read(self, name: str, path: str) -> LoRAAdapter:
+        """Read and validate an adapter's files. Touches no engine state, so any thread may run it (a worker
+        reads off the engine thread and then ``install``s there, so a large adapter does not stall steps)."""
         if self.slots is None:
             raise ValueError("enable_lora: this engine was started without LoRA support")
         if not isinstance(name, str) or not name or not name.strip() or len(name) > 256:
@@ -40,6 +45,11 @@ class AdapterRegistry:
         t0 = time.perf_counter()
         adapter = load_adapter(name, path, self.slots.dims, self.max_rank, self.slots.dtype)
         self.last_load_s = time.perf_counter() - t0
+        return adapter
+
+    def install(self, adapter: LoRAAdapter) -> None:
+        """Register a read adapter under its name (replacing one of that name). Engine thread only."""
+        name = adapter.name
         old = self.adapters.get(name)
         if old is not None:
             self._retire(old)

@@ -140,3 +140,21 @@ def test_lora_without_enable_lora():
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         EngineConfig(model="tiny", **kwargs)
+
+
+def test_reading_an_adapter_changes_nothing_until_it_is_installed(llm_and_good):
+    """Workers read adapters off the engine thread (``read_adapter``) and install them between steps."""
+    llm, good, _, _ = llm_and_good
+    before = llm.engine.adapters()
+    adapter = llm.engine.read_adapter("later", good)
+    assert llm.engine.adapters() == before and "later" not in before
+    with pytest.raises(AdapterNotFoundError, match="later"):
+        llm.generate([[5, 6, 7]], GREEDY, lora_name="later")
+    llm.engine.install_adapter(adapter)
+    assert "later" in llm.engine.adapters()
+    want = llm.generate([[5, 6, 7]], GREEDY, lora_name="good")[0].token_ids
+    assert llm.generate([[5, 6, 7]], GREEDY, lora_name="later")[0].token_ids == want  # the same files
+    assert llm.engine.unload_adapter("later")
+    assert_idle(llm.engine)
+    with pytest.raises(ValueError, match="no such directory"):
+        llm.engine.read_adapter("x", str(llm_and_good[3] / "missing"))
