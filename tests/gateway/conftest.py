@@ -38,7 +38,10 @@ def chat_model_dir(root) -> str:
 
 def start_cluster(tmp_path_factory, router_args=None) -> LocalCluster:
     model = chat_model_dir(tmp_path_factory.mktemp("model"))
-    return LocalCluster(1, 1, model=model, transfer="tcp", http_port=0, router_args=router_args).start()
+    # each step sleeps 5 ms, so a 1,900-token answer takes >= 9.5 s: the disconnect tests can tell a request
+    # aborted by the client going away from one that just finished within their 5 s bound on a slow box
+    return LocalCluster(1, 1, model=model, transfer="tcp", http_port=0, router_args=router_args,
+                        extra_worker_args=["--debug-step-delay-ms", "5"]).start()
 
 
 def grpc_call(address: str, method: str, req, metadata=None, timeout: float = 60.0):
