@@ -208,20 +208,15 @@ class LLMEngine:
         """Free the blocks a finished prefill-only request held for its transfer."""
         return self.holds.release(request_id)
 
-    # ---- LoRA adapters (engine.lora.registry) -------------------------------------------------------
+    # ---- LoRA adapters (engine.lora.registry); read_adapter is safe off the engine thread, then install_adapter
     def load_adapter(self, name: str, path: str) -> None:
         self.lora.load(name, path)
-
     def read_adapter(self, name: str, path: str):
-        """``load_adapter``'s file reading and checks, safe off the engine thread; then ``install_adapter``."""
         return self.lora.read(name, path)
-
     def install_adapter(self, adapter) -> None:
         self.lora.install(adapter)
-
     def unload_adapter(self, name: str) -> bool:
         return self.lora.unload(name)
-
     def adapters(self) -> list[str]:
         return self.lora.names()
 

@@ -200,7 +200,7 @@ class LayoutFingerprint(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., revision: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., hash_seed: _Optional[int] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "num_running", "num_waiting", "num_queued_tokens", "num_free_blocks", "num_total_blocks", "step_s", "draining", "kv_endpoint", "transfer_backend", "num_steps", "prefix_hit_tokens", "prompt_tokens", "num_reserved", "max_model_len", "vocab_size", "num_aborted", "host", "device", "num_batched_tokens", "tokens_per_s", "last_abort_latency_s", "integrity_error", "num_live_blocks", "fingerprint", "max_num_seqs", "num_preemptions", "served_model", "adapters", "resident_adapters")
+    __slots__ = ("worker_id", "role", "address", "num_running", "num_waiting", "num_queued_tokens", "num_free_blocks", "num_total_blocks", "step_s", "draining", "kv_endpoint", "transfer_backend", "num_steps", "prefix_hit_tokens", "prompt_tokens", "num_reserved", "max_model_len", "vocab_size", "num_aborted", "host", "device", "num_batched_tokens", "tokens_per_s", "last_abort_latency_s", "integrity_error", "num_live_blocks", "fingerprint", "max_num_seqs", "num_preemptions", "served_model", "adapters", "resident_adapters", "api_adapters")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,7 @@ class WorkerLoad(_message.Message):
     SERVED_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    API_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -265,7 +266,20 @@ class WorkerLoad(_message.Message):
     served_model: str
     adapters: _containers.RepeatedScalarFieldContainer[str]
     resident_adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., step_s: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_endpoint: _Optional[str] = ..., transfer_backend: _Optional[str] = ..., num_steps: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., num_reserved: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_aborted: _Optional[int] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., num_batched_tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., last_abort_latency_s: _Optional[float] = ..., integrity_error: _Optional[str] = ..., num_live_blocks: _Optional[int] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., max_num_seqs: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., served_model: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., resident_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    api_adapters: _containers.RepeatedCompositeFieldContainer[AdapterRecord]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_queued_tokens: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., step_s: _Optional[float] = ..., draining: _Optional[bool] = ..., kv_endpoint: _Optional[str] = ..., transfer_backend: _Optional[str] = ..., num_steps: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., num_reserved: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_aborted: _Optional[int] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., num_batched_tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., last_abort_latency_s: _Optional[float] = ..., integrity_error: _Optional[str] = ..., num_live_blocks: _Optional[int] = ..., fingerprint: _Optional[_Union[LayoutFingerprint, _Mapping]] = ..., max_num_seqs: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., served_model: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., resident_adapters: _Optional[_Iterable[str]] = ..., api_adapters: _Optional[_Iterable[_Union[AdapterRecord, _Mapping]]] = ...) -> None: ...
+
+class AdapterRecord(_message.Message):
+    __slots__ = ("name", "path", "version", "unloaded")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    version: str
+    unloaded: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., version: _Optional[str] = ..., unloaded: _Optional[bool] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("check_integrity",)
@@ -348,14 +362,16 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., transfer_bytes: _Optional[int] = ..., first_logprob: _Optional[_Union[TokenLogprob, _Mapping]] = ..., worker_id: _Optional[str] = ..., transfer_path: _Optional[str] = ..., transfer_wall_s: _Optional[float] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("name", "path", "base_model")
+    __slots__ = ("name", "path", "base_model", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     base_model: str
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., base_model: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., base_model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("worker_ids",)
@@ -364,10 +380,12 @@ class LoadAdapterResponse(_message.Message):
     def __init__(self, worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UnloadAdapterRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class UnloadAdapterResponse(_message.Message):
     __slots__ = ("unloaded", "worker_ids")

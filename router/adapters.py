@@ -5,9 +5,13 @@ all have (a worker that fails rolls the others back, and the call fails with tha
 the adapter is hidden at once (new requests for it get NOT_FOUND), the requests already running under it here
 finish (up to ``drain_s``), then every worker of the pool unloads it. No request is lost on either path.
 
-A worker that joins the pool later (a restart, a scale-up) lacks the adapters loaded through this router; a
+A worker that joins the pool later (a restart, a scale-up) lacks the adapters loaded through the API; a
 background task loads them on it (``reconcile``, every ``interval_s``; a failure is retried after ``retry_s``).
-Until it has them, routing leaves it out for those adapters (router.failover.holding).
+Until it has them, routing leaves it out for those adapters (router.failover.holding). Routers are stateless
+here: each load gets a version, the workers report what was loaded through the API and which versions were
+unloaded since (serving.adapter_records), and ``reconcile`` works from those reports as well as from its own
+loads, so a restarted router, or another replica, catches new workers up too. A version unloaded anywhere is
+never loaded again, by any router (the workers refuse it as well).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
 import grpc
 
@@ -38,7 +43,7 @@ class AdapterAdmin:
         self.drain_s = drain_s
         self.interval_s = interval_s
         self.retry_s = retry_s
-        self.loaded: dict[str, tuple[str, str]] = {}  # adapters loaded through this router -> (base model, path)
+        self.loaded: dict[str, tuple[str, str, str]] = {}  # loaded through this router -> (base, path, version)
         self._retry_at: dict[tuple[str, str], float] = {}  # (worker address, adapter) whose load failed -> when next
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one load/unload/reconcile at a time
@@ -65,23 +70,23 @@ class AdapterAdmin:
             if not workers:
                 raise UnavailableError(f"base_model: no healthy worker serves {base!r}")
             self.catalog.loading.add(name)
+            version = uuid.uuid4().hex
+            request = pb.LoadAdapterRequest(name=name, path=path, version=version)
             try:
-                results = await asyncio.gather(
-                    *(self._call(w, "LoadAdapter", pb.LoadAdapterRequest(name=name, path=path)) for w in workers),
-                    return_exceptions=True)
+                results = await asyncio.gather(*(self._call(w, "LoadAdapter", request) for w in workers),
+                                               return_exceptions=True)
                 failed = [(w, r) for w, r in zip(workers, results, strict=True) if isinstance(r, BaseException)]
                 if failed:
                     done = [w for w, r in zip(workers, results, strict=True) if not isinstance(r, BaseException)]
-                    await self._unload_on(done, name)  # all or nothing: no half-loaded adapter
+                    await self._unload_on(done, name, version)  # all or nothing: no half-loaded adapter
                     raise _failure(*failed[0], f"loading adapter {name!r}")
                 self.on_change(name)  # answers of an adapter loaded before under this name are stale
                 self.catalog.hidden.discard(name)
-                self.loaded[name] = (base, path)
+                self.loaded[name] = (base, path, version)
                 await asyncio.gather(*(self.membership.poll(w) for w in workers))
             finally:
                 self.catalog.loading.discard(name)
-        if self._task is None:
-            self._task = asyncio.create_task(self._reconcile_forever())
+        self.start()
         logger.info("adapter %s loaded from %s on %d workers of %s", name, path, len(workers), base)
         return [w.load.worker_id or w.address for w in workers]
 
@@ -94,28 +99,50 @@ class AdapterAdmin:
             base = self.catalog.adapters().get(name) or next(
                 (b for b in map(self.catalog.base_of, holders) if b is not None), self.catalog.default)
             self.catalog.hidden.add(name)  # from now on new requests for it are NOT_FOUND
-            self.loaded.pop(name, None)
+            version = (self.loaded.pop(name, None) or ("", "", ""))[2] or self._learned(base).get(name, ("", ""))[1]
             await self._drain(name)
             workers = list({w.address: w for w in [*self.catalog.pool_workers(base), *holders]}.values())
-            dropped = await self._unload_on(workers, name)
+            dropped = await self._unload_on(workers, name, version)
             self.on_change(name)
             await asyncio.gather(*(self.membership.poll(w) for w in workers))
         logger.info("adapter %s unloaded from %d workers", name, len(dropped))
         return bool(dropped) or bool(holders), dropped
 
+    def _learned(self, base: str) -> dict[str, tuple[str, str]]:
+        """Adapters the workers of ``base``'s pool report as loaded through the API (by any router), minus the
+        versions any of them reports unloaded: name -> (path, version)."""
+        live, dead = {}, set()
+        for w in self.catalog.pool_workers(base):
+            for r in w.load.api_adapters:
+                if r.unloaded:
+                    dead.add((r.name, r.version))
+                else:
+                    live.setdefault(r.name, (r.path, r.version))
+        return {n: pv for n, pv in live.items() if (n, pv[1]) not in dead}
+
+    def _wanted(self) -> list[tuple[str, str, str, str]]:
+        """(name, base, path, version) of every adapter some pool should hold everywhere."""
+        wanted = {name: (base, path, version) for name, (base, path, version) in self.loaded.items()}
+        for base in self.catalog.bases:
+            for name, (path, version) in self._learned(base).items():
+                if name not in wanted and name not in self.catalog.hidden and name not in self.catalog.bases \
+                        and name not in self.catalog.routes:
+                    wanted[name] = (base, path, version)
+        return [(name, *v) for name, v in wanted.items()]
+
     async def reconcile(self) -> list[str]:
-        """Load every adapter loaded through this router on the healthy workers of its pool that lack it;
-        -> the "adapter@address" pairs loaded."""
+        """Load every adapter loaded through the API (this router's loads and those the workers report) on
+        the healthy workers of its pool that lack it; -> the "adapter@address" pairs loaded."""
         done = []
         async with self._lock:
             now = time.monotonic()
-            for name, (base, path) in list(self.loaded.items()):
+            for name, base, path, version in self._wanted():
                 for w in self.catalog.pool_workers(base):
                     key = (w.address, name)
                     if not w.healthy or name in w.load.adapters or self._retry_at.get(key, 0.0) > now:
                         continue
                     try:
-                        await self._call(w, "LoadAdapter", pb.LoadAdapterRequest(name=name, path=path))
+                        await self._call(w, "LoadAdapter", pb.LoadAdapterRequest(name=name, path=path, version=version))
                     except grpc.aio.AioRpcError as e:
                         self._retry_at[key] = now + self.retry_s
                         logger.warning("adapter %s: cannot load it on %s worker %s (retry in %.0fs): %s", name,
@@ -127,10 +154,18 @@ class AdapterAdmin:
                     logger.info("adapter %s loaded on %s worker %s, which lacked it", name, w.role, w.address)
         return done
 
+    def start(self) -> None:
+        """Catch joining workers up from now on (the router starts it: the workers may report API loads)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._reconcile_forever())
+
     async def _reconcile_forever(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            await self.reconcile()
+            try:
+                await self.reconcile()
+            except Exception:  # noqa: BLE001 - one bad round must not end the catch-up for good
+                logger.exception("adapter reconcile round failed")
 
     def close(self) -> None:
         if self._task is not None:
@@ -145,10 +180,10 @@ class AdapterAdmin:
         if running.get(name):
             logger.warning("unloading adapter %s with %d requests still running", name, running[name])
 
-    async def _unload_on(self, workers: list[Worker], name: str) -> list[str]:
-        results = await asyncio.gather(
-            *(self._call(w, "UnloadAdapter", pb.UnloadAdapterRequest(name=name)) for w in workers),
-            return_exceptions=True)
+    async def _unload_on(self, workers: list[Worker], name: str, version: str = "") -> list[str]:
+        request = pb.UnloadAdapterRequest(name=name, version=version)
+        results = await asyncio.gather(*(self._call(w, "UnloadAdapter", request) for w in workers),
+                                       return_exceptions=True)
         dropped = []
         for w, r in zip(workers, results, strict=True):
             if isinstance(r, BaseException):

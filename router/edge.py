@@ -16,12 +16,14 @@ import grpc
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.load import WorkerLoad
 from pdserve.router.prefix_index import BlockEvents, PrefixIndex
+from pdserve.serving.adapter_records import AdapterRecord
 from pdserve.serving.convert import fingerprint_from_proto, fingerprint_to_proto
 
 logger = logging.getLogger(__name__)
 
 _LISTS = ("adapters", "resident_adapters")
-_SCALARS = tuple(f.name for f in fields(WorkerLoad) if f.name != "fingerprint" and f.name not in _LISTS)
+_SCALARS = tuple(f.name for f in fields(WorkerLoad)
+                 if f.name not in ("fingerprint", "api_adapters") and f.name not in _LISTS)
 
 
 def load_from_proto(msg: pb.WorkerLoad) -> WorkerLoad:
@@ -32,12 +34,15 @@ def load_from_proto(msg: pb.WorkerLoad) -> WorkerLoad:
             fingerprint = fingerprint_from_proto(msg.fingerprint)
         except ValueError as e:
             logger.warning("worker %s reports an unusable layout: %s", msg.address or msg.worker_id, e)
+    records = tuple(AdapterRecord(r.name, r.path, r.version, r.unloaded) for r in msg.api_adapters)
     return WorkerLoad(fingerprint=fingerprint, **{name: getattr(msg, name) for name in _SCALARS},
-                      **{name: tuple(getattr(msg, name)) for name in _LISTS})
+                      **{name: tuple(getattr(msg, name)) for name in _LISTS}, api_adapters=records)
 
 
 def load_to_proto(load: WorkerLoad) -> pb.WorkerLoad:
     msg = pb.WorkerLoad(**{name: getattr(load, name) for name in _SCALARS + _LISTS})
+    msg.api_adapters.extend(pb.AdapterRecord(name=r.name, path=r.path, version=r.version, unloaded=r.unloaded)
+                            for r in load.api_adapters)
     if load.fingerprint is not None:
         msg.fingerprint.CopyFrom(fingerprint_to_proto(load.fingerprint))
     return msg

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdserve.engine.layout import LayoutFingerprint
+from pdserve.serving.adapter_records import AdapterRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,3 +43,4 @@ class WorkerLoad:
     served_model: str = ""  # the base model the worker serves ("": the router's default)
     adapters: tuple[str, ...] = ()  # LoRA adapters registered on the worker
     resident_adapters: tuple[str, ...] = ()  # those whose weights are resident now
+    api_adapters: tuple[AdapterRecord, ...] = ()  # loaded through Admin.LoadAdapter, and tombstones

@@ -159,7 +159,9 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     add_public_servicer(server, generation, "Generation")
     # Admin too goes through generic handlers: besides the never-failing deserializers, every method
     # registered with the server is one more future its accept loop waits on for every incoming RPC.
-    add_public_servicer(server, AdminServicer(membership, index, generation), "Admin")
+    admin = AdminServicer(membership, index, generation)
+    admin.adapters.start()  # loads through the API, by any router, reach workers that join later
+    add_public_servicer(server, admin, "Admin")
     batch = BatchServicer(cfg.batch_db or default_db_path(), generation.respond, membership, cfg.batch_concurrency)
     await batch.start()
     add_public_servicer(server, batch, "Batch")
@@ -181,5 +183,6 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     await set_serving(health, SERVICES, False)
     await server.stop(5.0)
     await batch.close()  # unfinished batch requests stay pending in the database: the next start resumes them
+    admin.adapters.close()
     feeds.close()
     await membership.close()

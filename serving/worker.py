@@ -22,6 +22,7 @@ import grpc
 from pdserve.engine.errors import CapacityError, InvalidRequestError
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.adapter_records import AdapterRecords
 from pdserve.serving.cluster_auth import ClusterAuthInterceptor, ClusterCredential
 from pdserve.serving.convert import integrity, kv_event_stream, load_to_proto
 from pdserve.serving.errors import abort_with
@@ -92,6 +93,7 @@ class WorkerServicer:
         self.in_flight = 0
         self.num_aborted = 0
         self.adapters: tuple[str, ...] = ()  # registered LoRA adapters, as of the last load/unload (engine thread)
+        self.api_adapters = AdapterRecords()  # those loaded through the router's Admin API, and tombstones
 
     def _note_adapters(self, engine) -> None:
         """On the engine thread: remember the engine's adapters for GetLoad (read on the event loop)."""
@@ -139,9 +141,10 @@ class WorkerServicer:
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
                           ) -> pb.LoadAdapterResponse:
         """Load (or replace) a LoRA adapter in this worker's engine, on the engine thread between steps."""
-        name, path = request.name, request.path
+        name, path, version = request.name, request.path, request.version
 
         def install(engine, adapter):
+            self.api_adapters.check_load(name, version)  # again: an unload may have come meanwhile
             engine.install_adapter(adapter)
             self._note_adapters(engine)
 
@@ -149,9 +152,11 @@ class WorkerServicer:
             check_name(name, "name")
             if not path:
                 raise InvalidRequestError("path: must name a PEFT adapter directory on the worker")
+            self.api_adapters.check_load(name, version)
             # the files are read and checked on a thread of their own: steps go on meanwhile
             adapter = await asyncio.to_thread(self.loop.engine.read_adapter, name, path)
             await self.loop.acall(lambda engine: install(engine, adapter))
+            self.api_adapters.loaded(name, path, version)  # on the event loop, like every records change
         except Exception as e:  # noqa: BLE001 - mapped to a status
             await abort_with(context, e)
         logger.info("loaded adapter %s from %s", name, path)
@@ -169,6 +174,7 @@ class WorkerServicer:
 
         try:
             dropped = await self.loop.acall(unload)
+            self.api_adapters.unloaded(name, request.version)
         except Exception as e:  # noqa: BLE001 - mapped to a status
             await abort_with(context, e)
         logger.info("unloaded adapter %s (%s)", name, "was loaded" if dropped else "was not loaded")
@@ -198,6 +204,8 @@ class WorkerServicer:
             served_model=self.identity.served_model,
             adapters=self.adapters,
             resident_adapters=self.resident_adapters(),
+            api_adapters=[pb.AdapterRecord(name=r.name, path=r.path, version=r.version, unloaded=r.unloaded)
+                          for r in self.api_adapters.all()],
             **self.load_fields(),
         )
 

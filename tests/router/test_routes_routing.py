@@ -35,7 +35,7 @@ class Stub:
 
     def __init__(self, worker_id: str, fail_load: bool = False):
         self.worker_id, self.fail_load = worker_id, fail_load
-        self.decodes, self.calls = [], []
+        self.decodes, self.calls, self.requests = [], [], []
 
     def Decode(self, request, timeout=None, metadata=None):
         self.decodes.append(request)
@@ -43,12 +43,14 @@ class Stub:
 
     async def LoadAdapter(self, request, timeout=None, metadata=None):
         self.calls.append(("load", request.name, request.path))
+        self.requests.append(request)
         if self.fail_load:
             raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, None, None, "path: no adapter_config.json")
         return pb.LoadAdapterResponse(worker_ids=[self.worker_id])
 
     async def UnloadAdapter(self, request, timeout=None, metadata=None):
         self.calls.append(("unload", request.name))
+        self.requests.append(request)
         return pb.UnloadAdapterResponse(unloaded=True, worker_ids=[self.worker_id])
 
     async def GetLoad(self, request, timeout=None, metadata=None):
@@ -198,3 +200,46 @@ def test_a_worker_that_joins_later_gets_the_adapters_loaded_through_the_api():
         admin.close()
 
     asyncio.run(go())
+
+
+def test_a_restarted_router_catches_new_workers_up_from_what_the_workers_report():
+    """Routers keep no adapter state of their own that matters: a fresh AdapterAdmin (a restarted router, or
+    another replica) learns API loads from the workers' records and never revives an unloaded version."""
+    from pdserve.serving.adapter_records import AdapterRecord
+
+    live = AdapterRecord("ad1", "/x/ad1", "v1")
+    dead = AdapterRecord("ad2", "/x/ad2", "v7")
+    holder = _worker("d1:1", "decode", "tiny", ["ad1", "ad2"])
+    holder.load = dataclasses.replace(holder.load, api_adapters=(live, dead))
+    other = _worker("d3:1", "decode", "tiny")  # reports ad2's version v7 unloaded: it is on its way out
+    other.load = dataclasses.replace(other.load, api_adapters=(AdapterRecord("ad2", "", "v7", unloaded=True),))
+    late = _worker("d2:1", "decode", "tiny")
+    g, m = _servicer([holder, other, late])
+    admin = AdapterAdmin(m, g.catalog, interval_s=3600)
+
+    async def go():
+        done = sorted(await admin.reconcile())
+        assert done == ["ad1@d2:1", "ad1@d3:1"], done  # ad1 everywhere it lacks; ad2 (tombstoned) nowhere
+        (req,) = late.stub.requests
+        assert (req.name, req.path, req.version) == ("ad1", "/x/ad1", "v1")
+        was_loaded, dropped = await admin.unload("ad1")
+        assert was_loaded and sorted(dropped) == ["decode-d1:1", "decode-d2:1", "decode-d3:1"]
+        assert {r.version for w in (holder, late, other) for r in w.stub.requests if r.name == "ad1"} == {"v1"}
+        admin.close()
+
+    asyncio.run(go())
+
+
+def test_each_api_load_gets_a_version_the_workers_record():
+    workers = [_worker("d1:1", "decode", "tiny")]
+    g, m = _servicer(workers)
+    admin = AdapterAdmin(m, g.catalog, interval_s=3600)
+
+    async def go():
+        await admin.load("ad1", "/x/ad1")
+        await admin.load("ad1", "/x/ad1-v2")  # loaded anew under the same name: a new version
+        admin.close()
+
+    asyncio.run(go())
+    v1, v2 = (r.version for r in m.workers["d1:1"].stub.requests)
+    assert v1 and v2 and v1 != v2
