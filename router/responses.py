@@ -102,6 +102,8 @@ class Aggregate:
             total.prefill_worker = resp.prefill_worker
             total.decode_worker = resp.decode_worker
             total.model = resp.model
+            total.cached = resp.cached
+            total.cache_similarity = resp.cache_similarity
 
     def result(self) -> pb.GenerateResponse:
         if self.total is None:

@@ -69,10 +69,18 @@ def full_response(plan: Plan, results: list[pb.GenerateResponse], created: int) 
                                   if plan.logprobs is not None else None)
         if plan.return_token_ids:
             choice["token_ids"] = list(r.token_ids)
+        _cache_note(choice, r)
         choices.append(choice)
     served = next((r.model for r in results if r.model), plan.model)  # after any route: what really served it
     return {"id": plan.id, "object": _object(plan, False), "created": created, "model": served,
             "choices": choices, "usage": usage(plan, {i: r.usage for i, r in enumerate(results)})}
+
+
+def _cache_note(choice: dict, resp: pb.GenerateResponse) -> None:
+    """pdserve's extension on a choice answered from the router's response cache: ``"pdserve_cache":
+    {"similarity": s}`` (1.0 exact; less: the semantic cache matched another prompt)."""
+    if resp.cached:
+        choice["pdserve_cache"] = {"similarity": round(resp.cache_similarity, 4)}
 
 
 class StreamChunks:
@@ -104,6 +112,7 @@ class StreamChunks:
                 choice["logprobs"] = None
         if plan.return_token_ids:
             choice["token_ids"] = list(resp.token_ids)
+        _cache_note(choice, resp)
         if resp.finish_reason:
             self.finals[index] = resp.usage
             if resp.model:  # the last message names the model that served it (after any route)

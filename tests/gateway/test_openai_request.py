@@ -164,3 +164,20 @@ def test_the_cache_extension_sets_the_router_cache_mode_and_a_bad_one_is_a_400()
     for bad in ("never", 1, ["use"]):
         with pytest.raises(GatewayError, match="cache"):
             parse({"prompt": "a", "cache": bad}, "completion")
+
+
+def test_a_cache_hit_is_noted_on_its_choice_streamed_or_not():
+    from pdserve.router.responses import Aggregate
+
+    plan = parse({"prompt": "a", "n": 2}, "completion")
+    hit = [pb.GenerateResponse(text="x" * 3, token_ids=[1, 2, 3]),
+           pb.GenerateResponse(text="y", token_ids=[4], finish_reason="length", cached=True, cache_similarity=0.97)]
+    total = Aggregate()
+    for r in hit:
+        total.add(pb.GenerateResponse.FromString(r.SerializeToString()))  # Aggregate keeps the first message
+    miss = pb.GenerateResponse(text="z", finish_reason="length")
+    out = full_response(plan, [total.result(), miss], 0)
+    assert out["choices"][0]["pdserve_cache"] == {"similarity": 0.97} and "pdserve_cache" not in out["choices"][1]
+    chunks = StreamChunks(plan, 0)
+    assert "pdserve_cache" not in chunks.chunk(0, hit[0])["choices"][0]
+    assert chunks.chunk(0, hit[1])["choices"][0]["pdserve_cache"] == {"similarity": 0.97}
