@@ -25,6 +25,8 @@ def add_gateway_parser(sub, tls_args) -> argparse.ArgumentParser:
     g.add_argument("--otlp-endpoint", default="", help="export OpenTelemetry traces to this OTLP/gRPC collector "
                    "(host:port; needs pip install pdserve[otel]; empty: tracing off); the client's traceparent "
                    "header is honoured and passed on to the router")
+    g.add_argument("--https-cert", default="", help="PEM certificate: serve HTTPS (with --https-key)")
+    g.add_argument("--https-key", default="", help="PEM private key for --https-cert")
     t = g.add_argument_group("TLS to the router")
     tls_args(t)
     return g
@@ -36,5 +38,11 @@ def config_from(a: argparse.Namespace, tls):
     checks.check_port_free("--port", a.host, a.port)
     if a.timeout <= 0:
         raise checks.UsageError(f"--timeout: must be > 0, got {a.timeout}")
-    return GatewayConfig(router=a.router, host=a.host, port=a.port, tls=tls, timeout_s=a.timeout,
-                         default_chat_max_tokens=a.default_max_tokens)
+    try:
+        cfg = GatewayConfig(router=a.router, host=a.host, port=a.port, tls=tls, timeout_s=a.timeout,
+                            default_chat_max_tokens=a.default_max_tokens, https_cert=a.https_cert,
+                            https_key=a.https_key)
+        cfg.ssl_context()  # a certificate that does not load is a usage error, before anything starts
+    except ValueError as e:
+        raise checks.UsageError(f"--https-cert/--https-key: {str(e).split(': ', 1)[1]}") from None
+    return cfg
