@@ -20,20 +20,34 @@ from pdserve.engine import env
 
 
 class Stop(BaseException):
-    """Raised in the main thread by SIGTERM, SIGINT or SIGHUP (once; later signals are ignored)."""
+    """SIGTERM, SIGINT or SIGHUP arrived (the first; later ones are ignored)."""
 
 
-def install_stop_signals() -> None:
-    state = {"stopping": False}
+class StopSignals:
+    """The stop signals, noted by the handler and raised as ``Stop`` only where the main thread checks
+    (``check``: the supervisor's loop, the wait for readiness). A handler that raised at any bytecode could
+    land inside ``Popen.poll`` while it holds its waitpid lock, and then no later ``wait`` could reap that
+    child. While ``raise_now`` is set (one blocking request with --generate) the handler raises at once."""
 
-    def handler(signum, _frame):
-        if state["stopping"]:
-            return
-        state["stopping"] = True
-        raise Stop(signal.Signals(signum).name)
+    def __init__(self) -> None:
+        self.name = ""
+        self.raise_now = False
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, handler)
+    def install(self) -> StopSignals:
+        def handler(signum, _frame):
+            if self.name:
+                return
+            self.name = signal.Signals(signum).name
+            if self.raise_now:
+                raise Stop(self.name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, handler)
+        return self
+
+    def check(self) -> None:
+        if self.name:
+            raise Stop(self.name)
 
 
 def add_up_parser(sub, router_policy_args, tls_args) -> argparse.ArgumentParser:
@@ -175,12 +189,12 @@ def cmd_up(a: argparse.Namespace) -> int:
 
     tls, keys = _check(a)
     pools = cli_models.up_pools(a)
-    install_stop_signals()
+    signals = StopSignals().install()
     cluster = LocalCluster(
         a.prefill, a.decode, pools[0].path, a.device, a.transfer, a.policy, extra_worker_args=_worker_args(a),
         router_args=_router_args(a), echo=a.verbose, ready_timeout_s=a.ready_timeout, host=a.host,
         router_port=a.port, http_port=a.http_port, gateway_args=["--log-format", a.log_format, *_tls_flags(a)],
-        pools=pools, max_loras=a.max_loras, enable_lora=a.enable_lora,
+        pools=pools, max_loras=a.max_loras, enable_lora=a.enable_lora, stop_check=signals.check,
     )
     t0 = time.monotonic()
     try:
@@ -193,11 +207,13 @@ def cmd_up(a: argparse.Namespace) -> int:
                 print(f"pdserve up: OpenAI-compatible API at {cluster.gateway_url}", flush=True)
             if a.generate is not None:
                 key = env.api_key() or next((k for k, tenant in keys.items() if tenant != "admin"), next(iter(keys), ""))
+                signals.check()
+                signals.raise_now = True  # a blocking gRPC call: no poll of children to corrupt meanwhile
                 return run_and_print(cluster.router_address, a.generate, sampling_from(a), False, tls, key,
                                      prog="pdserve up")
             hint = "" if a.port == DEFAULT_ROUTER_PORT else f" --router {cluster.router_address}"
             print(f'Ctrl-C (or SIGTERM) stops every process. Try: pdserve generate{hint} "Hello"', flush=True)
-            Supervisor(cluster, restart=not a.no_restart, out=sys.stdout).run()
+            Supervisor(cluster, restart=not a.no_restart, out=sys.stdout).run(stop_check=signals.check)
     except Stop as e:
         print(f"pdserve up: {e} received; stopped every process", file=sys.stderr, flush=True)
         return 0

@@ -148,10 +148,11 @@ def startup_failure(proc: Proc) -> str | None:
     return proc.exit_reason()
 
 
-def _await_ready(proc: Proc, timeout_s: float, echo: bool = False) -> None:
-    """Wait for the child's PDSERVE_READY line; fail as soon as it exits."""
+def _await_ready(proc: Proc, timeout_s: float, echo: bool = False, stop_check=lambda: None) -> None:
+    """Wait for the child's PDSERVE_READY line; fail as soon as it exits (or ``stop_check`` raises)."""
     deadline = time.monotonic() + timeout_s
     while not proc.ready.wait(0.05):
+        stop_check()
         reason = startup_failure(proc)
         if reason:
             tail = "\n".join(proc.tail(30))
@@ -228,7 +229,9 @@ class LocalCluster:
         pools: list | None = None,
         max_loras: int = 4,
         enable_lora: bool = False,
+        stop_check=lambda: None,
     ):
+        self.stop_check = stop_check  # raises to abandon startup (pdserve up: a stop signal arrived)
         self.pools = list(pools or [])
         self.max_loras = max_loras
         self.enable_lora = enable_lora  # pools' workers accept adapters at run time
@@ -288,10 +291,10 @@ class LocalCluster:
             workers = [_spawn(role, args, self.env, self.echo) for role, args in self._worker_specs()]
             self.procs += workers
             for p in workers:
-                _await_ready(p, self.ready_timeout_s, self.echo)
+                _await_ready(p, self.ready_timeout_s, self.echo, self.stop_check)
             router = _spawn("router", self._router_cmd(self.router_args, self.router_port), self.env, self.echo)
             self.procs.append(router)
-            _await_ready(router, self.ready_timeout_s, self.echo)
+            _await_ready(router, self.ready_timeout_s, self.echo, self.stop_check)
             self.router_address = router.address
             if self.http_port is not None:
                 self.gateway_url = self._start_gateway()
@@ -305,7 +308,7 @@ class LocalCluster:
                 *self.gateway_args]
         gateway = _spawn("gateway", args, self.env, self.echo)
         self.procs.append(gateway)
-        _await_ready(gateway, self.ready_timeout_s, self.echo)
+        _await_ready(gateway, self.ready_timeout_s, self.echo, self.stop_check)
         line = next((x for x in gateway.lines if x.startswith("PDSERVE_READY")), "")
         return next((p[4:] for p in line.split() if p.startswith("url=")), f"http://{gateway.address}/v1")
 
@@ -314,7 +317,7 @@ class LocalCluster:
         args = self._router_cmd(router_args or self.router_args, 0)
         router = _spawn("router", args, self.env, self.echo)
         self.procs.append(router)
-        _await_ready(router, self.ready_timeout_s, self.echo)
+        _await_ready(router, self.ready_timeout_s, self.echo, self.stop_check)
         return router
 
     def workers(self, role: str) -> list[Proc]:

@@ -105,8 +105,9 @@ class Supervisor:
                     self._report_death(w, f"was not ready within {self.cluster.ready_timeout_s:.0f}s")
                     self._schedule(w, now)
 
-    def run(self, interval_s: float = 0.2) -> None:
-        """Poll until ClusterFailed (or an exception from a signal handler) ends it."""
+    def run(self, interval_s: float = 0.2, stop_check=lambda: None) -> None:
+        """Poll until ClusterFailed, or whatever ``stop_check`` raises (cli_up.StopSignals: a stop signal)."""
         while True:
+            stop_check()
             self.poll()
             time.sleep(interval_s)

@@ -184,3 +184,33 @@ def test_up_forwards_the_engine_flags_to_every_worker():
     assert "--no-prefix-caching" in w
     worker = build_parser().parse_args(["prefill", *w])  # they parse as the workers' own flags
     assert (worker.block_size, worker.max_model_len, worker.model_impl, worker.no_prefix_caching) == (32, 512, "hf", True)
+
+
+def test_stop_signals_are_raised_only_where_the_launcher_checks():
+    """A handler that raised anywhere could land inside Popen.poll holding its waitpid lock (and then no
+    later wait could reap that child): pdserve up notes the signal and raises at its own check points."""
+    import os
+    import signal
+
+    import pytest
+
+    from pdserve.deploy.cli_up import Stop, StopSignals
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        signals = StopSignals().install()
+        os.kill(os.getpid(), signal.SIGHUP)  # handled between bytecodes, here: it must not raise
+        with pytest.raises(Stop, match="SIGHUP"):
+            signals.check()
+        os.kill(os.getpid(), signal.SIGTERM)  # later signals are ignored
+        with pytest.raises(Stop, match="SIGHUP"):
+            signals.check()
+        eager = StopSignals().install()
+        eager.raise_now = True
+        with pytest.raises(Stop, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
