@@ -50,31 +50,36 @@ class SemanticConfig:
 
 
 class _Bucket:
-    __slots__ = ("keys", "vectors", "_matrix")
+    """Unit vectors of one bucket in the rows of one growing matrix: append, swap-remove and search cost no
+    copy of the whole (a lookup is one matrix-vector product over the live rows)."""
 
-    def __init__(self) -> None:
-        self.keys: list[bytes] = []
-        self.vectors: list[np.ndarray] = []
-        self._matrix: np.ndarray | None = None
+    __slots__ = ("keys", "rows", "matrix")
+
+    def __init__(self, dim: int) -> None:
+        self.keys: list[bytes] = []  # row -> entry key
+        self.rows: dict[bytes, int] = {}  # entry key -> row
+        self.matrix = np.empty((8, dim), dtype=np.float32)
 
     def add(self, key: bytes, vec: np.ndarray) -> None:
-        if key in self.keys:
-            self.remove(key)
+        n = len(self.keys)
+        if n == len(self.matrix):
+            self.matrix = np.concatenate([self.matrix, np.empty_like(self.matrix)])
+        self.matrix[n] = vec
+        self.rows[key] = n
         self.keys.append(key)
-        self.vectors.append(vec)
-        self._matrix = None
 
     def remove(self, key: bytes) -> None:
-        i = self.keys.index(key)
-        del self.keys[i], self.vectors[i]
-        self._matrix = None
+        i = self.rows.pop(key)
+        last = self.keys.pop()
+        if last != key:  # the last row moves into the hole
+            self.matrix[i] = self.matrix[len(self.keys)]
+            self.keys[i] = last
+            self.rows[last] = i
 
     def best(self, vec: np.ndarray) -> tuple[bytes, float] | None:
         if not self.keys:
             return None
-        if self._matrix is None:
-            self._matrix = np.stack(self.vectors)
-        sims = self._matrix @ vec
+        sims = self.matrix[: len(self.keys)] @ vec
         i = int(np.argmax(sims))
         return self.keys[i], float(sims[i])
 
@@ -118,7 +123,10 @@ class SemanticIndex:
         self.forget(key)
         while len(self.where) >= self.cfg.max_entries:
             self.forget(next(iter(self.where)))
-        self.buckets.setdefault(bucket, _Bucket()).add(key, vec)
+        b = self.buckets.get(bucket)
+        if b is None:
+            b = self.buckets[bucket] = _Bucket(len(vec))
+        b.add(key, vec)
         self.where[key] = bucket
 
     def forget(self, key: bytes) -> None:

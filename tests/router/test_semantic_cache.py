@@ -121,3 +121,23 @@ def test_an_evicted_answer_leaves_the_index_too(embedder):
     assert len(index.where) == len(cache.entries) == 1
     live = Live(answer(2, start=900))
     assert not through(cache, req((1, 2)), "use", live)[-1].cached and live.runs == 1
+
+
+def test_a_bucket_finds_the_most_similar_live_entry_through_adds_and_removes():
+    from pdserve.router.semantic_cache import _Bucket
+
+    rng = np.random.default_rng(0)
+    vecs = {bytes([i]): v / np.linalg.norm(v) for i, v in enumerate(rng.standard_normal((40, 16)).astype(np.float32))}
+    b, live = _Bucket(16), {}
+    for i, (k, v) in enumerate(vecs.items()):  # grows past its first 8 rows, removes from the middle and the end
+        b.add(k, v)
+        live[k] = v
+        if i % 3 == 2:
+            gone = list(live)[i % len(live)]
+            b.remove(gone)
+            del live[gone]
+    assert sorted(b.keys) == sorted(live) and all(b.keys[b.rows[k]] == k for k in live)
+    for q in rng.standard_normal((10, 16)).astype(np.float32):
+        want = max(live, key=lambda k: float(live[k] @ q))
+        got, sim = b.best(q)
+        assert got == want and sim == pytest.approx(float(live[want] @ q), rel=1e-5)
