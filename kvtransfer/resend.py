@@ -53,12 +53,10 @@ class Resender:
             with tx.lock:
                 if tx.resend_deadline is None:
                     tx.resend_deadline = now + self.config.resend_window_s
-                ok = (tx.error is None and not self._closed and tx.resends < self.config.resend_attempts
-                      and now < tx.resend_deadline)
-            if ok:
+            if self._may_retry(tx, reason):
                 keep.append(tx)
             else:
-                fail(tx, reason)
+                fail(tx, reason)  # no-op for one _may_retry failed; wakes a finisher of one that failed earlier
         if not keep:
             return
         th = threading.Thread(target=self._run, args=(conn.endpoint, keep, reason), name="kv-tx-resend",

@@ -13,7 +13,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from pdserve.serving.model_names import check_name
+from pdserve.serving.model_names import check_name, check_unique
 
 MAX_WEIGHT = 1_000_000
 
@@ -70,8 +70,5 @@ def parse_route(value: str) -> Route:
 
 def parse_routes(values: list[str] | tuple[str, ...]) -> tuple[Route, ...]:
     routes = tuple(parse_route(v) for v in values)
-    names = [r.name for r in routes]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup is not None:
-        raise ValueError(f"route: {dup!r} is given twice")
+    check_unique([r.name for r in routes], "route")
     return routes

@@ -40,11 +40,15 @@ def parse_named(value: str, field: str) -> tuple[str, str]:
     return check_name(name, field), path
 
 
-def parse_named_list(values: list[str] | tuple[str, ...], field: str) -> tuple[tuple[str, str], ...]:
-    """Every ``NAME=PATH`` of a repeatable flag, names unique."""
-    out = tuple(parse_named(v, field) for v in values)
-    names = [n for n, _ in out]
+def check_unique(names: list[str], field: str) -> None:
+    """ValueError naming ``field`` and the first name given twice."""
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
         raise ValueError(f"{field}: {dup!r} is given twice")
+
+
+def parse_named_list(values: list[str] | tuple[str, ...], field: str) -> tuple[tuple[str, str], ...]:
+    """Every ``NAME=PATH`` of a repeatable flag, names unique."""
+    out = tuple(parse_named(v, field) for v in values)
+    check_unique([n for n, _ in out], field)
     return out
