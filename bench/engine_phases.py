@@ -102,9 +102,11 @@ def main(argv=None) -> None:
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--all-logits", action="store_true", help="also HF with logits for every prompt position")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's prefill chunk budget")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    llm = LLM(a.model, num_blocks=(a.num_prompts + 1) * (a.max_len + a.max_tokens) // 16 + 64)
+    llm = LLM(a.model, num_blocks=(a.num_prompts + 1) * (a.max_len + a.max_tokens) // 16 + 64,
+              max_num_batched_tokens=a.max_num_batched_tokens)
     spec = llm.engine.runner.model.spec if llm.engine.runner.native is not None else None
     vocab = llm.engine.runner.geometry.vocab_size
     hf = load_hf(llm, "cpu")
