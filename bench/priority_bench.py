@@ -107,6 +107,36 @@ def reference_tokens(model: str, runs: list[dict]) -> list[list[int]]:
     return [o.token_ids for o in llm.generate([r["prompt"] for r in runs], params)]
 
 
+def divergences(model: str, runs: list[dict], refs: list[list[int]]) -> list[str]:
+    """For each request whose tokens differ from the reference: where, both tokens, and HF's two best logits
+    there (a near-tie, a few 1e-6 apart, is fp32 summation order; a wide gap would be a real error)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pdserve import LLM
+
+    lines = []
+    hf = None
+    for r, ref in zip(runs, refs, strict=True):
+        got = r["tokens"]
+        if got == ref:
+            continue
+        i = next((j for j, (x, y) in enumerate(zip(got, ref, strict=False)) if x != y),
+                 min(len(got), len(ref)))
+        if i >= min(len(got), len(ref)):
+            lines.append(f"  {len(got)} tokens, want {len(ref)}: cut short")
+            continue
+        if hf is None:
+            hf = AutoModelForCausalLM.from_pretrained(LLM(model).engine.runner.model_path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = hf(torch.tensor([r["prompt"] + ref[:i]])).logits[0, -1]
+        gap = abs(logits[got[i]].item() - logits[ref[i]].item())
+        best = int(logits.argmax())
+        lines.append(f"  token {i}: cluster {got[i]}, offline {ref[i]}; HF picks {best}, their logits "
+                     f"{gap:.1e} apart")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--local", default="1,1", help="P,D workers")
@@ -149,6 +179,8 @@ def main() -> None:
     print(f"decode preemptions {res['preemptions']}; exact tokens {exact}/{len(every)} requests "
           f"(low {len(done['low'])}, of them {len(lows)} started in the window); admission refusals (retried) "
           f"{res['refused']}")
+    for line in divergences(a.model, every, ref):
+        print(line)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
