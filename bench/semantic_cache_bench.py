@@ -74,6 +74,21 @@ async def drive(address: str, max_tokens: int) -> dict:
     return out
 
 
+def embed_ms() -> float:
+    """Median wall time of one embedding of each prompt above: the CPU a cacheable miss costs the router."""
+    from pdserve.router.embedder import SentenceEmbedder
+
+    embedder = SentenceEmbedder(None)
+    texts = [t for pairs in PAIRS.values() for pair in pairs for t in pair]
+    embedder.embed(texts[0])  # warm
+    times = []
+    for t in texts:
+        t0 = time.perf_counter()
+        embedder.embed(t)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threshold", type=float, default=0.9)
@@ -94,6 +109,7 @@ def main() -> None:
             line += f"; hit / miss latency p50 {ratio:.3f}x; similarities of hits: {sims}"
         print(line)
     wrong = sum(r["hit"] for r in res["different"] + res["unrelated"])
+    print(f"  one embedding (router.embedder, numpy, this process): p50 {embed_ms():.1f} ms over the bench's prompts")
     first_hits = sum(r["first_hit"] for rows in res.values() for r in rows)
     print(f"  first prompts answered from the cache (an earlier pair's entry): {first_hits}")
     print(f"  wrong answers served (hits on different or unrelated questions): {wrong}")
