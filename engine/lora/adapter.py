@@ -97,8 +97,9 @@ class _Scaling:
 
     def of(self, p: str, module: str) -> tuple[int, float]:
         """(rank, scale) of one module, by PEFT's pattern rules."""
-        rank = self._pattern(self.rank_pattern, module) or self.rank
-        alpha = self._pattern(self.alpha_pattern, module) or self.alpha
+        rank = self._pattern(self.rank_pattern, module)
+        alpha = self._pattern(self.alpha_pattern, module)
+        rank, alpha = (self.rank if rank is None else rank), (self.alpha if alpha is None else alpha)
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise _bad(p, f"rank_pattern gives {module} rank {rank!r}")
         return rank, float(alpha / math.sqrt(rank) if self.rslora else alpha / rank)

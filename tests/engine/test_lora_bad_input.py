@@ -70,6 +70,7 @@ CASES = [
      "target module 'lm_head' is not supported"),
     ("dora", lambda g, d: _variant(g, d, config={"use_dora": True}), "use_dora=True is not supported"),
     ("bad rank", lambda g, d: _variant(g, d, config={"r": 0}), "r must be a positive integer"),
+    ("rank pattern 0", lambda g, d: _variant(g, d, config={"rank_pattern": {"q_proj": 0}}), "rank_pattern gives"),
     ("shape", lambda g, d: _variant(g, d, tensors=_reshape_first_a), "do not fit rank 8"),
     ("missing B", lambda g, d: _variant(g, d, tensors=_drop_first_b), "lora_B is missing"),
     ("stray tensor", lambda g, d: _variant(
