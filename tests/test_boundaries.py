@@ -19,7 +19,7 @@ PACKAGES = ("engine", "kvtransfer", "prefill", "decode", "router", "serving", "p
 # bench scripts that run an in-process baseline (engine, kernels, transfer layer, fake workers) may reach
 # inside; every other bench module uses only the public API
 BENCH_BASELINES = {"engine_bench", "engine_ops", "gpu_check", "gpu_serving", "transfer_bench", "serving_bench",
-                   "kv_port_flood",
+                   "kv_port_flood", "semantic_cache_bench",  # times the embedder in-process
                    "noop_workers"}
 PUBLIC_API = ("pdserve.protos", "pdserve.bench", "pdserve.deploy.local", "pdserve.serving.rpc")
 
