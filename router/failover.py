@@ -134,6 +134,8 @@ class Failover:
         try:
             decision = self.policy.choose(route, prefills, decodes)
         except LookupError as e:
+            for known in self.membership.pool("decode", available_only=False, model=model)[:1]:
+                check_model_limits(st.prompt, known.load)  # an invalid prompt is refused as such, workers up or not
             raise UnavailableError(f"{e} (after {st.attempts} attempts)") from None
         for worker in (decision.decode, decision.prefill):
             if worker is not None:

@@ -121,8 +121,10 @@ class Membership:
                 await self.remove(w.address)
 
     def max_model_len(self, model: str | None = None) -> int:
-        """The longest context an available decode worker (of ``model``'s pool) serves (0 until one has reported it)."""
-        return max((w.load.max_model_len for w in self.pool("decode", model=model)), default=0)
+        """The longest context a decode worker (of ``model``'s pool) serves (0 until one has reported it). Workers
+        whose circuit is open count too: a request too long for the model is invalid whether or not its workers
+        are up at this moment, and must get INVALID_ARGUMENT, not UNAVAILABLE (which a client would retry)."""
+        return max((w.load.max_model_len for w in self.pool("decode", available_only=False, model=model)), default=0)
 
     def pool(self, role: str, available_only: bool = True, model: str | None = None) -> list[Worker]:
         """The ``role`` workers (of base model ``model``'s pool when given; see ``model_of``)."""

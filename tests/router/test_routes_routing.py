@@ -243,3 +243,24 @@ def test_each_api_load_gets_a_version_the_workers_record():
     asyncio.run(go())
     v1, v2 = (r.version for r in m.workers["d1:1"].stub.requests)
     assert v1 and v2 and v1 != v2
+
+
+def test_a_prompt_too_long_for_the_model_is_invalid_even_while_its_workers_are_down():
+    """A CI fuzz run caught this: with the only decode worker's circuit open for a moment, a 2,048-token prompt
+    (context 2,048) got UNAVAILABLE, which a client retries, instead of INVALID_ARGUMENT."""
+    from pdserve.engine.errors import InvalidRequestError, UnavailableError
+
+    workers = [_worker("d1:1", "decode", "tiny")]
+    g, m = _servicer(workers)
+    m.mark_failed(m.workers["d1:1"])
+    assert not m.workers["d1:1"].available and m.max_model_len("tiny") == 4096
+    with pytest.raises(InvalidRequestError, match="exceeds the context limit of 4095"):
+        asyncio.run(_collect(g, pb.GenerateRequest(token_ids=[1] * 4096)))
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        asyncio.run(_collect(g, pb.GenerateRequest(token_ids=[1, 5000])))
+    with pytest.raises(UnavailableError):
+        asyncio.run(_collect(g, pb.GenerateRequest(token_ids=[1, 2, 3])))
+
+
+async def _collect(g, request):
+    return [r async for r in g.respond(request)]
