@@ -74,8 +74,9 @@ def sweep_stale_shm(prefix: str = SHM_PREFIX) -> list[str]:
 class KVCache:
     """Owns the per-layer cache tensors.
 
-    ``shared=True`` (CPU only) backs all layers with one file in /dev/shm so a transfer peer on the same
-    host can map it and write blocks directly (the host analogue of CUDA IPC).
+    On CPU every layer is a view of one tensor, in order (the native decode step writes all layers' new K/V
+    with one op); ``shared=True`` (CPU only) backs that tensor with one file in /dev/shm so a transfer peer on
+    the same host can map it and write blocks directly (the host analogue of CUDA IPC).
     """
 
     def __init__(self, spec: KVCacheSpec, shared: bool = False):
@@ -92,6 +93,10 @@ class KVCache:
             self.layers = [
                 flat[i * numel : (i + 1) * numel].view(spec.layer_shape()) for i in range(spec.num_layers)
             ]
+        elif torch.device(spec.device).type == "cpu":  # one storage: a decode step writes every layer's new
+            numel = spec.layer_bytes() // torch.empty((), dtype=spec.dtype).element_size()  # K/V in one op
+            flat = torch.zeros(numel * spec.num_layers, dtype=spec.dtype)
+            self.layers = [flat[i * numel : (i + 1) * numel].view(spec.layer_shape()) for i in range(spec.num_layers)]
         else:
             self.layers = [
                 torch.zeros(spec.layer_shape(), dtype=spec.dtype, device=spec.device)

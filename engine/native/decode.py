@@ -13,6 +13,11 @@ just the new token into it instead of gathering the whole context again (the blo
 only by their own decode writes). It costs at most the KV cache's size in memory: one shape at a time, in one
 arena the executor keeps (so a new shape does not fault in fresh pages).
 
+Flush: when the KV cache is one storage (CPU, engine.kv_cache), a layer writes its new K/V only into its
+gathered context, which its attention reads; each layer keeps its own QKV buffer, and the step writes every
+layer's K/V to the paged cache with one ``index_put_`` after the last layer. Nothing reads the paged cache in
+between, and the next step (or a transfer, or the prefix cache) reads it only after.
+
 The QKV buffer ``z`` of one row is ``[Q' K' | V Q K]``: the fused projection writes ``[V Q K]`` (its weight's
 column order), the RoPE matmul reads ``[Q K]`` and writes ``[Q' K']`` in front of V, so the new token's K' and V
 sit side by side and reach the cache in one ``index_put_``.
@@ -29,25 +34,38 @@ from pdserve.engine.attention import AttentionMetadata
 from pdserve.engine.lora.dense import LoRADecodeBuffers
 
 MAX_CACHED = 2  # shapes kept by an executor: decode batches change shape slowly
-RESIDENT_MIN_BYTES = 1 << 20  # per layer: below this a fresh gather costs next to nothing
+
+
+class LayerViews:
+    """One layer's views into a QKV buffer ``z`` of ``r`` rows (see the module docstring)."""
+
+    def __init__(self, buf: torch.Tensor, offset: int, r: int, spec):
+        d, nh, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        a, k, g = nh * d, nkv * d, nh // nkv
+        zw = 2 * a + 3 * k
+        self.qkv = buf.as_strided((r, a + 2 * k), (zw, 1), offset + a + k)  # projection out: [V Q K]
+        self.qk = buf.as_strided((r, nh + nkv, d), (zw, d, 1), offset + a + 2 * k)  # RoPE in: Q and K heads
+        self.qk_rot = buf.as_strided((r, nh + nkv, d), (zw, d, 1), offset)  # RoPE out: Q' and K' heads
+        self.kv_new = buf.as_strided((r, 2, nkv, d), (zw, k, d, 1), offset + a)  # K' then V: the cache rows kv_rows
+        self.q_heads = buf.as_strided((r, nh, d), (zw, d, 1), offset)
+        self.q_groups = buf.as_strided((r, nkv, g, d), (zw, g * d, d, 1), offset)  # the query heads of each KV head
 
 
 class WorkBuffers:
-    """The buffers every layer writes ``out=`` for ``batch`` rows (one allocation, views made once)."""
+    """The buffers every layer writes ``out=`` for ``batch`` rows (one allocation, views made once). ``layers``
+    > 1: a QKV buffer per layer, so every layer's new K/V is still there when the step writes them all to the
+    cache at its end (``kv_new_all``: [layers, r, 2, Hkv, D])."""
 
-    def __init__(self, spec, batch: int, dtype, device):
+    def __init__(self, spec, batch: int, dtype, device, layers: int = 1):
         r, d, i = batch, spec.head_dim, spec.intermediate_size
-        nh, nkv = spec.num_heads, spec.num_kv_heads
-        a, k = nh * d, nkv * d
-        zw, g = 2 * a + 3 * k, nh // nkv
-        n_z, n_rope, n_ug = r * zw, r * d * d, r * 2 * i
+        a, k = spec.num_heads * d, spec.num_kv_heads * d
+        zw = 2 * a + 3 * k
+        n_z, n_rope, n_ug = layers * r * zw, r * d * d, r * 2 * i
         buf = torch.empty(n_z + n_rope + n_ug + r * i, dtype=dtype, device=device)
-        self.qkv = buf.as_strided((r, a + 2 * k), (zw, 1), a + k)  # projection out: [V Q K]
-        self.qk = buf.as_strided((r, nh + nkv, d), (zw, d, 1), a + 2 * k)  # RoPE in: Q and K heads
-        self.qk_rot = buf.as_strided((r, nh + nkv, d), (zw, d, 1), 0)  # RoPE out: Q' and K' heads
-        self.kv_new = buf.as_strided((r, 2, nkv, d), (zw, k, d, 1), a)  # K' then V: the cache rows kv_rows
-        self.q_heads = buf.as_strided((r, nh, d), (zw, d, 1), 0)
-        self.q_groups = buf.as_strided((r, nkv, g, d), (zw, g * d, d, 1), 0)  # the query heads of each KV head
+        views = [LayerViews(buf, j * r * zw, r, spec) for j in range(layers)]
+        self.z = views * (spec.num_layers // layers)  # indexed by layer
+        self.layers = layers
+        self.kv_new_all = buf.as_strided((layers, r, 2, spec.num_kv_heads, d), (r * zw, zw, k, d, 1), a)
         self.rope = buf.as_strided((r, d, d), (d * d, d, 1), n_z)  # one rotation matrix per row
         self.up_gate = buf.as_strided((r, 2 * i), (2 * i, 1), n_z + n_rope)
         self.up = buf.as_strided((r, i), (2 * i, 1), n_z + n_rope)
@@ -65,15 +83,21 @@ class DecodeBuffers:
         self.batch, self.width, self.block_size, self.device = r, w, bs, dev
         self.lean, self.windows = ex.lean, ex.windows
         self.row_views, self.block_views = ex.row_views, ex.block_views
-        self.work = work = work or WorkBuffers(spec, r, model.dtype, dev)
-        self.qkv, self.qk, self.qk_rot, self.kv_new = work.qkv, work.qk, work.qk_rot, work.kv_new
-        self.q_heads, self.q_groups, self.rope, self.rope_idx = work.q_heads, work.q_groups, work.rope, work.rope_idx
+        # flush: the lean attention reads each layer's new K/V from its gathered context, so the paged cache can
+        # take every layer's at the step's end in one op (when the cache is one storage: CPU, engine.kv_cache)
+        self.flush = self.lean and ex.flat_rows is not None
+        layers = spec.num_layers if self.flush else 1
+        if work is None or work.layers != layers:
+            work = WorkBuffers(spec, r, model.dtype, dev, layers)
+        self.work, self.z, self.flat_rows = work, work.z, ex.flat_rows
+        self.rope, self.rope_idx = work.rope, work.rope_idx
         self.up_gate, self.up, self.gate, self.act = work.up_gate, work.up, work.gate, work.act
         # ---- inputs, int64: ids [r], pos [r], ctx [r], kv rows [r, 2], tables [r, w] and (lean) the K/V block
         # rows to gather [2, r, w], then (lean) one bool mask [r, 1, 1, w * bs] per sliding window: one copy off CPU
         c = w * bs
         n_lean = 2 * r * w + 2 * r * nkv if self.lean else 0
-        n_int = 5 * r + r * w + n_lean
+        n_flush = spec.num_layers * r * 2 if self.flush else 0
+        n_int = 5 * r + r * w + n_lean + n_flush
         n_mask = len(self.windows) * r * c if self.lean else 0
         n_words = n_int + -(-n_mask // 8)
         if dev.type == "cpu":  # the step reads these very tensors: filled in place, no copy and no op
@@ -88,7 +112,10 @@ class DecodeBuffers:
         self.h_tables = host[5 * r : 5 * r + r * w].reshape(r, w)
         lean0 = 5 * r + r * w
         self.h_blocks = host[lean0 : lean0 + 2 * r * w].reshape(2, r, w) if self.lean else None
-        self.h_append = host[lean0 + 2 * r * w : n_int].reshape(r, 2, nkv) if self.lean else None
+        flush0 = lean0 + 2 * r * w + 2 * r * nkv
+        self.h_append = host[lean0 + 2 * r * w : flush0].reshape(r, 2, nkv) if self.lean else None
+        self.h_flush = host[flush0 : n_int].reshape(-1, r, 2) if self.flush else None
+        self.layer_rows = ex.layer_rows  # rows of one layer in ``flat_rows``
         self.h_masks = host[n_int:].view(bool)[:n_mask].reshape(-1, r, c)
         self.key_pos = np.arange(c)
         self.ids = flat.as_strided((r,), (1,), 0)
@@ -103,6 +130,7 @@ class DecodeBuffers:
         if self.lean:
             self.block_rows = flat.as_strided((2 * r * w,), (1,), lean0)
             self.append_rows = flat.as_strided((r, 2, nkv), (2 * nkv, nkv, 1), lean0 + 2 * r * w)
+            self.flush_rows = flat.as_strided((spec.num_layers, r, 2), (2 * r, 2, 1), flush0) if self.flush else None
             as_bool = flat.view(torch.bool)
             for j, win in enumerate(self.windows):
                 self.masks[win] = as_bool.as_strided((r, 1, 1, c), (c, c, c, 1), 8 * n_int + j * r * c)
@@ -129,7 +157,7 @@ class DecodeBuffers:
         k, c = nkv * d, w * bs
         numel = 2 * r * w * bs * k
         layer_bytes = numel * torch.empty((), dtype=dtype).element_size()
-        self.resident = dev.type == "cpu" and RESIDENT_MIN_BYTES <= layer_bytes <= ex.kv_bytes // spec.num_layers
+        self.resident = dev.type == "cpu" and layer_bytes <= ex.kv_bytes // spec.num_layers
         n = spec.num_layers if self.resident else 1
         buf = ex.context_arena(n * numel, dtype) if self.resident else torch.empty(numel, dtype=dtype, device=dev)
         shape, strides = (r, nkv, c, d), (c * k, d, k, 1)
@@ -138,10 +166,11 @@ class DecodeBuffers:
         self.v_ctx = [buf.as_strided(shape, strides, j * numel + r * c * k) for j in range(n)]
         # resident: one token's K and V heads per row go to their position, rows of a [2 * r * c * Hkv, D] view
         rows = (numel // d, d)
-        self.context_rows = [buf.as_strided(rows, (d, 1), j * numel) for j in range(n)] if self.resident else None
+        self.context_rows = [buf.as_strided(rows, (d, 1), j * numel) for j in range(n)]
         if not self.resident:  # every layer reads the one shared buffer
             n = spec.num_layers
             self.gathered, self.k_ctx, self.v_ctx = self.gathered * n, self.k_ctx * n, self.v_ctx * n
+            self.context_rows *= n
 
     def fill(self, items, lora_slots: list[int] | None = None) -> None:
         """Write one step's inputs on the host. Rows past ``len(items)`` repeat row 0 (a padded graph bucket:
@@ -172,11 +201,13 @@ class DecodeBuffers:
         self.h_pos[:] = pos
         np.add(self.h_pos, 1, out=self.h_ctx)
         self.h_kv.reshape(-1)[:] = kv
+        if self.flush:  # every layer's K and V rows in the one-storage cache
+            np.add(self.h_kv, (np.arange(len(self.h_flush)) * self.layer_rows)[:, None, None], out=self.h_flush)
         self.h_tables.reshape(-1)[:] = tables
         if self.lean:
             np.multiply(self.h_tables, 2, out=self.h_blocks[0])  # K of block b is row 2b of the block view
             np.add(self.h_blocks[0], 1, out=self.h_blocks[1])
-            if self.append:  # row (kv, b, p, h) of a layer's [2, r, w * bs, Hkv] context
+            if self.append or self.flush:  # row (kv, b, p, h) of a layer's [2, r, w * bs, Hkv] context
                 r, nkv, c = self.batch, self.h_append.shape[2], w * bs
                 kv_b = np.arange(2)[None, :, None] * r + np.arange(r)[:, None, None]
                 self.h_append[:] = (kv_b * c + self.h_pos[:, None, None]) * nkv + np.arange(nkv)

@@ -37,6 +37,8 @@ class NativeExecutor:
         block_numel = block_size * spec.num_kv_heads * spec.head_dim
         self.block_views = [c.view(-1, block_numel) for c in kv_layers]  # row 2b: K of block b, 2b + 1: V
         self.kv_bytes = sum(c.numel() * c.element_size() for c in kv_layers)
+        self.layer_rows = self.row_views[0].shape[0]
+        self.flat_rows = one_storage_rows(kv_layers, spec.num_kv_heads, spec.head_dim)
         self.windows = sorted(set(spec.sliding_windows), key=lambda w: w or 0)
         self.empty = torch.empty(0, dtype=torch.int64, device=self.device)
         self.buffers = BufferCache(self)
@@ -86,3 +88,17 @@ class NativeExecutor:
     def decode_forward(self, bufs: DecodeBuffers) -> torch.Tensor:
         """The static decode forward: shapes depend only on (batch, table width); nothing reads the device."""
         return self.model.decode(bufs)
+
+
+def one_storage_rows(kv_layers: list[torch.Tensor], num_kv_heads: int, head_dim: int) -> torch.Tensor | None:
+    """Every layer's cache rows as one [layers * rows, Hkv, D] view (layer i's rows from i * rows), when the
+    layers are consecutive slices of one storage (engine.kv_cache on CPU); else None."""
+    first = kv_layers[0]
+    n, base = first.numel(), first.storage_offset()
+    storage = first.untyped_storage().data_ptr()
+    for i, c in enumerate(kv_layers):
+        if not (c.is_contiguous() and c.dtype == first.dtype and c.numel() == n
+                and c.untyped_storage().data_ptr() == storage and c.storage_offset() == base + i * n):
+            return None
+    rows = n * len(kv_layers) // (num_kv_heads * head_dim)
+    return first.as_strided((rows, num_kv_heads, head_dim), (num_kv_heads * head_dim, head_dim, 1), base)

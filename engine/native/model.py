@@ -6,14 +6,16 @@ Per layer (no per-layer Python beyond attribute reads; the same code runs every 
   ``linear`` at decode batch sizes, never slower at prefill sizes); one fused QKV projection with columns
   ``[V | Q | K]`` and one fused gate-up projection ``[up | gate]``; q/k/v are views into their output;
 - Qwen3's q/k norm as one weightless ``rms_norm`` over q and k heads together, times one [heads, D] weight;
-- K and V written to the paged cache with one ``index_put_``, then the layer-ready hook, then attention;
+- K and V written to the paged cache with one ``index_put_``, then the layer-ready hook, then attention (the
+  static decode step on CPU writes every layer's K/V once, after the last layer: engine.native.decode);
 - SiLU-and-mul is ``silu`` of the gate half times the up half, in place (HF's order of rounding).
 
 Two entry points share the weights: ``forward`` (any step: prefill chunks, mixed batches; RoPE in place from a
 cos/sin table gathered once per step, rotate-half as a matmul with a constant +-1 matrix; attention through
 the registered paged backend) and ``decode`` (the static decode step over ``DecodeBuffers``: every
 intermediate written ``out=`` into persistent buffers, RoPE as one ``bmm`` with per-token rotation matrices,
-and on the torch backend a block gather + SDPA; 13 ATen ops per layer, 15 with q/k norm).
+and on the torch backend SDPA over a resident context each step appends to; 12 ATen ops per layer, 14 with q/k
+norm, one more on a step that gathers its context afresh).
 """
 
 from __future__ import annotations
@@ -111,27 +113,29 @@ class NativeLayer(nn.Module):
     def decode(self, hidden: torch.Tensor, bufs, lora=None) -> torch.Tensor:
         """The static decode step over ``DecodeBuffers`` (engine.native.decode); ``lora``: its
         LoRADecodeBuffers when an adapter runs in this step."""
+        i = self.layer_idx
+        z = bufs.z[i]
         x = torch.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
-        _proj(x, self.qkv_weight_t, self.qkv_bias, out=bufs.qkv)
+        _proj(x, self.qkv_weight_t, self.qkv_bias, out=z.qkv)
         if lora is not None:
-            lora.add_fused(self.layer_idx, "qkv", x, bufs.qkv)
-        src = bufs.qk
+            lora.add_fused(i, "qkv", x, z.qkv)
+        src = z.qk
         if self.qk_norm is not None:
             src = torch.rms_norm(src, (self.head_dim,), None, self.eps) * self.qk_norm
-        torch.bmm(src, bufs.rope, out=bufs.qk_rot)
-        i = self.layer_idx
-        bufs.row_views[i].index_put_((bufs.kv_rows,), bufs.kv_new)
+        torch.bmm(src, bufs.rope, out=z.qk_rot)
+        if not bufs.flush:  # else the model writes every layer's K/V to the cache after the last layer
+            bufs.row_views[i].index_put_((bufs.kv_rows,), z.kv_new)
         if bufs.lean:
-            if bufs.append:  # the resident context holds the rest (engine.native.decode)
-                bufs.context_rows[i].index_put_((bufs.append_rows,), bufs.kv_new)
-            else:
+            if not bufs.append:  # else the resident context holds the rest (engine.native.decode)
                 torch.index_select(bufs.block_views[i], 0, bufs.block_rows, out=bufs.gathered[i])
+            if bufs.append or bufs.flush:  # the new token's K/V into the gathered context
+                bufs.context_rows[i].index_put_((bufs.append_rows,), z.kv_new)
             o = F.scaled_dot_product_attention(
-                bufs.q_groups, bufs.k_ctx[i], bufs.v_ctx[i], attn_mask=bufs.masks[self.window], scale=self.scale
+                z.q_groups, bufs.k_ctx[i], bufs.v_ctx[i], attn_mask=bufs.masks[self.window], scale=self.scale
             )
         else:
             meta = bufs.meta
-            o = BACKENDS[meta.backend](meta.kv_caches[i], meta, bufs.q_heads, self.scale, self.window, None)
+            o = BACKENDS[meta.backend](meta.kv_caches[i], meta, z.q_heads, self.scale, self.window, None)
         return self._mlp(self._o_proj(hidden, o.reshape(hidden.shape[0], -1), lora), bufs, lora)
 
     def _o_proj(self, hidden: torch.Tensor, o: torch.Tensor, lora) -> torch.Tensor:
@@ -225,6 +229,8 @@ class NativeCausalLM(nn.Module):
             lora.prepare()
         for layer in self.layers:
             hidden = layer.decode(hidden, bufs, lora)
+        if bufs.flush:  # every layer's new K and V to the paged cache, one op (engine.native.decode)
+            bufs.flat_rows.index_put_((bufs.flush_rows,), bufs.work.kv_new_all)
         return self._logits(hidden)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -62,18 +62,22 @@ def test_ops_per_generated_token_per_layer(model, bound):
     assert_idle(llm.engine)
 
 
-def test_a_decode_layer_dispatches_thirteen_ops():
-    """The static decode step of a Llama once the step's buffers exist: 13 ops per layer, and per step the RoPE
-    matrices (2), the embedding, the final norm and the LM head (the sampler's argmax makes 6)."""
+def test_a_decode_layer_dispatches_twelve_ops():
+    """The static decode step of a Llama once the step's buffers exist: 12 ops per layer when the step appends
+    to the resident context, 13 when it gathers it afresh; per step the RoPE matrices (2), the embedding, the
+    one write of every layer's K/V to the cache, the final norm and the LM head (the sampler's max makes 7)."""
     llm = LLM("tiny", num_blocks=64)
     runner = llm.engine.runner
-    runner.execute([BatchItem(list(range(3, 40)), 0, [1, 2, 3], True)])
-    items = [BatchItem([17], 37, [1, 2, 3], True)]
-    _decode_trace(runner, items)  # the first step of a shape makes its buffers
-    log, _ = _decode_trace(runner, items)
+    blocks = [1, 2, 3]
+    runner.execute([BatchItem(list(range(3, 40)), 0, blocks, True)])
+    _decode_trace(runner, [BatchItem([17], 37, blocks, True)])  # the first step of a shape makes its buffers
+    gather, _ = _decode_trace(runner, [BatchItem([17], 37, blocks, True)])  # not one token further: gathers
+    append, _ = _decode_trace(runner, [BatchItem([18], 38, blocks, True)])
     layers = runner.geometry.num_layers
-    assert sum(log.ops.values()) == 13 * layers + 5, log.ops
-    assert log.ops["index_select"] == log.ops["scaled_dot_product_attention"] == layers
+    assert sum(gather.ops.values()) == 13 * layers + 6, gather.ops
+    assert gather.ops["index_select"] == gather.ops["scaled_dot_product_attention"] == layers
+    assert sum(append.ops.values()) == 12 * layers + 6, append.ops
+    assert append.ops["index_put_"] == layers + 1 and "index_select" not in append.ops
 
 
 def _decode_trace(runner, items):

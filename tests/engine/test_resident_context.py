@@ -1,6 +1,7 @@
 """The resident decode context of the torch backend on CPU (engine.native.decode): a decode step whose rows are the
 previous step's sequences one token further appends the new token to each layer's gathered K/V instead of
-gathering the whole context again. The size threshold is lowered to zero here so that the tiny presets use it.
+gathering the whole context again. On CPU the KV cache is one storage, so the step writes every layer's new K/V
+to the paged cache once, after the last layer (``flush``); each layer reads its new token from its context.
 """
 
 from __future__ import annotations
@@ -10,13 +11,7 @@ import torch
 
 from pdserve.engine import LLM
 from pdserve.engine.model_runner import BatchItem
-from pdserve.engine.native import decode
 from tests.engine.test_native_models import check_parity
-
-
-@pytest.fixture
-def resident(monkeypatch):
-    monkeypatch.setattr(decode, "RESIDENT_MIN_BYTES", 0)
 
 
 def _bufs(runner, n: int, width: int):
@@ -29,7 +24,7 @@ def _prefill(runner, seqs):
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-mistral", "tiny-qwen3"])
-def test_resident_decode_matches_the_general_path(resident, model):
+def test_resident_decode_matches_the_general_path(model):
     """Same weights, same tokens: the static path (resident, appending) against the general path step by step,
     through a batch that shrinks and a context that grows past the width of its buffers (both re-gather)."""
     fast, ref = LLM(model, num_blocks=64).engine.runner, LLM(model, num_blocks=64).engine.runner
@@ -58,9 +53,13 @@ def test_resident_decode_matches_the_general_path(resident, model):
         if step == 11:
             logits = logits[[0, 2]]  # the rows that stay
     assert appended >= 25, appended  # every step but the first of each shape
+    assert bufs.flush  # CPU: every layer's K/V reached the paged cache at each step's end, as the general path's
+    used = sorted({b for table in blocks for b in table})
+    for got, want in zip(fast.native.kv_layers, ref.native.kv_layers, strict=True):
+        torch.testing.assert_close(got[used], want[used], rtol=1e-5, atol=1e-5)
 
 
-def test_append_needs_the_same_sequences_one_token_further(resident):
+def test_append_needs_the_same_sequences_one_token_further():
     runner = LLM("tiny", num_blocks=64).engine.runner
     a, b = [1, 2, 3], [7, 8]
     _prefill(runner, [(list(range(3, 40)), a), (list(range(9, 30)), b)])
@@ -82,7 +81,7 @@ def test_append_needs_the_same_sequences_one_token_further(resident):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3", "tiny-mistral"])
-def test_resident_decode_keeps_greedy_parity_with_hf(resident, monkeypatch, preset):
+def test_resident_decode_keeps_greedy_parity_with_hf(monkeypatch, preset):
     """Through the engine: its batch items carry each sequence's own block-table list, so steady decode appends."""
     from pdserve.engine.native.executor import NativeExecutor
 
