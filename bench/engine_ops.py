@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     p.add_argument("--model-impl", default="auto", choices=["auto", "native", "hf"])
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--ops-tokens", type=int, default=16, help="K in the ops count")
-    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=64, help="0: the ops count only")
     p.add_argument("--min-len", type=int, default=32)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -92,6 +92,8 @@ def main(argv=None) -> None:
           f"ratio {ops_engine / ops_hf:.3f}")
     per_layer = {k: round(v / a.ops_tokens / layers, 2) for k, v in by_op.most_common(12) if v}
     print(f"  engine ops per token per layer, by op: {per_layer}")
+    if not a.num_prompts:
+        return
     num_out = a.num_prompts * a.max_tokens
     best_hf = best_pd = cpu_hf = cpu_pd = float("inf")
     hf_out = pd_out = None
