@@ -65,6 +65,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     p.add_argument("--model-impl", default="auto", choices=["auto", "native", "hf"], help="native models or HF modules")
     p.add_argument("--cuda-graphs", default="on", choices=["on", "off"], help="CUDA graphs for native decode")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the native model's norms, projections, RoPE and MLP for prefill (at start-up)")
     p.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"], help="KV transfer backend")
     p.add_argument("--transfer-timeout", type=float, default=30.0, help="seconds a KV transfer may take")
     p.add_argument("--transfer-checksum", action="store_true", help="checksum every KV frame")
@@ -98,7 +100,7 @@ def _configs(a: argparse.Namespace):
         max_num_seqs=a.max_num_seqs,
         enable_prefix_caching=not a.no_prefix_caching,
         load_format=a.load_format,
-        model_impl=a.model_impl, cuda_graphs=a.cuda_graphs == "on",
+        model_impl=a.model_impl, cuda_graphs=a.cuda_graphs == "on", compile=a.compile,
         priority_aging_s=a.priority_aging_s,
         **cli_models.engine_kwargs(a),
     )

@@ -81,6 +81,7 @@ def add_up_parser(sub, router_policy_args, tls_args) -> argparse.ArgumentParser:
     e.add_argument("--max-model-len", type=checks.non_negative_int, default=0, help="longest sequence (0: the model's)")
     e.add_argument("--model-impl", default="auto", choices=["auto", "native", "hf"], help="native models or HF modules")
     e.add_argument("--cuda-graphs", default="on", choices=["on", "off"], help="CUDA graphs for native decode")
+    e.add_argument("--compile", action="store_true", help="torch.compile the native model's prefill regions")
     e.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     e.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"], help="KV transfer backend")
     e.add_argument("--no-shm", action="store_true", help="tcp: disable the same-host shared-memory path")
@@ -162,6 +163,8 @@ def _worker_args(a: argparse.Namespace) -> list[str]:
             "--cuda-graphs", a.cuda_graphs, *_tls_flags(a)]
     if a.no_prefix_caching:
         args.append("--no-prefix-caching")
+    if a.compile:
+        args.append("--compile")
     if a.metrics_port != 0:
         args += ["--metrics-port", "-1"]
     if a.no_shm:

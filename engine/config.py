@@ -35,6 +35,8 @@ class EngineConfig:
     the paged attention) or ``auto``: native for those families, hf for any other architecture.
     cuda_graphs: capture the native decode step into CUDA graphs per batch-size bucket at start-up (CUDA and
     the triton backend only; elsewhere the same static decode path runs eagerly).
+    compile: torch.compile the native model's dense regions (norms, projections, RoPE, MLP) of prefill and
+    mixed steps, at start-up (engine.native.compiled); ignored, with a warning, where the model runs on HF modules.
     """
 
     model: str = DEFAULT_MODEL
@@ -54,6 +56,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     model_impl: str = "auto"
     cuda_graphs: bool = True
+    compile: bool = False
     priority_aging_s: float = DEFAULT_AGING_S  # seconds of waiting worth one priority level; 0: none (engine.priority)
     enable_lora: bool = False
     max_loras: int = 4
@@ -87,6 +90,10 @@ class EngineConfig:
             raise ValueError(f"model_impl: must be 'auto', 'native' or 'hf', got {self.model_impl!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs: must be a bool, got {self.cuda_graphs!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: must be a bool, got {self.compile!r}")
+        if self.compile and self.model_impl == "hf":
+            raise ValueError("compile: needs the native model implementation (model_impl 'native' or 'auto')")
         if not self.priority_aging_s >= 0 or self.priority_aging_s == float("inf"):
             raise ValueError(f"priority_aging_s: must be >= 0 and finite, got {self.priority_aging_s}")
         self._check_lora()

@@ -181,10 +181,17 @@ class ModelRunner:
                 self.model, self.kv.layers, config.block_size, self.attention_backend, self.max_model_len,
                 lora_slots=self.lora_slots,
             )
+            if config.compile:
+                from pdserve.engine.native.compiled import CompiledRegions
+
+                self.native.compiled = CompiledRegions(self.model)
             if config.use_cuda_graphs():
                 from pdserve.engine.native.graphs import capture_decode_graphs
 
                 self.native.graphs = capture_decode_graphs(self.native, config.max_num_seqs)
+        elif config.compile:
+            logger.warning("compile: %s runs on HF modules (no native implementation); not compiled",
+                           self.hf_config.model_type)
 
     @property
     def num_blocks(self) -> int:

@@ -45,6 +45,7 @@ class NativeExecutor:
         self._arena: torch.Tensor | None = None
         self.graphs = None  # a DecodeGraphs when CUDA graphs are captured
         self.lora_slots = lora_slots  # engine.lora.slots.LoRASlots when the engine serves adapters
+        self.compiled = None  # engine.native.compiled.CompiledRegions under --compile
 
     # ---- general path ---------------------------------------------------------------------------------
     def forward(self, inputs, meta: AttentionMetadata, lora=None) -> torch.Tensor:
@@ -55,7 +56,7 @@ class NativeExecutor:
         k_rows = inputs.slot_blocks * (2 * bs) + inputs.slot_offsets
         kv_rows = torch.stack((k_rows + bs, k_rows), dim=1)  # V, then K: the order of the QKV columns
         cos, sin = self.model.cos_sin.index_select(0, inputs.positions.view(-1)).unbind(1)
-        step = NativeStep(meta, kv_rows, cos, sin, self.row_views, lora)
+        step = NativeStep(meta, kv_rows, cos, sin, self.row_views, lora, self.compiled)
         rows = inputs.logit_rows
         return self.model(ids, step, None if rows.numel() == ids.shape[0] else rows)
 

@@ -46,6 +46,7 @@ class NativeStep:
     sin: torch.Tensor  # [T, 1, D]
     row_views: list[torch.Tensor]  # per layer: the cache as [num_blocks * 2 * block_size, Hkv, D]
     lora: object | None = None  # a LoRAStep (engine.lora.ops) when an adapter runs in this step
+    compiled: object | None = None  # engine.native.compiled.CompiledRegions under --compile
 
 
 def _proj(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, out=None) -> torch.Tensor:
@@ -85,20 +86,14 @@ class NativeLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, step: NativeStep, rot: torch.Tensor) -> torch.Tensor:
         """Any step shape, attention through the registered paged backend."""
         nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        x = torch.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
-        qkv = _proj(x, self.qkv_weight_t, self.qkv_bias)  # [T, V | Q | K]
         lora = step.lora
-        if lora is not None:  # each of q, k and v's deltas into its columns, before RoPE and the cache write
-            lora.add_fused(self.layer_idx, "qkv", x, qkv)
+        compiled = step.compiled if lora is None else None  # --compile (engine.native.compiled); eager with LoRA
+        if compiled is not None:
+            qkv = self.attention_input(hidden, step.cos, step.sin, rot, compiled)
+        else:
+            qkv = self._attention_input_eager(hidden, step, rot)
         t, width = qkv.shape
         off, kd = qkv.storage_offset(), nkv * d
-        qk = qkv.as_strided((t, nh + nkv, d), (width, d, 1), off + kd)
-        src = qk
-        if self.qk_norm is not None:
-            src = torch.rms_norm(qk, (d,), None, self.eps) * self.qk_norm
-        rotated = torch.matmul(src, rot)
-        torch.mul(src, step.cos, out=qk)
-        qk.addcmul_(rotated, step.sin)
         vk = qkv.as_strided((t, 2, nkv, d), (width, kd + nh * d, d, 1), off)  # V, then K
         step.row_views[self.layer_idx].index_put_((step.kv_rows,), vk)
         meta = step.meta
@@ -108,7 +103,33 @@ class NativeLayer(nn.Module):
         k = qkv.as_strided((t, nkv, d), (width, d, 1), off + kd + nh * d)
         v = qkv.as_strided((t, nkv, d), (width, d, 1), off)
         o = attend(meta.kv_caches[self.layer_idx], meta, q, self.scale, self.window, None, k, v).reshape(t, nh * d)
-        return self._mlp(self._o_proj(hidden, o, lora), None, lora)
+        hidden = self._o_proj(hidden, o, lora)
+        return self._mlp(hidden, None, lora) if compiled is None else self.mlp_compiled(hidden, compiled)
+
+    def _attention_input_eager(self, hidden: torch.Tensor, step: NativeStep, rot: torch.Tensor) -> torch.Tensor:
+        """[T, V | Q' | K']: normed input, fused projection (plus any LoRA deltas), q/k norm, RoPE in place."""
+        nh, nkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        x = torch.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
+        qkv = _proj(x, self.qkv_weight_t, self.qkv_bias)  # [T, V | Q | K]
+        if step.lora is not None:  # each of q, k and v's deltas into its columns, before RoPE and the cache write
+            step.lora.add_fused(self.layer_idx, "qkv", x, qkv)
+        t, width = qkv.shape
+        qk = qkv.as_strided((t, nh + nkv, d), (width, d, 1), qkv.storage_offset() + nkv * d)
+        src = qk
+        if self.qk_norm is not None:
+            src = torch.rms_norm(qk, (d,), None, self.eps) * self.qk_norm
+        rotated = torch.matmul(src, rot)
+        torch.mul(src, step.cos, out=qk)
+        qk.addcmul_(rotated, step.sin)
+        return qkv
+
+    def attention_input(self, hidden, cos, sin, rot, compiled) -> torch.Tensor:
+        return compiled.attention_input(hidden, self.input_norm, self.qkv_weight_t, self.qkv_bias, self.qk_norm,
+                                        cos, sin, rot, self.eps, self.num_kv_heads, self.head_dim)
+
+    def mlp_compiled(self, hidden, compiled) -> torch.Tensor:
+        return compiled.mlp(hidden, self.post_norm, self.gate_up_weight_t, self.gate_up_bias, self.down_weight_t,
+                            self.down_bias, self.eps)
 
     def decode(self, hidden: torch.Tensor, bufs, lora=None) -> torch.Tensor:
         """The static decode step over ``DecodeBuffers`` (engine.native.decode); ``lora``: its

@@ -176,7 +176,7 @@ def test_up_forwards_the_engine_flags_to_every_worker():
     from pdserve.deploy.cli_up import _worker_args
 
     a = build_parser().parse_args(["up", "--block-size", "32", "--max-model-len", "512", "--model-impl", "hf",
-                                   "--cuda-graphs", "off", "--no-prefix-caching"])
+                                   "--cuda-graphs", "off", "--no-prefix-caching", "--compile"])
     w = _worker_args(a)
     for flag, value in (("--block-size", "32"), ("--max-model-len", "512"), ("--model-impl", "hf"),
                         ("--cuda-graphs", "off")):
@@ -184,6 +184,7 @@ def test_up_forwards_the_engine_flags_to_every_worker():
     assert "--no-prefix-caching" in w
     worker = build_parser().parse_args(["prefill", *w])  # they parse as the workers' own flags
     assert (worker.block_size, worker.max_model_len, worker.model_impl, worker.no_prefix_caching) == (32, 512, "hf", True)
+    assert worker.compile and "--compile" not in _worker_args(build_parser().parse_args(["up"]))
 
 
 def test_stop_signals_are_raised_only_where_the_launcher_checks():
