@@ -69,6 +69,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="llama-110m-dummy")
     p.add_argument("--model-impl", default="auto", choices=["auto", "native", "hf"])
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true", help="the engine with compile=True (engine.native.compiled)")
     p.add_argument("--ops-tokens", type=int, default=16, help="K in the ops count")
     p.add_argument("--num-prompts", type=int, default=64, help="0: the ops count only")
     p.add_argument("--min-len", type=int, default=32)
@@ -80,14 +81,15 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    llm = LLM(a.model, model_impl=a.model_impl, num_blocks=(a.num_prompts + 1) * (a.max_len + a.max_tokens) // 16 + 64)
+    llm = LLM(a.model, model_impl=a.model_impl, compile=a.compile, num_blocks=(a.num_prompts + 1) * (a.max_len + a.max_tokens) // 16 + 64)
     runner = llm.engine.runner
     layers, vocab = runner.geometry.num_layers, runner.geometry.vocab_size
     hf = load_hf(llm, "cpu")
     prompt = make_prompts(1, 48, 48, vocab, a.seed + 1)[0]
     ops_engine, by_op = engine_ops(llm, prompt, a.ops_tokens, layers)
     ops_hf = hf_ops(hf, prompt, a.ops_tokens, layers)
-    print(f"model {a.model} ({runner.model_impl}, {layers} layers), threads {torch.get_num_threads()}")
+    print(f"model {a.model} ({runner.model_impl}{', compiled' if a.compile else ''}, {layers} layers), "
+          f"threads {torch.get_num_threads()}")
     print(f"ops/token/layer (batch 1): engine {ops_engine:.2f}  HF generate {ops_hf:.2f}  "
           f"ratio {ops_engine / ops_hf:.3f}")
     per_layer = {k: round(v / a.ops_tokens / layers, 2) for k, v in by_op.most_common(12) if v}

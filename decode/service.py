@@ -90,7 +90,8 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 if theirs != ours:
                     raise FingerprintMismatchError("KV layout mismatch: " + "; ".join(theirs.diff(ours)))
             claim = self.claims.claim(rid, caller(), reserved=True)
-            block_ids = await self._reserve(rid, list(request.token_ids), sampling_from_proto(request.sampling))
+            block_ids = await self._reserve(rid, list(request.token_ids), sampling_from_proto(request.sampling),
+                                            lora_name=request.lora_name)
             ttl = request.ttl_s if 0 < request.ttl_s <= MAX_RESERVATION_TTL_S else MAX_RESERVATION_TTL_S
             self.deadlines[rid] = time.monotonic() + ttl
             logger.debug("[%s] reserved %d blocks", rid, len(block_ids))

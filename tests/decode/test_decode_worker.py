@@ -199,3 +199,17 @@ def test_worker_registers_with_routers_and_says_goodbye_before_draining():
     assert {(r.address, r.role) for r in requests} == {(address, "decode")}
     assert [r.leaving for r in requests] == [False] * (len(requests) - 1) + [True], "goodbye last, once"
     assert requests[0].ttl_s > 0
+
+
+def test_a_reservation_names_its_adapter_and_an_unknown_one_holds_nothing():
+    async def go():
+        async with running("decode") as d:
+            stub = pb_grpc.DecodeStub(d.channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Reserve(reserve_request("ad", lora_name="no-such-adapter"), timeout=10)
+            return refused.value, await load(stub)
+
+    refused, after = run(go())
+    assert refused.code() == grpc.StatusCode.NOT_FOUND, refused
+    assert "no-such-adapter" in refused.details(), refused.details()
+    assert (after.integrity_error, after.num_live_blocks, after.num_reserved) == ("", 0, 0)
