@@ -62,7 +62,7 @@ class AdapterAdmin:
             raise RequestNotFoundError(f"base_model: {base[:200]!r} is not served here")
         if name in self.catalog.bases or name in self.catalog.routes:
             raise InvalidRequestError(f"name: {name!r} is already a base model or a route")
-        other = self.catalog.adapters().get(name)
+        other = self.catalog.adapter_base(name)
         if other is not None and other != base:
             raise InvalidRequestError(f"name: adapter {name!r} is already loaded for base model {other!r}")
         async with self._lock:
@@ -94,9 +94,9 @@ class AdapterAdmin:
         """Hide ``name``, let its running requests finish, then unload it everywhere; -> (was loaded, worker ids)."""
         async with self._lock:
             holders = [w for w in self.membership.workers.values() if name in w.load.adapters]
-            if not holders and name not in self.catalog.adapters():
+            if not holders and self.catalog.adapter_base(name) is None:
                 raise RequestNotFoundError(f"name: no adapter {name[:200]!r} is loaded")
-            base = self.catalog.adapters().get(name) or next(
+            base = self.catalog.adapter_base(name) or next(
                 (b for b in map(self.catalog.base_of, holders) if b is not None), self.catalog.default)
             self.catalog.hidden.add(name)  # from now on new requests for it are NOT_FOUND
             version = (self.loaded.pop(name, None) or ("", "", ""))[2] or self._learned(base).get(name, ("", ""))[1]

@@ -99,6 +99,18 @@ class ModelCatalog:
                     out.setdefault(name, base)
         return out
 
+    def adapter_base(self, name: str) -> str | None:
+        """The base model of servable adapter ``name`` (as ``adapters().get(name)``, without building the map:
+        one pass over the workers, per request)."""
+        if name in self.hidden:
+            return None
+        for w in self.membership.workers.values():
+            if name in w.load.adapters:
+                base = self.base_of(w)
+                if base is not None:
+                    return base
+        return None
+
     # ---- resolution -------------------------------------------------------------------------------
     def resolve(self, name: str, session_id: str = "") -> Target:
         """The target serving a request for ``name``; RequestNotFoundError naming it when nothing serves it."""
@@ -128,7 +140,7 @@ class ModelCatalog:
     def _plain(self, name: str) -> Target:
         if name in self.bases:
             return Target(name, name)
-        base = self.adapters().get(name)
+        base = self.adapter_base(name)
         if base is not None:
             return Target(name, base, name)
         raise RequestNotFoundError(f"model: {name[:200]!r} is not served here (served: {', '.join(self.names())})")

@@ -264,3 +264,14 @@ def test_a_prompt_too_long_for_the_model_is_invalid_even_while_its_workers_are_d
 
 async def _collect(g, request):
     return [r async for r in g.respond(request)]
+
+
+def test_adapter_base_agrees_with_the_adapter_map():
+    workers = [_worker("d1:1", "decode", "tiny", ["ad1", "ad2"]), _worker("d2:1", "decode", "tiny-qwen2", ["ad3"]),
+               _worker("p1:1", "prefill", "tiny", ["ad1"])]
+    g, _ = _servicer(workers)
+    catalog = g.catalog
+    catalog.hidden.add("ad2")
+    for name in ("ad1", "ad2", "ad3", "tiny", "nope"):
+        assert catalog.adapter_base(name) == catalog.adapters().get(name), name
+    assert catalog.adapter_base("ad3") == "tiny-qwen2" and catalog.adapter_base("ad2") is None
