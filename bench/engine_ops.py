@@ -85,15 +85,18 @@ def main(argv=None) -> None:
     runner = llm.engine.runner
     layers, vocab = runner.geometry.num_layers, runner.geometry.vocab_size
     hf = load_hf(llm, "cpu")
-    prompt = make_prompts(1, 48, 48, vocab, a.seed + 1)[0]
-    ops_engine, by_op = engine_ops(llm, prompt, a.ops_tokens, layers)
-    ops_hf = hf_ops(hf, prompt, a.ops_tokens, layers)
     print(f"model {a.model} ({runner.model_impl}{', compiled' if a.compile else ''}, {layers} layers), "
           f"threads {torch.get_num_threads()}")
-    print(f"ops/token/layer (batch 1): engine {ops_engine:.2f}  HF generate {ops_hf:.2f}  "
-          f"ratio {ops_engine / ops_hf:.3f}")
-    per_layer = {k: round(v / a.ops_tokens / layers, 2) for k, v in by_op.most_common(12) if v}
-    print(f"  engine ops per token per layer, by op: {per_layer}")
+    if a.compile:  # torch.compile does not run under a TorchDispatchMode: the count is of the eager engine
+        print("ops/token/layer: not counted under --compile (run without it)")
+    else:
+        prompt = make_prompts(1, 48, 48, vocab, a.seed + 1)[0]
+        ops_engine, by_op = engine_ops(llm, prompt, a.ops_tokens, layers)
+        ops_hf = hf_ops(hf, prompt, a.ops_tokens, layers)
+        print(f"ops/token/layer (batch 1): engine {ops_engine:.2f}  HF generate {ops_hf:.2f}  "
+              f"ratio {ops_engine / ops_hf:.3f}")
+        per_layer = {k: round(v / a.ops_tokens / layers, 2) for k, v in by_op.most_common(12) if v}
+        print(f"  engine ops per token per layer, by op: {per_layer}")
     if not a.num_prompts:
         return
     num_out = a.num_prompts * a.max_tokens

@@ -89,7 +89,7 @@ class NativeLayer(nn.Module):
         lora = step.lora
         compiled = step.compiled if lora is None else None  # --compile (engine.native.compiled); eager with LoRA
         if compiled is not None:
-            qkv = self.attention_input(hidden, step.cos, step.sin, rot, compiled)
+            qkv = self.attention_input(hidden, step.cos, step.sin, compiled)
         else:
             qkv = self._attention_input_eager(hidden, step, rot)
         t, width = qkv.shape
@@ -123,9 +123,9 @@ class NativeLayer(nn.Module):
         qk.addcmul_(rotated, step.sin)
         return qkv
 
-    def attention_input(self, hidden, cos, sin, rot, compiled) -> torch.Tensor:
+    def attention_input(self, hidden, cos, sin, compiled) -> torch.Tensor:
         return compiled.attention_input(hidden, self.input_norm, self.qkv_weight_t, self.qkv_bias, self.qk_norm,
-                                        cos, sin, rot, self.eps, self.num_kv_heads, self.head_dim)
+                                        cos, sin, self.eps, self.num_kv_heads, self.head_dim)
 
     def mlp_compiled(self, hidden, compiled) -> torch.Tensor:
         return compiled.mlp(hidden, self.post_norm, self.gate_up_weight_t, self.gate_up_bias, self.down_weight_t,
