@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -47,7 +45,6 @@ class Sequence:
     sample_offset: int = 0  # tokens generated before this sequence existed (migration): seeds stay aligned
     lora: LoRAAdapter | None = None  # the adapter it runs under (engine.lora), held until it finishes
     hash_extra: bytes = b""  # extra key of its block hashes: engine.hashing.adapter_extra(adapter name)
-    generator: torch.Generator | None = None
     # prefill-only requests stop after the first token and hold their blocks until released
     prefill_only: bool = False
     hold_blocks: bool = False
