@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from pdserve import SamplingParams
 from pdserve.engine.sampler import Sampler
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import Sequence
 
 MIXES = {
