@@ -58,8 +58,8 @@ class Sampler:
     def _params_buffer(self, rows: int) -> None:
         """The host buffer of the sampling rows' parameters, made once (grown only past ``rows``): a step writes it
         through numpy and hands torch a slice, so no tensor is built from host data per step."""
-        self._params = torch.empty(5, rows, dtype=torch.float64, pin_memory=torch.cuda.is_available())
-        self._params_np = self._params.numpy()
+        self._params = torch.empty(rows, 5, dtype=torch.float64, pin_memory=torch.cuda.is_available())
+        self._params_np = self._params.numpy()  # row-major [rows, 5]: a step's first m rows are one contiguous block
 
     def _uniforms(self, seqs: list[Sequence]) -> list[float]:
         """One number in [0, 1) per sampling row: seeded requests draw token i from a hash of (seed, i), stateless,
@@ -85,14 +85,15 @@ class Sampler:
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
         m = len(rows)
-        if m > self._params.shape[1]:
+        if m > self._params.shape[0]:
             self._params_buffer(2 * m)
         host = self._params_np
-        host[0, :m] = [p.temperature for p in params]
-        host[1, :m], host[2, :m], host[3, :m], host[4, :m] = top_k, top_p, self._uniforms(seqs), rows
-        packed = self._params[:, :m]
-        if dev.type != "cpu":  # the buffer is rewritten only after this step's results were read back
-            packed = packed.to(dev, non_blocking=True)
+        host[:m, 0] = [p.temperature for p in params]
+        host[:m, 1], host[:m, 2], host[:m, 3], host[:m, 4] = top_k, top_p, self._uniforms(seqs), rows
+        packed = self._params[:m]
+        if dev.type != "cpu":  # pinned and contiguous: an async copy; the buffer is rewritten only after this
+            packed = packed.to(dev, non_blocking=True)  # step's results were read back
+        packed = packed.t()  # [5, m]: temperature, top_k, top_p, u, row
         partial = len(rows) < logits.shape[0]
         if partial:
             index = packed[4].long()
