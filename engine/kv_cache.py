@@ -87,21 +87,24 @@ class KVCache:
                 raise ValueError("shared: shared-memory KV caches are CPU only")
             sweep_stale_shm()
             self.shm_path = f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            numel = spec.layer_bytes() // torch.empty((), dtype=spec.dtype).element_size()
-            flat = torch.from_file(self.shm_path, shared=True, size=numel * spec.num_layers, dtype=spec.dtype)
+            flat = torch.from_file(self.shm_path, shared=True, size=self._numel(), dtype=spec.dtype)
             flat.zero_()
-            self.layers = [
-                flat[i * numel : (i + 1) * numel].view(spec.layer_shape()) for i in range(spec.num_layers)
-            ]
-        elif torch.device(spec.device).type == "cpu":  # one storage: a decode step writes every layer's new
-            numel = spec.layer_bytes() // torch.empty((), dtype=spec.dtype).element_size()  # K/V in one op
-            flat = torch.zeros(numel * spec.num_layers, dtype=spec.dtype)
-            self.layers = [flat[i * numel : (i + 1) * numel].view(spec.layer_shape()) for i in range(spec.num_layers)]
+            self.layers = self._split(flat)
+        elif torch.device(spec.device).type == "cpu":  # one storage: a decode step writes every layer's K/V in one op
+            self.layers = self._split(torch.zeros(self._numel(), dtype=spec.dtype))
         else:
             self.layers = [
                 torch.zeros(spec.layer_shape(), dtype=spec.dtype, device=spec.device)
                 for _ in range(spec.num_layers)
             ]
+
+    def _numel(self) -> int:
+        """Elements of every layer together."""
+        return self.spec.layer_bytes() // torch.empty((), dtype=self.spec.dtype).element_size() * self.spec.num_layers
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """One tensor's consecutive slices, one per layer, in the layer shape."""
+        return [chunk.view(self.spec.layer_shape()) for chunk in flat.chunk(self.spec.num_layers)]
 
     def close(self) -> None:
         if self.shm_path:

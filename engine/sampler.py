@@ -50,9 +50,8 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0, device: str = "cpu", max_rows: int = 256):
+    def __init__(self, seed: int = 0, max_rows: int = 256):
         self.rng = random.Random(seed)  # host-side: drawing a step's key reads nothing back from the device
-        self.device = device
         self._params_buffer(max_rows)
 
     def _params_buffer(self, rows: int) -> None:
@@ -94,8 +93,7 @@ class Sampler:
         if dev.type != "cpu":  # pinned and contiguous: an async copy; the buffer is rewritten only after this
             packed = packed.to(dev, non_blocking=True)  # step's results were read back
         packed = packed.t()  # [5, m]: temperature, top_k, top_p, u, row
-        partial = len(rows) < logits.shape[0]
-        if partial:
+        if tokens is not None:  # some rows are greedy: draw for the others only
             index = packed[4].long()
             logits = logits.index_select(0, index)
         scaled = logits / packed[0].to(logits.dtype)[:, None]
@@ -110,7 +108,7 @@ class Sampler:
         # the first candidate whose cumulative mass exceeds u * total (zero-mass candidates never do)
         pick = torch.searchsorted(cdf, (packed[3] * cdf[:, -1])[:, None], right=True).clamp_(max=cand.shape[-1] - 1)
         drawn = pick[:, 0] if order is None else order.gather(1, pick)[:, 0]
-        return tokens.index_copy(0, index, drawn) if partial else drawn
+        return drawn if tokens is None else tokens.index_copy(0, index, drawn)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
         """logits: float32 [len(seqs), vocab].

@@ -94,9 +94,10 @@ class AdapterAdmin:
         """Hide ``name``, let its running requests finish, then unload it everywhere; -> (was loaded, worker ids)."""
         async with self._lock:
             holders = [w for w in self.membership.workers.values() if name in w.load.adapters]
-            if not holders and self.catalog.adapter_base(name) is None:
+            base = self.catalog.adapter_base(name)
+            if not holders and base is None:
                 raise RequestNotFoundError(f"name: no adapter {name[:200]!r} is loaded")
-            base = self.catalog.adapter_base(name) or next(
+            base = base or next(
                 (b for b in map(self.catalog.base_of, holders) if b is not None), self.catalog.default)
             self.catalog.hidden.add(name)  # from now on new requests for it are NOT_FOUND
             version = (self.loaded.pop(name, None) or ("", "", ""))[2] or self._learned(base).get(name, ("", ""))[1]

@@ -134,8 +134,9 @@ class Failover:
         try:
             decision = self.policy.choose(route, prefills, decodes)
         except LookupError as e:
-            for known in self.membership.pool("decode", available_only=False, model=model)[:1]:
-                check_model_limits(st.prompt, known.load)  # an invalid prompt is refused as such, workers up or not
+            known = self.membership.pool("decode", available_only=False, model=model)
+            if known:  # an invalid prompt is refused as such, whether or not the pool's workers are up
+                check_model_limits(st.prompt, known[0].load)
             raise UnavailableError(f"{e} (after {st.attempts} attempts)") from None
         for worker in (decision.decode, decision.prefill):
             if worker is not None:

@@ -115,7 +115,8 @@ class DecodeBuffers:
         flush0 = lean0 + 2 * r * w + 2 * r * nkv
         self.h_append = host[lean0 + 2 * r * w : flush0].reshape(r, 2, nkv) if self.lean else None
         self.h_flush = host[flush0 : n_int].reshape(-1, r, 2) if self.flush else None
-        self.layer_rows = ex.layer_rows  # rows of one layer in ``flat_rows``
+        # each layer's first row in ``flat_rows`` (the flush's row of a token is its layer's offset + its row)
+        self.layer_offsets = (np.arange(spec.num_layers) * ex.layer_rows)[:, None, None] if self.flush else None
         self.h_masks = host[n_int:].view(bool)[:n_mask].reshape(-1, r, c)
         self.key_pos = np.arange(c)
         self.ids = flat.as_strided((r,), (1,), 0)
@@ -202,7 +203,7 @@ class DecodeBuffers:
         np.add(self.h_pos, 1, out=self.h_ctx)
         self.h_kv.reshape(-1)[:] = kv
         if self.flush:  # every layer's K and V rows in the one-storage cache
-            np.add(self.h_kv, (np.arange(len(self.h_flush)) * self.layer_rows)[:, None, None], out=self.h_flush)
+            np.add(self.h_kv, self.layer_offsets, out=self.h_flush)
         self.h_tables.reshape(-1)[:] = tables
         if self.lean:
             np.multiply(self.h_tables, 2, out=self.h_blocks[0])  # K of block b is row 2b of the block view
