@@ -129,9 +129,8 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
         stream then ends with CANCELLED."""
         self.deadlines.pop(rid, None)
         self.receiver.cancel(rid)
-        released = await asyncio.wrap_future(self.loop.abort(rid, time.monotonic()))
+        released = await asyncio.wrap_future(self.loop.abort(rid, time.monotonic()))  # counted in the loop
         if released:
-            self.num_aborted += 1
             logger.info("[%s] released", rid)
         return released
 
@@ -214,8 +213,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 logger.info("[%s] cancelled (client cancel or deadline); freeing its blocks", rid)
                 self.deadlines.pop(rid, None)
                 self.receiver.cancel(rid)
-                self.loop.abort(rid, time.monotonic())
-                self.num_aborted += 1
+                self.loop.abort(rid, time.monotonic())  # counted by the loop as the blocks come free
             raise
         except Exception as e:  # noqa: BLE001 - mapped to a status
             if claim is not None and self.claims.drop(rid, claim):

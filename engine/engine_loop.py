@@ -40,6 +40,7 @@ class EngineLoop:
         self._totals = TokenTotals()
         self._events = KVEventHub(engine)
         self.last_abort_latency_s = 0.0
+        self.num_aborted = 0  # aborts that freed a request, counted on the engine thread as its blocks come free
         self.on_step: Callable[[float], None] | None = None  # e.g. a metrics histogram
 
     def start(self) -> EngineLoop:
@@ -140,8 +141,10 @@ class EngineLoop:
 
         def run(engine: LLMEngine) -> bool:
             freed = self._abort(engine, request_id)
-            if freed and since is not None:
-                self.last_abort_latency_s = time.monotonic() - since
+            if freed:
+                self.num_aborted += 1
+                if since is not None:
+                    self.last_abort_latency_s = time.monotonic() - since
             return freed
 
         return self.call(run)

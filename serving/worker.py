@@ -91,7 +91,7 @@ class WorkerServicer:
         self.identity = identity
         self.draining = False
         self.in_flight = 0
-        self.num_aborted = 0
+        self.num_aborted = 0  # aborts seen by this service alone (a cancelled prefill); engine aborts: loop.num_aborted
         self.adapters: tuple[str, ...] = ()  # registered LoRA adapters, as of the last load/unload (engine thread)
         self.api_adapters = AdapterRecords()  # those loaded through the router's Admin API, and tombstones
 
@@ -198,7 +198,7 @@ class WorkerServicer:
             max_model_len=e.max_model_len,
             max_num_seqs=e.config.max_num_seqs,
             vocab_size=e.vocab_size,
-            num_aborted=self.num_aborted,
+            num_aborted=self.num_aborted + self.loop.num_aborted,
             device=e.config.device,
             last_abort_latency_s=self.loop.last_abort_latency_s,
             served_model=self.identity.served_model,
