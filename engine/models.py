@@ -48,6 +48,22 @@ _TINY = dict(
 
 DEFAULT_MODEL = "tiny-chat"
 
+
+def _dummy_llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, max_pos: int) -> dict:
+    """A benchmark-sized random Llama config with a 32k vocabulary."""
+    return dict(
+        _TINY,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        vocab_size=32000,
+        initializer_range=0.02,
+    )
+
+
 PRESETS: dict[str, Preset] = {
     # ~5.5M-parameter Llama trained on the King James Bible: readable English, a chat template (the default)
     "tiny-chat": Preset("llama", {}, shipped=True),
@@ -57,45 +73,9 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen3": Preset("qwen3", dict(_TINY, head_dim=32), seed=2),
     "tiny-mistral": Preset("mistral", dict(_TINY, sliding_window=96), seed=3),
     # a ~110M Llama for CPU benchmarks where per-token compute, not Python overhead, dominates
-    "llama-110m-dummy": Preset(
-        "llama",
-        dict(
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=4,
-            max_position_embeddings=4096,
-            vocab_size=32000,
-            initializer_range=0.02,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        dummy=True,
-    ),
+    "llama-110m-dummy": Preset("llama", _dummy_llama(768, 2048, 12, 12, 4, 4096), dummy=True),
     # Llama-3.2-1B shapes with a 32k vocab: ~1.1B parameters, the GPU benchmark model
-    "llama-1b-dummy": Preset(
-        "llama",
-        dict(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=8192,
-            vocab_size=32000,
-            initializer_range=0.02,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        dummy=True,
-    ),
+    "llama-1b-dummy": Preset("llama", _dummy_llama(2048, 8192, 16, 32, 8, 8192), dummy=True),
 }
 
 
