@@ -238,6 +238,7 @@ class ResponseCache:
             if i == len(chunks) - 1:
                 resp.cached = True
                 resp.cache_similarity = similarity
+                resp.model = req.model or self.model  # what served it, as on the live path (router.responses)
                 resp.usage.prompt_tokens = len(req.token_ids)  # a semantic hit answers a prompt of its own
                 elapsed = max(0.0, self.clock() - t0)
                 resp.timings.first_token_s = resp.timings.total_s = elapsed

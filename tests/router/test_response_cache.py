@@ -173,3 +173,15 @@ def test_one_cache_serves_every_model_apart_and_forgets_a_reloaded_adapter():
     live = Live(answer(4, start=600))
     assert not through(cache, lora_req, "use", live)[-1].cached and live.runs == 1, "reloaded: computed again"
     assert through(cache, base_req, "use", Live(answer(2)))[-1].cached, "other models' answers stay"
+
+
+def test_a_hit_names_the_model_that_served_it_like_the_live_answer():
+    from dataclasses import replace
+
+    cache = ResponseCache(CacheConfig(max_bytes=1 << 20, ttl_s=60), model="base")
+    through(cache, req(), "use", Live(answer(4)))
+    assert through(cache, req(rid="r2"), "use", Live(answer(2)))[-1].model == "base", "'' is the default"
+    lora_req = replace(req(), model="lora-a", base_model="base", lora_name="lora-a")
+    through(cache, lora_req, "use", Live(answer(4, start=500)))
+    hit = through(cache, lora_req, "use", Live(answer(2)))
+    assert hit[-1].cached and hit[-1].model == "lora-a"
