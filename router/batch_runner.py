@@ -30,7 +30,7 @@ import grpc
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.batch_store import BatchStore
 from pdserve.router.responses import Aggregate
-from pdserve.serving.errors import status_for
+from pdserve.serving.errors import message_for, status_for
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ class BatchRunner:
             job.pending.appendleft(idx)
             self.backoff_s = min(MAX_BACKOFF_S, max(BACKOFF_S, self.backoff_s * 2))
             return
-        logger.warning("[%s] batch request %d failed: %s", job.job_id, idx, e)
-        result = pb.BatchResult(index=idx, error_code=code.name, error_message=str(e)[:1000])
+        logger.warning("[%s] batch request %d failed: %s", job.job_id, idx, message_for(e))
+        result = pb.BatchResult(index=idx, error_code=code.name, error_message=message_for(e)[:1000])
         await self._store(job, idx, False, result)
 
     async def _store(self, job: _Job, idx: int, ok: bool, result: pb.BatchResult) -> None:
