@@ -34,11 +34,27 @@ _TRANSFER_METRICS = (TRANSFER_BYTES, TRANSFER_SECONDS, TRANSFERS, TRANSFER_DURAT
 _registered: list[bool] = []
 
 
+class NonEmptyFamilies:
+    """Exports ``metrics`` but leaves out a family with no series yet (a labelled metric before its first
+    ``labels()``), so /metrics never shows HELP/TYPE lines alone (a prefill worker before its first transfer)."""
+
+    def __init__(self, metrics) -> None:
+        self.metrics = tuple(metrics)
+
+    def describe(self):
+        return [fam for m in self.metrics for fam in m.describe()]
+
+    def collect(self):
+        for m in self.metrics:
+            for fam in m.collect():
+                if fam.samples:
+                    yield fam
+
+
 def register_transfer_metrics() -> None:
     """Export the KV transfer metrics (the sending role calls it once; other processes never show them)."""
     if not _registered:
-        for m in _TRANSFER_METRICS:
-            REGISTRY.register(m)
+        REGISTRY.register(NonEmptyFamilies(_TRANSFER_METRICS))
         _registered.append(True)
 
 
