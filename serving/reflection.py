@@ -9,10 +9,12 @@ as it is.
 from __future__ import annotations
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
 V1ALPHA_SERVICE_NAME = reflection.SERVICE_NAME
+V1_FILE_NAME = "grpc/reflection/v1/reflection.proto"
 
 
 def enable_reflection(service_names: list[str], server: grpc.aio.Server) -> None:
@@ -25,8 +27,32 @@ def enable_reflection(service_names: list[str], server: grpc.aio.Server) -> None
     if v1 is not None:
         v1.enable_server_reflection(names, server)
     else:
+        _add_v1_descriptor()
         server.add_generic_rpc_handlers((_v1_handler(names),))
     reflection.enable_server_reflection(names, server)
+
+
+def _add_v1_descriptor() -> None:
+    """v1's file in the default pool (v1alpha's, package renamed), so a client that lists the services and then
+    describes each one (``grpcurl describe``) finds ``grpc.reflection.v1.ServerReflection`` too."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(V1_FILE_NAME)
+        return
+    except KeyError:
+        pass
+    fdp = descriptor_pb2.FileDescriptorProto.FromString(reflection_pb2.DESCRIPTOR.serialized_pb)
+    old_pkg = fdp.package
+    fdp.name, fdp.package = V1_FILE_NAME, "grpc.reflection.v1"
+    for msg in fdp.message_type:
+        for field in msg.field:
+            if field.type_name:
+                field.type_name = field.type_name.replace(f".{old_pkg}.", ".grpc.reflection.v1.")
+    for service in fdp.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(f".{old_pkg}.", ".grpc.reflection.v1.")
+            method.output_type = method.output_type.replace(f".{old_pkg}.", ".grpc.reflection.v1.")
+    pool.Add(fdp)
 
 
 def _v1_handler(names: list[str]) -> grpc.GenericRpcHandler:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
 from pdserve.serving.rpc import create_server
@@ -31,6 +32,12 @@ def test_reflection_v1_and_v1alpha_list_services_and_describe():
                         "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
                 resp = await _ask(port, version, rpb.ServerReflectionRequest(file_containing_symbol="pdserve.v1.Generation"))
                 assert resp.file_descriptor_response.file_descriptor_proto, version
+                for name in sorted(names):  # what `grpcurl describe` does: every listed service resolves
+                    resp = await _ask(port, version, rpb.ServerReflectionRequest(file_containing_symbol=name))
+                    assert resp.WhichOneof("message_response") == "file_descriptor_response", (version, name)
+                    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+                             for b in resp.file_descriptor_response.file_descriptor_proto]
+                    assert any(f"{f.package}.{s.name}" == name for f in files for s in f.service), (version, name)
         finally:
             await server.stop(None)
 
