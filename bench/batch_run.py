@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
+
 from pdserve.bench.batch_client import BatchClient
 from pdserve.bench.client import to_proto
 
@@ -59,7 +61,11 @@ def format_batch(label: str, s: dict) -> str:
 def run_batch(plans, a, address: str, out_dir: Path, name: str, config: dict, label: str) -> int:
     files = []
     for plan in plans:
-        summary = asyncio.run(run_job(address, plan, a))
+        try:
+            summary = asyncio.run(run_job(address, plan, a))
+        except grpc.RpcError as e:  # refused or unreachable: one line, as the streaming bench says it
+            print(f"pdserve bench: router {address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
         print(format_batch(f"{label} {plan.tag}", summary), flush=True)
         path = out_dir / f"{name}-batch-{plan.tag}-seed{a.seed}.json"
         path.write_text(json.dumps({"config": config, "summary": summary}, indent=1, allow_nan=False))
