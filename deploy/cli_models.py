@@ -131,8 +131,23 @@ def up_pools(a: argparse.Namespace) -> list[ModelPool]:
         base, _, name = spec.rpartition("/") if spec.count("/") == 1 and spec.split("/")[0] in names else ("", "", spec)
         name, path = _usage("--lora", parse_named, f"{name}={path}", "--lora")
         loras.setdefault(base or names[0], []).append((name, path))
-    _usage("--route", parse_routes, a.route)
+    routes = {r.name for r in _usage("--route", parse_routes, a.route)}
+    _check_unique_names(names, [n for pool in loras.values() for n, _ in pool], routes)
     return [ModelPool(p.name, p.path, p.num_prefill, p.num_decode, tuple(loras.get(p.name, ()))) for p in pools]
+
+
+def _check_unique_names(models: list[str], adapters: list[str], routes: set[str]) -> None:
+    """One name, one thing: a request's ``model`` must not be able to mean two of them (the router would list
+    both and serve only one)."""
+    for r in sorted(routes & set(models)):
+        raise UsageError(f"--route: {r!r} is also a --model name")
+    seen: set[str] = set()
+    for name in adapters:
+        if name in models or name in routes:
+            raise UsageError(f"--lora: {name!r} is already a {'--model' if name in models else '--route'} name")
+        if name in seen:
+            raise UsageError(f"--lora: {name!r} is given twice")
+        seen.add(name)
 
 
 def pool_worker_args(pool: ModelPool, max_loras: int, enable_lora: bool = False) -> list[str]:

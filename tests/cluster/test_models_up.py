@@ -47,6 +47,10 @@ def test_up_model_flags_give_one_pool_per_model():
     (["--model", "bad name=tiny"], "--model"),
     (["--route", "mix=tiny"], "--route"),
     (["--lora", "=x"], "--lora"),
+    (["--model", "tiny", "--lora", "tiny=/x/a"], "--lora: 'tiny' is already a --model name"),
+    (["--model", "tiny", "--route", "sup=tiny:1", "--lora", "sup=/x/a"], "--lora: 'sup' is already a --route name"),
+    (["--model", "tiny", "--route", "tiny=tiny:1"], "--route: 'tiny' is also a --model name"),
+    (["--model", "tiny", "--model", "q=tiny-qwen3", "--lora", "a=/x/a", "--lora", "q/a=/x/b"], "--lora: 'a' is given twice"),
 ])
 def test_bad_model_flags_name_the_flag(argv, flag):
     with pytest.raises(UsageError, match=flag):
