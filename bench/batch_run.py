@@ -30,7 +30,7 @@ def _progress(enabled: bool):
 
 async def run_job(address: str, plan, a) -> dict:
     requests = [to_proto(r, f"bench-{a.seed}-{plan.tag}-{i}") for i, r in enumerate(plan.requests)]
-    async with BatchClient(address, timeout_s=max(30.0, a.timeout)) as client:
+    async with BatchClient(address, api_key=a.api_key, timeout_s=max(30.0, a.timeout)) as client:
         t0 = time.perf_counter()
         job_id = await client.submit(requests)
         job = await client.wait(job_id, timeout_s=a.duration, on_poll=_progress(not a.no_progress))

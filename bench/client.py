@@ -69,12 +69,13 @@ def to_proto(req: BenchRequest, request_id: str, tenant: str = "") -> pb.Generat
     return msg
 
 
-async def generate_one(stub, req: BenchRequest, request_id: str, t0: float, timeout_s: float) -> Record:
+async def generate_one(stub, req: BenchRequest, request_id: str, t0: float, timeout_s: float,
+                       metadata: tuple | None = None) -> Record:
     """Send one request and time every streamed message (seconds since ``t0``, perf_counter clock)."""
     rec = Record(send_time=time.perf_counter() - t0, prompt_len=req.prompt_len, request_id=request_id,
                  output_len=req.output_len)
     try:
-        async for resp in stub.Generate(to_proto(req, request_id), timeout=timeout_s):
+        async for resp in stub.Generate(to_proto(req, request_id), timeout=timeout_s, metadata=metadata):
             rec.chunk_times.append(time.perf_counter() - t0)
             rec.chunk_tokens.append(len(resp.token_ids))
             if resp.finish_reason:
@@ -96,12 +97,13 @@ async def generate_one(stub, req: BenchRequest, request_id: str, t0: float, time
 class _Channels:
     """A few independent HTTP/2 connections, so many streams in flight do not queue in the client."""
 
-    def __init__(self, address: str, max_in_flight: int):
+    def __init__(self, address: str, max_in_flight: int, api_key: str = ""):
         n = min(MAX_CHANNELS, max(1, -(-max_in_flight // STREAMS_PER_CHANNEL)))
         opts = [("grpc.use_local_subchannel_pool", 1)]
         self.channels = [grpc.aio.insecure_channel(address, options=opts) for _ in range(n)]
         self.stubs = [pb_grpc.GenerationStub(ch) for ch in self.channels]
         self.address = address
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None  # the router's API key
 
     async def __aenter__(self) -> _Channels:
         try:
@@ -119,17 +121,18 @@ class _Channels:
 
 
 async def run_open_loop(address: str, reqs: list[BenchRequest], send_at: list[float], duration_s: float,
-                        timeout_s: float = 120.0, progress: bool = True, id_prefix: str = "bench") -> list[Record]:
+                        timeout_s: float = 120.0, progress: bool = True, id_prefix: str = "bench",
+                        api_key: str = "") -> list[Record]:
     """Send request i at ``send_at[i]`` seconds from the start; requests due after ``duration_s`` are not sent.
     Returns the records of the requests sent, in send order, once all have finished."""
     if len(reqs) != len(send_at):
         raise ValueError(f"send_at: {len(send_at)} times for {len(reqs)} requests")
-    async with _Channels(address, len(reqs)) as chans:
+    async with _Channels(address, len(reqs), api_key) as chans:
         bar = Progress(len(reqs), "requests", progress)
         tasks = []
 
         async def tracked(i: int, r: BenchRequest) -> Record:
-            rec = await generate_one(chans.stub(i), r, f"{id_prefix}-{i}", t0, timeout_s)
+            rec = await generate_one(chans.stub(i), r, f"{id_prefix}-{i}", t0, timeout_s, chans.metadata)
             bar.tick()
             return rec
 
@@ -150,12 +153,13 @@ async def run_open_loop(address: str, reqs: list[BenchRequest], send_at: list[fl
 
 
 async def run_closed_loop(address: str, reqs: list[BenchRequest], concurrency: int, duration_s: float,
-                          timeout_s: float = 120.0, progress: bool = True, id_prefix: str = "bench") -> list[Record]:
+                          timeout_s: float = 120.0, progress: bool = True, id_prefix: str = "bench",
+                          api_key: str = "") -> list[Record]:
     """``concurrency`` clients each send the next unsent request when their previous one finishes; no new
     request starts after ``duration_s``. Returns the records in send order."""
     if concurrency < 1:
         raise ValueError(f"concurrency: must be >= 1, got {concurrency}")
-    async with _Channels(address, concurrency) as chans:
+    async with _Channels(address, concurrency, api_key) as chans:
         bar = Progress(len(reqs), "requests", progress)
         it = iter(enumerate(reqs))
         records: list[tuple[int, Record]] = []
@@ -164,7 +168,8 @@ async def run_closed_loop(address: str, reqs: list[BenchRequest], concurrency: i
             for i, r in it:
                 if time.perf_counter() - t0 > duration_s:
                     return
-                records.append((i, await generate_one(chans.stub(i), r, f"{id_prefix}-{i}", t0, timeout_s)))
+                records.append((i, await generate_one(chans.stub(i), r, f"{id_prefix}-{i}", t0, timeout_s,
+                                                      chans.metadata)))
                 bar.tick()
 
         t0 = time.perf_counter()

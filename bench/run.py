@@ -101,6 +101,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
            help="requests per run (at most)")
     t.add_argument("--duration", type=float, default=600.0, help="stop sending after this many seconds")
     t.add_argument("--timeout", type=float, default=120.0, help="per-request deadline (s)")
+    t.add_argument("--api-key", default="", help="API key sent as 'authorization: Bearer KEY' (pdserve bench: "
+                   "default $PDSERVE_API_KEY)")
     m = p.add_argument_group("metrics and output")
     m.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput SLO on time to first token")
     m.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput SLO on time per output token")
@@ -199,9 +201,11 @@ def execute(plan: RunPlan, a: argparse.Namespace, address: str) -> tuple[dict, l
     progress, prefix = not a.no_progress, f"bench-{a.seed}-{plan.tag}"
     t0 = time.perf_counter()
     if plan.send_at is None:
-        coro = run_closed_loop(address, plan.requests, a.concurrency, a.duration, a.timeout, progress, prefix)
+        coro = run_closed_loop(address, plan.requests, a.concurrency, a.duration, a.timeout, progress, prefix,
+                               a.api_key)
     else:
-        coro = run_open_loop(address, plan.requests, plan.send_at, a.duration, a.timeout, progress, prefix)
+        coro = run_open_loop(address, plan.requests, plan.send_at, a.duration, a.timeout, progress, prefix,
+                             a.api_key)
     records = asyncio.run(coro)
     summary = summarize(records, None, a.slo_ttft_ms / 1000, a.slo_tpot_ms / 1000)
     summary["wall_s"] = time.perf_counter() - t0

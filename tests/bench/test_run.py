@@ -25,10 +25,12 @@ class FakeRouter(pb_grpc.GenerationServicer):
 
     def __init__(self):
         self.requests: list[pb.GenerateRequest] = []
+        self.authorizations: list[str | None] = []
         self.in_flight = self.max_in_flight = 0
 
     async def Generate(self, request, context):
         self.requests.append(request)
+        self.authorizations.append(dict(context.invocation_metadata()).get("authorization"))
         if request.token_ids and request.token_ids[0] == FAIL_TOKEN:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no room")
         self.in_flight += 1
@@ -172,3 +174,18 @@ def test_plots_render_with_empty_and_failed_runs(tmp_path):
     assert path.stat().st_size > 10_000
     s = summarize([ok, bad])
     assert len(plots.sweep({"x": [(1.0, s), (2.0, s)]}, tmp_path, "p")) == 2
+
+
+def test_the_bench_sends_its_api_key_and_pdserve_bench_defaults_it_to_pdserve_api_key(fake_router, tmp_path,
+                                                                                         monkeypatch):
+    from pdserve.cli import build_parser as cli_parser
+    from pdserve.cli import cmd_bench
+
+    address, servicer = fake_router
+    argv = ["--router", address, "--workload", "uniform", "--input-len-range", "4,8", "--output-len", "2",
+            "--num-prompts", "3", "--result-dir", str(tmp_path), "--no-progress", "--no-plots"]
+    assert main(argv) == 0 and servicer.authorizations == [None] * 3, "no key: no header"
+    assert main([*argv, "--api-key", "key-b"]) == 0 and servicer.authorizations[3:] == ["Bearer key-b"] * 3
+    monkeypatch.setenv("PDSERVE_API_KEY", "key-a")
+    assert cmd_bench(cli_parser().parse_args(["bench", *argv])) == 0
+    assert servicer.authorizations[6:] == ["Bearer key-a"] * 3
