@@ -188,6 +188,9 @@ def load_adapter(name: str, path: str, dims: LoRADims, max_rank: int, dtype: tor
                              f"rank {rank} and the model's {fan_in} -> {fan_out} projection")
         a_t = a.t().to(dtype).contiguous()
         b_t = (b.float() * scale).t().to(dtype).contiguous()
+        for t, which in ((a_t, "lora_A"), (b_t, "lora_B")):  # a NaN or inf would reach every row of a batch
+            if not bool(torch.isfinite(t).all()):
+                raise _bad(path, f"layer {layer} {target}: {which} has NaN or infinite values (in {dtype})")
         weights[(layer, target)] = (a_t, b_t)
     targets = frozenset(t for _, t in weights)
     rank = max(a_t.shape[1] for a_t, _ in weights.values())

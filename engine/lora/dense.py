@@ -1,8 +1,9 @@
 """Multi-LoRA for the native static decode step (engine.native.decode) and its CUDA graphs.
 
 The shapes of a decode step are fixed by its batch size, so this form avoids any data-dependent shape: each row
-runs every slot's shrink (``x @ A_all``, [rows, S * R]), a per-row one-hot mask over slots zeroes the slots the
-row does not use, and one expand (``@ B_all``) adds the delta. Decode is bound by reading weights, and this
+runs every slot's shrink (``x @ A_all``, [rows, S * R]), a per-row mask over slots sets the slots the row does
+not use to zero (a fill, not a multiply: another slot's overflow, inf * 0, must not turn this row into NaN), and
+one expand (``@ B_all``) adds the delta. Decode is bound by reading weights, and this
 reads each resident adapter's A and B once per step, as a grouped form would; the extra FLOPs (S * R columns
 per row) are small at decode batch sizes. The row -> slot indices live in a persistent buffer (filled on the
 host before each step, copied in with the other inputs), and the mask is derived from it inside the step, so a
@@ -28,8 +29,8 @@ class LoRADecodeBuffers:
             self.idx = torch.full((batch,), -1, dtype=torch.int64, device=device)
             self.host = np.full(batch, -1, dtype=np.int64)
         self.slot_ids = torch.arange(s, device=device).view(1, s)
-        self.hit = torch.empty(batch, s, dtype=torch.bool, device=device)
-        self.mask = torch.empty(batch, s, 1, dtype=slots.dtype, device=device)
+        self.miss = torch.empty(batch, s, dtype=torch.bool, device=device)  # slots a row does not use
+        self.miss3 = self.miss.view(batch, s, 1)
         self.shrunk = torch.empty(batch, s * big_r, dtype=slots.dtype, device=device)
         self.shrunk3 = self.shrunk.view(batch, s, big_r)
         self.active = False  # any adapter in this step (else the layers skip LoRA entirely)
@@ -48,14 +49,13 @@ class LoRADecodeBuffers:
             self.idx.copy_(torch.from_numpy(self.host).pin_memory(), non_blocking=True)
 
     def prepare(self) -> None:
-        """Once per step, before the layers: the [rows, S, 1] slot mask from the row indices (graph-safe)."""
-        torch.eq(self.idx.view(-1, 1), self.slot_ids, out=self.hit)
-        self.mask.copy_(self.hit.unsqueeze(-1))
+        """Once per step, before the layers: the [rows, S] slot mask from the row indices (graph-safe)."""
+        torch.ne(self.idx.view(-1, 1), self.slot_ids, out=self.miss)
 
     def add(self, layer: int, target: str, x: torch.Tensor, out: torch.Tensor) -> None:
         a_all, b_all = self.slots.stacks[layer][target]
         torch.mm(x, a_all, out=self.shrunk)
-        self.shrunk3.mul_(self.mask)
+        self.shrunk3.masked_fill_(self.miss3, 0.0)
         out.addmm_(self.shrunk, b_all)
 
     def add_fused(self, layer: int, fused: str, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -59,6 +59,19 @@ def _drop_first_b(ts):
     return ts
 
 
+def _fill_first_b(ts, value):
+    key = next(k for k in sorted(ts) if "lora_B" in k)
+    ts[key] = ts[key].clone().fill_(value)
+    return ts
+
+
+def _fill_first_a(ts, value):
+    key = next(k for k in sorted(ts) if "lora_A" in k)
+    ts[key] = ts[key].clone()
+    ts[key][0, 0] = value
+    return ts
+
+
 CASES = [
     ("missing dir", lambda g, d: str(d / "nope"), "no such directory"),
     ("no config", lambda g, d: (d.mkdir(), str(d))[1], "no adapter_config.json"),
@@ -77,6 +90,8 @@ CASES = [
         g, d, tensors=lambda ts: _rename_first(ts, "base_model.model.lm_head.lora_A.weight")), "unexpected tensor"),
     ("layer", lambda g, d: _variant(g, d, tensors=lambda ts: _rename_first(
         ts, "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight")), "names layer 9 but the model has 4"),
+    ("nan", lambda g, d: _variant(g, d, tensors=lambda ts: _fill_first_b(ts, float("nan"))), "lora_B has NaN"),
+    ("inf", lambda g, d: _variant(g, d, tensors=lambda ts: _fill_first_a(ts, float("inf"))), "lora_A has NaN"),
 ]
 
 

@@ -66,6 +66,24 @@ def test_grouped_and_dense_match_a_per_row_reference():
     torch.testing.assert_close(fused[:, 12:], _reference(x, rows, 0, "k_proj"))
 
 
+def test_dense_decode_keeps_a_row_clean_of_another_slots_overflow():
+    """Every row runs every slot's shrink; a slot whose shrink overflows (inf) must not reach the other rows."""
+    slots = LoRASlots(DIMS, 2, 4, torch.float32, torch.device("cpu"))
+    huge, ok = _adapter("huge", 2, 1), _adapter("ok", 2, 2)
+    huge.weights[(0, "q_proj")] = (torch.full((8, 2), 3e38), torch.randn(2, 8))  # finite, x @ A overflows
+    items = [huge, None, ok]
+    row_slots = slots.activate(items)
+    dense = LoRADecodeBuffers(slots, 3, torch.device("cpu"))
+    dense.fill(row_slots)
+    dense.prepare()
+    x = torch.ones(3, 8)
+    out = torch.zeros(3, 8)
+    dense.add(0, "q_proj", x, out)
+    assert not torch.isfinite(out[0]).all(), "the overflowing row itself is not finite"
+    torch.testing.assert_close(out[1], torch.zeros(8), msg="a base row gets no delta")
+    torch.testing.assert_close(out[2], _reference(x[2:], [ok], 0, "q_proj")[0])
+
+
 def test_slots_lru_never_evicts_what_the_step_needs():
     slots = LoRASlots(DIMS, 2, 8, torch.float32, torch.device("cpu"))
     a, b, c = _adapter("a", 2, 1), _adapter("b", 8, 2), _adapter("c", 5, 3)
