@@ -19,6 +19,25 @@ if TYPE_CHECKING:
     from pdserve.serving.worker_metrics import WorkerCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class NonEmptyFamilies:
+    """Exports ``metrics`` (made with ``registry=None``) but leaves out a family with no series yet (a labelled
+    metric before its first ``labels()``), so /metrics never shows HELP/TYPE lines alone (a prefill worker before
+    its first transfer, a gateway before its first request). Register it once: ``REGISTRY.register(...)``."""
+
+    def __init__(self, metrics) -> None:
+        self.metrics = tuple(metrics)
+
+    def describe(self):
+        return [fam for m in self.metrics for fam in m.describe()]
+
+    def collect(self):
+        for m in self.metrics:
+            for fam in m.collect():
+                if fam.samples:
+                    yield fam
+
 _RID = re.compile(r"^\[([^\]]+)\]")
 
 

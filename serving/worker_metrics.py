@@ -14,7 +14,7 @@ from collections.abc import Callable
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 
-from pdserve.serving.observability import LATENCY_BUCKETS
+from pdserve.serving.observability import LATENCY_BUCKETS, NonEmptyFamilies
 
 STEP_SECONDS = Histogram("pdserve_worker_step_seconds", "Engine step duration", ["worker"], buckets=LATENCY_BUCKETS)
 
@@ -32,23 +32,6 @@ TRANSFER_RESENDS = Counter("pdserve_kv_transfer_resends_total",
                            registry=None)
 _TRANSFER_METRICS = (TRANSFER_BYTES, TRANSFER_SECONDS, TRANSFERS, TRANSFER_DURATION, TRANSFER_FAILURES, TRANSFER_RESENDS)
 _registered: list[bool] = []
-
-
-class NonEmptyFamilies:
-    """Exports ``metrics`` but leaves out a family with no series yet (a labelled metric before its first
-    ``labels()``), so /metrics never shows HELP/TYPE lines alone (a prefill worker before its first transfer)."""
-
-    def __init__(self, metrics) -> None:
-        self.metrics = tuple(metrics)
-
-    def describe(self):
-        return [fam for m in self.metrics for fam in m.describe()]
-
-    def collect(self):
-        for m in self.metrics:
-            for fam in m.collect():
-                if fam.samples:
-                    yield fam
 
 
 def register_transfer_metrics() -> None:
