@@ -86,7 +86,9 @@ class ModelCatalog:
         return [w for role in ("prefill", "decode") for w in self.membership.pool(role, available_only, model=base)]
 
     def adapters(self) -> dict[str, str]:
-        """Servable adapters -> their base model: those the pools' workers report, less the hidden ones."""
+        """Servable adapters -> their base model: those the pools' workers report, less the hidden ones and those
+        named like a base model or a route (a request for that name reaches the base model or the route, never the
+        adapter, so it is not listed as a second entry under the same name)."""
         out: dict[str, str] = {}
         for w in self.membership.workers.values():
             if not w.load.adapters:
@@ -95,7 +97,7 @@ class ModelCatalog:
             if base is None:
                 continue
             for name in w.load.adapters:
-                if name not in self.hidden:
+                if name not in self.hidden and name not in self.bases and name not in self.routes:
                     out.setdefault(name, base)
         return out
 
@@ -161,7 +163,8 @@ class ModelCatalog:
 
     def hidden_reported(self) -> set[str]:
         """Hidden adapters some worker still reports (an unload in progress)."""
-        return {a for w in self.membership.workers.values() for a in w.load.adapters if a in self.hidden}
+        return {a for w in self.membership.workers.values() for a in w.load.adapters
+                if a in self.hidden and a not in self.bases and a not in self.routes}
 
     def _base_entry(self, name: str) -> ModelEntry:
         workers = self.pool_workers(name)

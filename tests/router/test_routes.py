@@ -111,6 +111,15 @@ def test_a_route_to_an_unknown_target_is_not_found_naming_both():
         cat.resolve("r")
 
 
+def test_an_adapter_a_worker_reports_under_a_base_or_route_name_is_not_listed_twice():
+    workers = [_worker("d1:1", "decode", "tiny", ["tiny", "mix", "ad1"])]  # e.g. pdserve decode --lora tiny=...
+    cat, _ = _catalog(workers, ["mix=tiny:1"])
+    assert cat.names() == ["tiny", "tiny-qwen2", "ad1", "mix"]
+    assert [(e.name, e.kind) for e in cat.entries()].count(("tiny", "base")) == 1
+    assert sorted(e.name for e in cat.entries()) == sorted(set(e.name for e in cat.entries()))
+    assert cat.resolve("tiny").lora == "" and cat.resolve("ad1").lora == "ad1"
+
+
 def test_catalog_refuses_a_route_named_like_a_base_model():
     with pytest.raises(ValueError, match="also a base model"):
         _catalog([], [Route("tiny", (("tiny-qwen2", 1),)).name + "=tiny-qwen2:1"])
