@@ -36,7 +36,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.batch_runner import BatchRunner
 from pdserve.router.batch_store import BatchStore, JobRow
 from pdserve.router.classes import BATCH_PRIORITY
-from pdserve.router.request import RequestParser
+from pdserve.router.request import MAX_NAME_LEN, RequestParser
 from pdserve.serving.errors import abort_with
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class BatchServicer:
             num = len(request.requests)
             if not 0 < num <= MAX_JOB_REQUESTS:
                 raise InvalidRequestError(f"requests: between 1 and {MAX_JOB_REQUESTS} requests, got {num}")
+            if len(request.tenant) > MAX_NAME_LEN:  # as Generation's tenant (it is stored and logged)
+                raise InvalidRequestError(f"tenant: at most {MAX_NAME_LEN} characters")
             job_id = f"batch-{uuid.uuid4().hex[:16]}"
             blobs = [self._prepared(i, r, request.tenant, job_id) for i, r in enumerate(request.requests)]
             await self.store.run(self.store.create, job_id, request.tenant, blobs, self.runner.owner)

@@ -1,4 +1,5 @@
-"""A batch request that fails for good stores the same one-line message the interactive call would get."""
+"""Batch bad input: a request that fails for good stores the one-line message Generate would give; Submit checks
+the tenant as Generate does."""
 
 from __future__ import annotations
 
@@ -32,3 +33,37 @@ def test_a_failed_request_stores_the_interactive_message_not_a_key_errors_repr(t
     assert [r.error_code for r in results] == ["NOT_FOUND", "INVALID_ARGUMENT"]
     assert results[0].error_message == "model: 'nope' is not served here" == message_for(errors[0])
     assert results[1].error_message == "max_tokens: bad"
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    async def abort(self, code, details):
+        raise _Aborted(code, details)
+
+    def set_trailing_metadata(self, md):
+        pass
+
+
+def test_submit_refuses_a_tenant_longer_than_generate_accepts(tmp_path):
+    import grpc
+    import pytest
+
+    from pdserve.router.batch_service import BatchServicer
+
+    svc = BatchServicer(tmp_path / "jobs.sqlite3", respond=None, membership=None)
+    req = pb.GenerateRequest(prompt="hi", sampling=pb.SamplingParams(max_tokens=1))
+
+    async def go():
+        await svc.store.run(svc.store.open)
+        with pytest.raises(_Aborted) as info:
+            await svc.Submit(pb.BatchSubmitRequest(requests=[req], tenant="t" * 257), _Context())
+        return info.value.args
+
+    try:
+        code, details = asyncio.run(go())
+    finally:
+        svc.store.shutdown()
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and details == "tenant: at most 256 characters"
