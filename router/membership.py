@@ -139,7 +139,7 @@ class Membership:
         try:
             return self.workers[address]
         except KeyError:
-            raise KeyError(f"address: no worker {address!r}") from None
+            raise KeyError(f"address: no worker {address[:200]!r}") from None
 
     async def poll_once(self) -> None:
         await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))

@@ -147,3 +147,12 @@ def test_each_base_model_parses_with_its_own_tokenizer_and_chat_template():
         hello).token_ids  # two tokenizers really
     with pytest.raises(InvalidRequestError, match="model 'tiny' has no chat template"):
         cat.bases["tiny"].parser.parse(pb.GenerateRequest(messages=msgs, model="tiny"))
+
+
+def test_an_unknown_worker_address_is_named_briefly():
+    from pdserve.serving.errors import message_for, status_for
+
+    with pytest.raises(KeyError) as info:
+        Membership().get("x" * 10_000)  # Admin.Drain / Undrain with a junk address
+    assert status_for(info.value).name == "NOT_FOUND"
+    assert message_for(info.value).startswith("address: no worker 'xxx") and len(message_for(info.value)) < 300
