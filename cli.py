@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 from pdserve.deploy import cli_checks as checks
-from pdserve.deploy import cli_classes, cli_models
+from pdserve.deploy import cli_classes, cli_models, deathsig
 from pdserve.deploy.cli_checks import OneLineParser, UsageError
 from pdserve.engine import env
 from pdserve.engine.models import DEFAULT_MODEL
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    deathsig.arm_from_env()  # a child of a pdserve launcher dies with it
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

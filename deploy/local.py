@@ -1,15 +1,14 @@
 """Start a local cluster (router + N prefill + M decode) as separate processes on 127.0.0.1.
 
 Every child runs in its own process group (killed as a group on stop) and, on Linux, asks the kernel to
-SIGKILL it when the launcher dies (PR_SET_PDEATHSIG), so not even ``kill -9`` of the launcher leaves workers
-holding their ports. The death signal fires when the *thread* that forked the child exits, so children are
-spawned from the thread that owns the cluster (the main thread in ``pdserve up``), never from a helper thread.
+SIGKILL it when the launcher dies (PR_SET_PDEATHSIG, armed by the child: deploy.deathsig), so not even
+``kill -9`` of the launcher leaves workers holding their ports. The death signal fires when the *thread* that
+spawned the child exits, so children are spawned from the thread that owns the cluster (the main thread in
+``pdserve up``), never from a helper thread.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import secrets
@@ -20,31 +19,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pdserve.deploy import deathsig
 from pdserve.engine import env as pdenv
 
 logger = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 NUM_LOG_LINES = 200  # tail of each child's output kept for error reports
-
-
-def _load_prctl():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()  # loaded before any fork: the child only calls it
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the launcher's forking thread dies."""
-    if _PRCTL is not None:
-        _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class StartupError(RuntimeError):
@@ -108,8 +88,8 @@ def _read_output(proc: Proc, popen: subprocess.Popen, echo: bool) -> None:
 def _launch(proc: Proc, env: dict[str, str], echo: bool, extra: list[str] = ()) -> None:
     cmd = [sys.executable, "-u", "-m", "pdserve", proc.role, *proc.args, *extra]
     proc.popen = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        start_new_session=True, preexec_fn=_die_with_parent if _PRCTL is not None else None,
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=deathsig.child_env(env),
+        start_new_session=True,  # no preexec_fn: see deploy.deathsig
     )
     proc.ready = threading.Event()
     proc.started_at = time.monotonic()

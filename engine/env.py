@@ -35,3 +35,13 @@ def log_level() -> str:
 def api_key() -> str:
     """The API key clients (pdserve generate / bench) send to the router."""
     return os.environ.get("PDSERVE_API_KEY", "")
+
+
+PARENT_PID = "PDSERVE_PARENT_PID"
+
+
+def take_parent_pid() -> int | None:
+    """The launcher's pid a child was started by (deploy.deathsig), removed so the child's own children do not
+    inherit it; None when not started by a pdserve launcher or when the value is not a pid."""
+    value = os.environ.pop(PARENT_PID, "")
+    return int(value) if value.isdigit() else None

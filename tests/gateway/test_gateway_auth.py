@@ -41,7 +41,7 @@ def client(up, key: str) -> openai.OpenAI:
 def test_the_router_keys_apply_through_the_gateway(up):
     good = client(up, "key-a")
     model = good.models.list().data[0].id
-    out = good.completions.create(model=model, prompt="Hello", max_tokens=3, user="alice")
+    out = good.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, user="alice")
     assert out.usage.completion_tokens == 3
     with pytest.raises(openai.AuthenticationError) as err:
         client(up, "wrong-key").completions.create(model=model, prompt="Hello", max_tokens=3)

@@ -66,7 +66,8 @@ def test_metrics_exist_and_move():
                   'pdserve_router_shed_by_class_total{request_class="high"}'):
             assert r0[k] == 0, k
         assert any(k.startswith("pdserve_router_routing_decisions_total{") for k in r0)
-        reqs = [pb.GenerateRequest(token_ids=list(range(10 + i, 60 + i)), sampling=S(max_tokens=6)) for i in range(6)]
+        reqs = [pb.GenerateRequest(token_ids=list(range(10 + i, 60 + i)), sampling=S(max_tokens=6, ignore_eos=True))
+                for i in range(6)]  # exactly 36 tokens: no early eos
         assert all(not isinstance(r, Exception) for r in generate_many(c.router_address, reqs))
         after = {role: scrape(port) for role, port in ports.items()}
         r1 = after["router"]
