@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import socket
 import sys
 from pathlib import Path
@@ -158,6 +159,19 @@ def check_model(model: str, flag: str = "--model") -> None:
         return
     if model.startswith(("/", ".", "~")) or model.count("/") > 1 or model.endswith("/"):
         raise UsageError(f"{flag}: no such model directory {model!r} (presets: {', '.join(PRESETS)})")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
+        raise UsageError(f"{flag}: {model!r} is not a preset, a model directory or a hub id (org/name); "
+                         f"presets: {', '.join(PRESETS)}")
+
+
+def check_adapter_dir(path: str, flag: str = "--lora") -> None:
+    """A PEFT adapter directory (adapter_config.json in it), checked before any process starts; its contents
+    are checked when a worker loads it."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"{flag}: no such adapter directory {path!r}")
+    if not (root / "adapter_config.json").is_file():
+        raise UsageError(f"{flag}: {path!r} is not a PEFT adapter directory (no adapter_config.json)")
 
 
 def fail(prog: str, message: str, status: int = 2) -> int:

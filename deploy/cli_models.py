@@ -5,7 +5,9 @@ Workers: ``--served-model-name`` (default: the preset's name, a directory's last
 Router: ``--model [NAME=]PATH`` (repeatable: one base model each, the first the default; a bare PATH is named
 like a worker names it) and ``--route NAME=MODEL:WEIGHT,...`` (repeatable).
 ``pdserve up``: ``--model [NAME=]PATH[:PREFILL:DECODE]`` (repeatable, pool sizes per model; default: --prefill and
---decode), ``--lora``/``--max-loras`` (every worker of the first model's pool, or ``--lora BASE/NAME=PATH``), ``--route``.
+--decode), ``--lora``/``--max-loras`` (every worker of the first model's pool, or ``--lora BASE/NAME=PATH``; BASE
+must be a --model name, so an adapter started by ``up`` has no "/" in its name), ``--route``.
+Model paths and adapter directories are checked before any process starts (exit 2 naming the flag).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
     from pdserve.serving.model_names import parse_named_list
 
     loras = _usage("--lora", parse_named_list, a.lora, "--lora")
+    for _, path in loras:
+        checks.check_adapter_dir(path)
     if not (a.enable_lora or loras):
         return {}
     return {"enable_lora": True, "max_loras": a.max_loras, "max_lora_rank": a.max_lora_rank, "lora_modules": loras}
@@ -128,8 +132,11 @@ def up_pools(a: argparse.Namespace) -> list[ModelPool]:
     loras: dict[str, list[tuple[str, str]]] = {}
     for value in a.lora:
         spec, _, path = value.partition("=")
-        base, _, name = spec.rpartition("/") if spec.count("/") == 1 and spec.split("/")[0] in names else ("", "", spec)
+        base, _, name = spec.rpartition("/")
+        if base and base not in names:  # a mistyped base must not become an adapter named "base/name"
+            raise UsageError(f"--lora: {base!r} in {spec!r} is not a --model name (models: {', '.join(names)})")
         name, path = _usage("--lora", parse_named, f"{name}={path}", "--lora")
+        checks.check_adapter_dir(path)
         loras.setdefault(base or names[0], []).append((name, path))
     routes = {r.name for r in _usage("--route", parse_routes, a.route)}
     _check_unique_names(names, [n for pool in loras.values() for n, _ in pool], routes)

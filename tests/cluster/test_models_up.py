@@ -27,14 +27,26 @@ def _up(*argv: str):
     return build_parser().parse_args(["up", *argv])
 
 
-def test_up_model_flags_give_one_pool_per_model():
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory) -> tuple[str, str]:
+    """Two directories that look like PEFT adapters to the launcher (it checks adapter_config.json only)."""
+    dirs = []
+    for name in ("a1", "a2"):
+        d = tmp_path_factory.mktemp(name)
+        (d / "adapter_config.json").write_text("{}")
+        dirs.append(str(d))
+    return dirs[0], dirs[1]
+
+
+def test_up_model_flags_give_one_pool_per_model(adapter_dirs):
+    d1, d2 = adapter_dirs
     a = _up("--model", "tiny:2:1", "--model", "qwen=tiny-qwen2", "--prefill", "0", "--decode", "3",
-            "--lora", "a1=/x/a1", "--lora", "qwen/a2=/x/a2", "--route", "mix=tiny:90,a1:10")
+            "--lora", f"a1={d1}", "--lora", f"qwen/a2={d2}", "--route", "mix=tiny:90,a1:10")
     pools = up_pools(a)
-    assert pools == [ModelPool("tiny", "tiny", 2, 1, (("a1", "/x/a1"),)),
-                     ModelPool("qwen", "tiny-qwen2", 0, 3, (("a2", "/x/a2"),))]
+    assert pools == [ModelPool("tiny", "tiny", 2, 1, (("a1", d1),)),
+                     ModelPool("qwen", "tiny-qwen2", 0, 3, (("a2", d2),))]
     assert pool_worker_args(pools[1], 2) == ["--model", "tiny-qwen2", "--served-model-name", "qwen",
-                                             "--lora", "a2=/x/a2", "--max-loras", "2"]
+                                             "--lora", f"a2={d2}", "--max-loras", "2"]
     r = _router_args(a)
     assert r[r.index("--route") + 1] == "mix=tiny:90,a1:10"
     assert up_pools(_up()) == [ModelPool("tiny-chat", "tiny-chat", 1, 1)]  # the default, --prefill/--decode sizes
@@ -47,14 +59,27 @@ def test_up_model_flags_give_one_pool_per_model():
     (["--model", "bad name=tiny"], "--model"),
     (["--route", "mix=tiny"], "--route"),
     (["--lora", "=x"], "--lora"),
-    (["--model", "tiny", "--lora", "tiny=/x/a"], "--lora: 'tiny' is already a --model name"),
-    (["--model", "tiny", "--route", "sup=tiny:1", "--lora", "sup=/x/a"], "--lora: 'sup' is already a --route name"),
+    (["--model", "tiny", "--lora", "tiny=A1"], "--lora: 'tiny' is already a --model name"),
+    (["--model", "tiny", "--route", "sup=tiny:1", "--lora", "sup=A1"], "--lora: 'sup' is already a --route name"),
     (["--model", "tiny", "--route", "tiny=tiny:1"], "--route: 'tiny' is also a --model name"),
-    (["--model", "tiny", "--model", "q=tiny-qwen3", "--lora", "a=/x/a", "--lora", "q/a=/x/b"], "--lora: 'a' is given twice"),
+    (["--model", "tiny", "--model", "q=tiny-qwen3", "--lora", "a=A1", "--lora", "q/a=A2"], "--lora: 'a' is given twice"),
+    (["--model", "tiny:a:b"], "--model: 'tiny:a:b' is not a preset, a model directory or a hub id"),
+    (["--model", "tiny", "--lora", "nope/x=A1"], "--lora: 'nope' in 'nope/x' is not a --model name"),
+    (["--lora", "x=/nonexistent/adapter"], "--lora: no such adapter directory '/nonexistent/adapter'"),
+    (["--lora", "x=MODEL_DIR"], "--lora: .* is not a PEFT adapter directory"),
 ])
-def test_bad_model_flags_name_the_flag(argv, flag):
+def test_bad_model_flags_name_the_flag(argv, flag, adapter_dirs, tmp_path):
+    argv = [v.replace("=A1", f"={adapter_dirs[0]}").replace("=A2", f"={adapter_dirs[1]}")
+            .replace("MODEL_DIR", str(tmp_path)) for v in argv]
     with pytest.raises(UsageError, match=flag):
         up_pools(_up(*argv))
+
+
+def test_a_worker_refuses_a_missing_adapter_directory_before_it_starts():
+    from pdserve.deploy.cli_models import engine_kwargs
+
+    with pytest.raises(UsageError, match="--lora: no such adapter directory"):
+        engine_kwargs(build_parser().parse_args(["decode", "--lora", "x=/nonexistent/adapter"]))
 
 
 def test_router_model_flags():
