@@ -18,6 +18,7 @@ import grpc
 
 from pdserve.bench.batch_client import BatchClient
 from pdserve.bench.client import to_proto
+from pdserve.bench.run import request_options
 
 
 def _progress(enabled: bool):
@@ -29,7 +30,8 @@ def _progress(enabled: bool):
 
 
 async def run_job(address: str, plan, a) -> dict:
-    requests = [to_proto(r, f"bench-{a.seed}-{plan.tag}-{i}") for i, r in enumerate(plan.requests)]
+    options = request_options(a)
+    requests = [to_proto(r, f"bench-{a.seed}-{plan.tag}-{i}", options=options) for i, r in enumerate(plan.requests)]
     async with BatchClient(address, api_key=a.api_key, timeout_s=max(30.0, a.timeout)) as client:
         t0 = time.perf_counter()
         job_id = await client.submit(requests)

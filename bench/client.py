@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import dataclass
 
 import grpc
 
@@ -58,10 +59,29 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def to_proto(req: BenchRequest, request_id: str, tenant: str = "") -> pb.GenerateRequest:
+CACHE_MODES = {"bypass": pb.CACHE_BYPASS, "use": pb.CACHE_USE, "refresh": pb.CACHE_REFRESH}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """What every request of a run asks for besides its workload: the model (a base model, adapter or route
+    name; empty: the router's default) and the response-cache mode (default bypass: a load test measures the
+    serving path, and a repeated seed would otherwise be answered from the router's cache)."""
+
+    model: str = ""
+    cache: str = "bypass"
+
+    def __post_init__(self):
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"--cache: one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+
+
+def to_proto(req: BenchRequest, request_id: str, tenant: str = "",
+             options: RequestOptions = RequestOptions()) -> pb.GenerateRequest:
     """Greedy, ignore_eos and max_tokens = output_len, so every output is exactly output_len tokens."""
     sampling = pb.SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=True)
-    msg = pb.GenerateRequest(request_id=request_id, sampling=sampling, session_id=req.session, tenant=tenant)
+    msg = pb.GenerateRequest(request_id=request_id, sampling=sampling, session_id=req.session, tenant=tenant,
+                             model=options.model, cache=CACHE_MODES[options.cache])
     if req.prompt:
         msg.prompt = req.prompt
     else:
@@ -70,12 +90,12 @@ def to_proto(req: BenchRequest, request_id: str, tenant: str = "") -> pb.Generat
 
 
 async def generate_one(stub, req: BenchRequest, request_id: str, t0: float, timeout_s: float,
-                       metadata: tuple | None = None) -> Record:
+                       metadata: tuple | None = None, options: RequestOptions = RequestOptions()) -> Record:
     """Send one request and time every streamed message (seconds since ``t0``, perf_counter clock)."""
     rec = Record(send_time=time.perf_counter() - t0, prompt_len=req.prompt_len, request_id=request_id,
                  output_len=req.output_len)
     try:
-        async for resp in stub.Generate(to_proto(req, request_id), timeout=timeout_s, metadata=metadata):
+        async for resp in stub.Generate(to_proto(req, request_id, options=options), timeout=timeout_s, metadata=metadata):
             rec.chunk_times.append(time.perf_counter() - t0)
             rec.chunk_tokens.append(len(resp.token_ids))
             if resp.finish_reason:
@@ -97,13 +117,14 @@ async def generate_one(stub, req: BenchRequest, request_id: str, t0: float, time
 class _Channels:
     """A few independent HTTP/2 connections, so many streams in flight do not queue in the client."""
 
-    def __init__(self, address: str, max_in_flight: int, api_key: str = ""):
+    def __init__(self, address: str, max_in_flight: int, api_key: str = "", options: RequestOptions = RequestOptions()):
         n = min(MAX_CHANNELS, max(1, -(-max_in_flight // STREAMS_PER_CHANNEL)))
         opts = [("grpc.use_local_subchannel_pool", 1)]
         self.channels = [grpc.aio.insecure_channel(address, options=opts) for _ in range(n)]
         self.stubs = [pb_grpc.GenerationStub(ch) for ch in self.channels]
         self.address = address
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None  # the router's API key
+        self.options = options
 
     async def __aenter__(self) -> _Channels:
         try:
@@ -122,17 +143,18 @@ class _Channels:
 
 async def run_open_loop(address: str, reqs: list[BenchRequest], send_at: list[float], duration_s: float,
                         timeout_s: float = 120.0, progress: bool = True, id_prefix: str = "bench",
-                        api_key: str = "") -> list[Record]:
+                        api_key: str = "", options: RequestOptions = RequestOptions()) -> list[Record]:
     """Send request i at ``send_at[i]`` seconds from the start; requests due after ``duration_s`` are not sent.
     Returns the records of the requests sent, in send order, once all have finished."""
     if len(reqs) != len(send_at):
         raise ValueError(f"send_at: {len(send_at)} times for {len(reqs)} requests")
-    async with _Channels(address, len(reqs), api_key) as chans:
+    async with _Channels(address, len(reqs), api_key, options) as chans:
         bar = Progress(len(reqs), "requests", progress)
         tasks = []
 
         async def tracked(i: int, r: BenchRequest) -> Record:
-            rec = await generate_one(chans.stub(i), r, f"{id_prefix}-{i}", t0, timeout_s, chans.metadata)
+            rec = await generate_one(chans.stub(i), r, f"{id_prefix}-{i}", t0, timeout_s, chans.metadata,
+                                     chans.options)
             bar.tick()
             return rec
 
@@ -154,12 +176,12 @@ async def run_open_loop(address: str, reqs: list[BenchRequest], send_at: list[fl
 
 async def run_closed_loop(address: str, reqs: list[BenchRequest], concurrency: int, duration_s: float,
                           timeout_s: float = 120.0, progress: bool = True, id_prefix: str = "bench",
-                          api_key: str = "") -> list[Record]:
+                          api_key: str = "", options: RequestOptions = RequestOptions()) -> list[Record]:
     """``concurrency`` clients each send the next unsent request when their previous one finishes; no new
     request starts after ``duration_s``. Returns the records in send order."""
     if concurrency < 1:
         raise ValueError(f"concurrency: must be >= 1, got {concurrency}")
-    async with _Channels(address, concurrency, api_key) as chans:
+    async with _Channels(address, concurrency, api_key, options) as chans:
         bar = Progress(len(reqs), "requests", progress)
         it = iter(enumerate(reqs))
         records: list[tuple[int, Record]] = []
@@ -169,7 +191,7 @@ async def run_closed_loop(address: str, reqs: list[BenchRequest], concurrency: i
                 if time.perf_counter() - t0 > duration_s:
                     return
                 records.append((i, await generate_one(chans.stub(i), r, f"{id_prefix}-{i}", t0, timeout_s,
-                                                      chans.metadata)))
+                                                      chans.metadata, chans.options)))
                 bar.tick()
 
         t0 = time.perf_counter()

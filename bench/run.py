@@ -72,7 +72,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     target.add_argument("--router", metavar="HOST:PORT", help="router host:port of a running cluster")
     target.add_argument("--local", metavar="P,D", help="start a local cluster (P prefill, D decode workers; "
                         "P=0: colocated) for the run and stop it after")
-    p.add_argument("--model", default="tiny", help="--local: model preset or path")
+    p.add_argument("--model", default=None, help="--local: the model preset or path the cluster serves (default: "
+                   "tiny); --router: the model, adapter or route each request names (default: the router's default)")
+    p.add_argument("--cache", default="bypass", choices=["bypass", "use", "refresh"],
+                   help="the router's response cache for every request (default bypass: measure the serving path)")
     p.add_argument("--local-arg", action="append", default=[], metavar="FLAG", help="--local: extra worker flag, e.g. "
                    "--local-arg=--max-num-seqs=16 (repeatable)")
     p.add_argument("--local-router-arg", action="append", default=[], metavar="FLAG", help="--local: extra router flag (repeatable)")
@@ -195,6 +198,13 @@ def plan_runs(a: argparse.Namespace) -> list[RunPlan]:
     return plans
 
 
+def request_options(a: argparse.Namespace):
+    """The model and cache mode every request carries (with --local the cluster serves --model as its default)."""
+    from pdserve.bench.client import RequestOptions
+
+    return RequestOptions(model="" if a.local else (a.model or ""), cache=a.cache)
+
+
 def execute(plan: RunPlan, a: argparse.Namespace, address: str) -> tuple[dict, list[Record]]:
     from pdserve.bench.client import run_closed_loop, run_open_loop
 
@@ -202,10 +212,10 @@ def execute(plan: RunPlan, a: argparse.Namespace, address: str) -> tuple[dict, l
     t0 = time.perf_counter()
     if plan.send_at is None:
         coro = run_closed_loop(address, plan.requests, a.concurrency, a.duration, a.timeout, progress, prefix,
-                               a.api_key)
+                               a.api_key, request_options(a))
     else:
         coro = run_open_loop(address, plan.requests, plan.send_at, a.duration, a.timeout, progress, prefix,
-                             a.api_key)
+                             a.api_key, request_options(a))
     records = asyncio.run(coro)
     summary = summarize(records, None, a.slo_ttft_ms / 1000, a.slo_tpot_ms / 1000)
     summary["wall_s"] = time.perf_counter() - t0
@@ -271,7 +281,7 @@ def _main(a: argparse.Namespace) -> int:
             from pdserve.deploy.local import LocalCluster
 
             num_prefill, num_decode = _pair(a.local, "--local")
-            cluster = LocalCluster(num_prefill, num_decode, model=a.model, extra_worker_args=a.local_arg,
+            cluster = LocalCluster(num_prefill, num_decode, model=a.model or "tiny", extra_worker_args=a.local_arg,
                                    router_args=a.local_router_arg)
             logger.info("starting a local cluster: %d prefill, %d decode", num_prefill, num_decode)
             cluster.start()

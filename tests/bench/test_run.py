@@ -189,3 +189,15 @@ def test_the_bench_sends_its_api_key_and_pdserve_bench_defaults_it_to_pdserve_ap
     monkeypatch.setenv("PDSERVE_API_KEY", "key-a")
     assert cmd_bench(cli_parser().parse_args(["bench", *argv])) == 0
     assert servicer.authorizations[6:] == ["Bearer key-a"] * 3
+
+
+def test_the_bench_bypasses_the_response_cache_by_default_and_names_the_model_it_asks_for(fake_router, tmp_path):
+    address, servicer = fake_router
+    argv = ["--router", address, "--workload", "uniform", "--input-len-range", "4,8", "--output-len", "2",
+            "--num-prompts", "2", "--result-dir", str(tmp_path), "--no-progress", "--no-plots"]
+    assert main(argv) == 0
+    assert [(r.model, r.cache) for r in servicer.requests] == [("", pb.CACHE_BYPASS)] * 2
+    assert main([*argv, "--model", "chat-route", "--cache", "use"]) == 0
+    assert [(r.model, r.cache) for r in servicer.requests[2:]] == [("chat-route", pb.CACHE_USE)] * 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--cache", "sometimes"])
