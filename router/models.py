@@ -120,12 +120,15 @@ class ModelCatalog:
             return Target(self.default, self.default)
         route = self.routes.get(name)
         if route is not None:
-            chosen = route.choose(session_id, self._rng)
-            try:
-                return self._plain(chosen)
-            except RequestNotFoundError:
-                raise RequestNotFoundError(f"model: route {name!r} chose {chosen!r}, which is not served here") from None
+            chosen = route.choose(session_id, self._rng, served=self._served)
+            if chosen is None:
+                targets = ", ".join(m for m, _ in route.targets)
+                raise RequestNotFoundError(f"model: route {name!r}: none of its targets ({targets}) is served here")
+            return self._plain(chosen)
         return self._plain(name)
+
+    def _served(self, name: str) -> bool:
+        return name in self.bases or self.adapter_base(name) is not None
 
     def begin(self, target: Target) -> None:
         """A request resolved to ``target`` starts (call with no await after ``resolve``: an unload that hides the

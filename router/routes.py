@@ -2,7 +2,9 @@
 
 A request naming a route is served by one target: chosen by weight, at random; with a ``session_id``, by a
 stable hash of (route, session id) into the weight range, so one session always lands on the same target
-(sticky) while sessions overall split by the weights. Targets are base models or adapters, never routes.
+(sticky) while sessions overall split by the weights. Targets are base models or adapters, never routes. A target
+nothing serves at the moment (an adapter not loaded yet, or unloaded) is skipped: the others share its requests by
+their weights, and the route is NOT_FOUND only when none of its targets is served.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -45,10 +48,22 @@ class Route:
         digest = hashlib.blake2b(session_id.encode(), digest_size=8, key=self.name.encode()[:64]).digest()
         return int.from_bytes(digest, "little") % self.total_weight
 
-    def choose(self, session_id: str = "", rng: random.Random | None = None) -> str:
-        """The target serving one request: sticky by ``session_id`` when given, else random by weight."""
+    def choose(self, session_id: str = "", rng: random.Random | None = None,
+               served: Callable[[str], bool] | None = None) -> str | None:
+        """The target serving one request: sticky by ``session_id`` when given, else random by weight. With
+        ``served``, only among the targets it accepts, by their weights (a canary adapter not loaded yet, or
+        unloaded, does not fail its share of the requests); None when it accepts none."""
         point = self.bucket(session_id) if session_id else (rng or random).randrange(self.total_weight)
-        return self.targets[bisect_right(self._bounds, point)][0]
+        live = self.targets if served is None else tuple(t for t in self.targets if served(t[0]))
+        if len(live) == len(self.targets):
+            return self.targets[bisect_right(self._bounds, point)][0]
+        if not live:
+            return None
+        point = point * sum(w for _, w in live) // self.total_weight  # the same place in the smaller range
+        for model, acc in zip((m for m, _ in live), accumulate(w for _, w in live), strict=True):
+            if point < acc:
+                return model
+        raise AssertionError("unreachable: point < the live weights' sum")
 
 
 def parse_route(value: str) -> Route:

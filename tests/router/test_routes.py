@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
@@ -105,10 +106,23 @@ def test_adapter_state_is_loading_until_every_pool_worker_holds_it():
     assert {e.name: e.state for e in cat.entries()}["ad1"] == "loading"
 
 
-def test_a_route_to_an_unknown_target_is_not_found_naming_both():
-    cat, _ = _catalog([_worker("d1:1", "decode", "tiny")], ["r=ghost:1"])
-    with pytest.raises(RequestNotFoundError, match="route 'r' chose 'ghost'"):
+def test_a_route_with_no_served_target_is_not_found_naming_its_targets():
+    cat, _ = _catalog([_worker("d1:1", "decode", "tiny")], ["r=ghost:1,phantom:2"])
+    with pytest.raises(RequestNotFoundError, match=r"route 'r': none of its targets \(ghost, phantom\) is served"):
         cat.resolve("r")
+
+
+def test_a_route_skips_a_target_nobody_serves_and_splits_the_rest_by_weight():
+    """A canary adapter not loaded yet (or unloaded) does not fail its share: every request is served by the
+    targets that are, by their weights; once it is served, sessions land where they did before."""
+    workers = [_worker("d1:1", "decode", "tiny", ["ad1"])]
+    cat, _ = _catalog(workers, ["mix=tiny:60,canary:10,ad1:30"])
+    got = collections.Counter(cat.resolve("mix", f"s{i}").name for i in range(2000))
+    assert set(got) == {"tiny", "ad1"} and sum(got.values()) == 2000
+    assert abs(got["tiny"] / 2000 - 0.6 / 0.9) < 0.03, got
+    full = Route("mix", (("tiny", 60), ("canary", 10), ("ad1", 30)))
+    assert all(full.choose(f"s{i}") == full.choose(f"s{i}", served=lambda _: True) for i in range(200))
+    assert full.choose("s1", served=lambda _: False) is None
 
 
 def test_an_adapter_a_worker_reports_under_a_base_or_route_name_is_not_listed_twice():
