@@ -39,6 +39,7 @@ class Completion:
     prefill_worker: str
     decode_worker: str
     model: str = ""  # what served it (a base model or an adapter, after any route)
+    cached: bool = False  # answered from the router's response cache
 
     def summary(self) -> str:
         workers = (f"prefill {self.prefill_worker} -> decode {self.decode_worker}" if self.prefill_worker
@@ -46,7 +47,7 @@ class Completion:
         return (f"[{self.completion_tokens} tokens, finish {self.finish_reason or '?'}, "
                 f"TTFT {self.ttft_s * 1e3:.0f} ms, total {self.total_s:.2f} s, "
                 f"prompt {self.prompt_tokens} tokens ({self.cached_prompt_tokens} cached), {workers}"
-                + (f", model {self.model}]" if self.model else "]"))
+                + (f", model {self.model}" if self.model else "") + (", from the response cache]" if self.cached else "]"))
 
 
 async def generate(address: str, prompt: str, sampling: Sampling, out: TextIO | None = None, tls=None,
@@ -87,7 +88,7 @@ async def generate(address: str, prompt: str, sampling: Sampling, out: TextIO | 
         text="".join(pieces), request_id=last.request_id, finish_reason=last.finish_reason,
         prompt_tokens=last.usage.prompt_tokens, completion_tokens=last.usage.completion_tokens,
         cached_prompt_tokens=last.usage.cached_prompt_tokens, ttft_s=total if ttft is None else ttft, total_s=total,
-        prefill_worker=last.prefill_worker, decode_worker=last.decode_worker, model=last.model,
+        prefill_worker=last.prefill_worker, decode_worker=last.decode_worker, model=last.model, cached=last.cached,
     )
 
 

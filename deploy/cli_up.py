@@ -180,7 +180,8 @@ def describe(cluster, host: str) -> list[str]:
     watches = Supervisor(cluster).watches
     for w in sorted(watches, key=lambda w: w.proc.role != "router"):
         p = w.proc
-        metrics = f"metrics http://{host}:{p.metrics_port}/metrics" if p.metrics_port > 0 else "metrics off"
+        metrics = (f"metrics http://{host}:{p.metrics_port}/metrics" if p.metrics_port > 0
+                   else "metrics on its HTTP port (/metrics)" if p.role == "gateway" else "metrics off")
         kv = f"  kv {p.kv_endpoint}" if p.kv_endpoint else ""
         lines.append(f"  {w.name:<10} {p.address:<22} {metrics}{kv}  pid {p.pid}")
     return lines

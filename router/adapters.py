@@ -96,6 +96,9 @@ class AdapterAdmin:
             holders = [w for w in self.membership.workers.values() if name in w.load.adapters]
             base = self.catalog.adapter_base(name)
             if not holders and base is None:
+                kind = "base model" if name in self.catalog.bases else "route" if name in self.catalog.routes else ""
+                if kind:
+                    raise InvalidRequestError(f"name: {name[:200]!r} is a {kind}, not an adapter")
                 raise RequestNotFoundError(f"name: no adapter {name[:200]!r} is loaded")
             base = base or next(
                 (b for b in map(self.catalog.base_of, holders) if b is not None), self.catalog.default)

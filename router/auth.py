@@ -117,6 +117,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith("/pdserve.v1.Admin/"):
             if tenant != ADMIN_TENANT:
                 self.num_refused += 1
-                return _refusal(handler, PermissionDeniedError("the Admin service needs an admin key"))
+                return _refusal(handler, PermissionDeniedError(
+                    f"the Admin service needs an admin key (an --api-keys entry whose tenant is {ADMIN_TENANT!r})"))
             return handler
         return _with_tenant(handler, tenant)

@@ -137,7 +137,7 @@ class Failover:
             known = self.membership.pool("decode", available_only=False, model=model)
             if known:  # an invalid prompt is refused as such, whether or not the pool's workers are up
                 check_model_limits(st.prompt, known[0].load)
-            raise UnavailableError(f"{e} (after {st.attempts} attempts)") from None
+            raise UnavailableError(f"{e} (after {st.attempts} attempts)" if st.attempts else str(e)) from None
         for worker in (decision.decode, decision.prefill):
             if worker is not None:
                 check_model_limits(st.prompt, worker.load)

@@ -26,6 +26,8 @@ from pdserve.router.routes import Route, parse_routes
 
 BASE, ADAPTER, ROUTE = "base", "adapter", "route"
 
+MAX_LISTED = 20  # names an error message lists before it stops
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -148,7 +150,10 @@ class ModelCatalog:
         base = self.adapter_base(name)
         if base is not None:
             return Target(name, base, name)
-        raise RequestNotFoundError(f"model: {name[:200]!r} is not served here (served: {', '.join(self.names())})")
+        served = self.names()
+        more = f", ... {len(served) - MAX_LISTED} more: Generation.Models lists them" if len(served) > MAX_LISTED else ""
+        raise RequestNotFoundError(
+            f"model: {name[:200]!r} is not served here (served: {', '.join(served[:MAX_LISTED])}{more})")
 
     def names(self) -> list[str]:
         """Every servable name: base models, adapters, routes."""

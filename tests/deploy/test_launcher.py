@@ -117,6 +117,7 @@ def _generate_json(router: str) -> dict:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["completion_tokens"] == 4 and out["finish_reason"] == "length" and out["decode_worker"], out
+    assert out["cached"] is False, out  # no --response-cache-mib: never from the cache
     return out
 
 

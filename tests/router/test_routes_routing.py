@@ -9,7 +9,7 @@ import dataclasses
 import grpc
 import pytest
 
-from pdserve.engine.errors import RequestNotFoundError
+from pdserve.engine.errors import InvalidRequestError, RequestNotFoundError
 from pdserve.engine.hashing import adapter_extra, block_hashes
 from pdserve.engine.layout import LayoutFingerprint
 from pdserve.protos import pdserve_pb2 as pb
@@ -93,6 +93,10 @@ def test_pairs_stay_within_the_request_models_pools_and_the_response_names_the_m
     assert all(d.prefill_address in ("", "p1:1") for d in m.workers["d1:1"].stub.decodes)
     with pytest.raises(RequestNotFoundError, match="model: 'gpt-4' is not served here"):
         _run(g, model="gpt-4")
+    w = m.workers["d1:1"]  # 30 adapters: the error lists 20 of the 32 names and says how many more
+    w.load = dataclasses.replace(w.load, adapters=tuple(f"ad{i:02d}" for i in range(30)))
+    with pytest.raises(RequestNotFoundError, match=r"\.\.\. 12 more: Generation.Models lists them\)"):
+        _run(g, model="gpt-4")
 
 
 def test_an_adapter_request_carries_its_adapter_and_prefers_workers_holding_it_resident():
@@ -166,6 +170,8 @@ def test_unload_hides_the_adapter_at_once_and_waits_for_its_running_requests():
     assert m.workers["d1:1"].stub.calls == [("unload", "ad1")]
     with pytest.raises(RequestNotFoundError, match="no adapter 'ghost'"):
         asyncio.run(admin.unload("ghost"))
+    with pytest.raises(InvalidRequestError, match="name: 'tiny' is a base model, not an adapter"):
+        asyncio.run(admin.unload("tiny"))
 
 
 def test_the_openai_gateway_reports_the_model_that_served():
