@@ -190,8 +190,33 @@ def _sampling(body: dict, kind: str, default_max_tokens: int | None) -> tuple[pb
     return s, logprobs
 
 
+def _not_unicode(v, path: str) -> str | None:
+    """The path of the first string in ``v`` that is not valid Unicode (JSON allows a lone ``\\ud800``
+    escape; protobuf strings must be UTF-8), or None."""
+    if isinstance(v, str):
+        try:
+            v.encode()
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for k, x in items:
+        found = _not_unicode(x, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
 def parse(body, kind: str, default_chat_max_tokens: int | None = None) -> Plan:
     """Raises GatewayError (400) naming the field."""
+    try:
+        return _parse(body, kind, default_chat_max_tokens)
+    except UnicodeEncodeError:  # a lone surrogate reached a protobuf string: a bad field, not a 500
+        param = _not_unicode(body, "") or "body"
+        raise bad_field(param, "is not valid Unicode (a lone UTF-16 surrogate)") from None
+
+
+def _parse(body, kind: str, default_chat_max_tokens: int | None) -> Plan:
     if not isinstance(body, dict):
         raise bad_field("body", "expected a JSON object")
     for name, is_default in _UNSUPPORTED.items():

@@ -69,6 +69,14 @@ BAD = {
     "role type": ({"messages": [{"role": 1, "content": "x"}]}, "messages[0]"),
     "top_logprobs alone": ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     "tools": ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    # JSON may carry a lone surrogate ("\\ud800"); it cannot become a protobuf string (it was a 500)
+    "lone surrogate prompt": ({"prompt": "a\ud800"}, "prompt"),
+    "lone surrogate in a prompt list": ({"prompt": ["a", "\udc00"]}, "prompt[1]"),
+    "lone surrogate stop": ({"prompt": "a", "stop": ["x", "\ud83d"]}, "stop[1]"),
+    "lone surrogate user": ({"prompt": "a", "user": "\ud800"}, "user"),
+    "lone surrogate content": ({"messages": [{"role": "user", "content": "\ud83d"}]}, "messages[0].content"),
+    "lone surrogate part": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+                            "messages[0].content[0].text"),
 }
 
 
