@@ -16,13 +16,16 @@ def _top(lp: pb.TokenLogprob, k: int) -> list[tuple[str, float]]:
 
 
 def completion_logprobs(lps, k: int, offset: int) -> tuple[dict, int]:
-    """OpenAI's legacy logprobs object for these tokens; ``offset`` is where they start in the choice's text."""
+    """OpenAI's legacy logprobs object for these tokens; ``offset`` is where they start in the choice's text.
+    Each ``top_logprobs`` entry always holds the sampled token, so it has up to ``k + 1`` entries (OpenAI, vLLM)."""
     tokens, values, tops, offsets = [], [], [], []
     for lp in lps:
         text = lp.token_text.get(lp.token_id, "")
         tokens.append(text)
         values.append(lp.logprob)
-        tops.append(dict(_top(lp, k)) if k else {text: lp.logprob})
+        top = dict(_top(lp, k)) if k else {}
+        top.setdefault(text, lp.logprob)  # a sampled token outside the top k (temperature > 0) is still listed
+        tops.append(top)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset

@@ -10,7 +10,7 @@ import pytest
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.gateway.errors import GatewayError, from_rpc_error
 from pdserve.router.gateway.openai_request import MAX_CHOICES, parse
-from pdserve.router.gateway.openai_response import StreamChunks, full_response
+from pdserve.router.gateway.openai_response import StreamChunks, completion_logprobs, full_response
 
 
 def test_a_completion_body_becomes_one_request_per_choice():
@@ -189,3 +189,15 @@ def test_a_cache_hit_is_noted_on_its_choice_streamed_or_not():
     chunks = StreamChunks(plan, 0)
     assert "pdserve_cache" not in chunks.chunk(0, hit[0])["choices"][0]
     assert chunks.chunk(0, hit[1])["choices"][0]["pdserve_cache"] == {"similarity": 0.97}
+
+
+def test_completion_top_logprobs_always_hold_the_sampled_token():
+    """OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements"; a token sampled outside the top k was missing from its own top_logprobs."""
+    texts = {1: " a", 2: " b", 3: " c", 9: " z"}
+    sampled_outside = pb.TokenLogprob(token_id=9, logprob=-7.0, top={1: -0.5, 2: -1.0, 3: -2.0}, token_text=texts)
+    greedy = pb.TokenLogprob(token_id=1, logprob=-0.5, top={1: -0.5, 2: -1.0, 3: -2.0}, token_text=texts)
+    out, end = completion_logprobs([sampled_outside, greedy], 2, 0)
+    assert out["tokens"] == [" z", " a"] and out["text_offset"] == [0, 2] and end == 4
+    assert out["top_logprobs"] == [{" a": -0.5, " b": -1.0, " z": -7.0}, {" a": -0.5, " b": -1.0}]
+    assert completion_logprobs([sampled_outside], 0, 0)[0]["top_logprobs"] == [{" z": -7.0}]
