@@ -134,6 +134,7 @@ class Gateway:
         self.default_chat_max_tokens = default_chat_max_tokens
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
+        self.default_model = ""  # the router's default model (its first), learnt on the first stream without one
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body_bytes)
@@ -210,8 +211,8 @@ class Gateway:
 
     async def _stream(self, request: web.Request, plan: Plan, md) -> web.StreamResponse:
         t0 = time.perf_counter()
+        chunks = StreamChunks(plan, int(time.time()), plan.model or await self._default_model(md))
         merge = Merge([self.stub.Generate(r, metadata=md, timeout=self.timeout_s) for r in plan.requests])
-        chunks = StreamChunks(plan, int(time.time()))
         resp = web.StreamResponse(headers=SSE_HEADERS)
         try:
             try:
@@ -237,6 +238,17 @@ class Gateway:
         finally:
             merge.close()
         return resp
+
+    async def _default_model(self, md) -> str:
+        """The name an empty ``model`` means, for the stream's chunks (only the router's last message names
+        the model; every chunk's ``model`` was "" until then). "" if the router cannot say."""
+        if not self.default_model:
+            try:
+                resp = await self.stub.Models(pb.ModelsRequest(), metadata=md, timeout=10)
+            except grpc.aio.AioRpcError:
+                return ""
+            self.default_model = resp.models[0].id if resp.models else ""
+        return self.default_model
 
     async def models(self, request: web.Request) -> web.Response:
         try:

@@ -89,9 +89,10 @@ def _cache_note(choice: dict, resp: pb.GenerateResponse) -> None:
 class StreamChunks:
     """Builds the stream's chunks: one per router response, then (include_usage) the usage chunk."""
 
-    def __init__(self, plan: Plan, created: int):
+    def __init__(self, plan: Plan, created: int, model: str | None = None):
         self.plan = plan
-        self.head = {"id": plan.id, "object": _object(plan, True), "created": created, "model": plan.model}
+        self.head = {"id": plan.id, "object": _object(plan, True), "created": created,
+                     "model": model or plan.model}
         self.started: set[int] = set()
         self.offsets: dict[int, int] = {}
         self.finals: dict[int, pb.Usage] = {}

@@ -243,3 +243,15 @@ def test_grpc_chat_messages_and_bad_role(cluster):
         assert err.value.code() == code and words in err.value.details()
     models = grpc_call(cluster.router_address, "Models", pb.ModelsRequest()).models
     assert [(m.id, m.chat, m.max_model_len) for m in models] == [(cluster.model, True, 2048)]
+
+
+def test_every_chunk_of_a_stream_without_a_model_names_the_served_model(cluster, model):
+    """``model`` left out: every chunk names the default model, as the unstreamed answer does (the chunks said
+    "model": "" until the last one)."""
+    for path, body in [("/completions", {"prompt": "Hello"}),
+                       ("/chat/completions", {"messages": CHAT})]:
+        req = urllib.request.Request(cluster.gateway_url + path, headers={"Content-Type": "application/json"},
+                                     data=json.dumps({**body, "max_tokens": 4, "stream": True}).encode())
+        with urllib.request.urlopen(req, timeout=60) as r:
+            events = [line[6:] for line in r.read().decode().split("\n\n") if line.startswith("data: {")]
+        assert len(events) >= 2 and all(json.loads(e)["model"] == model for e in events), events
