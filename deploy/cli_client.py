@@ -50,6 +50,23 @@ class Completion:
                 + (f", model {self.model}" if self.model else "") + (", from the response cache]" if self.cached else "]"))
 
 
+_INT_FLAGS = (("--max-tokens", "max_tokens", 31), ("--top-k", "top_k", 31), ("--seed", "seed", 63))
+
+
+def check_request(prompt: str, sampling: Sampling) -> None:
+    """ValueError naming the flag for what protobuf would refuse with a bare "Value out of range" or a
+    UnicodeEncodeError: an integer past its field's width, text that is not UTF-8 (argv bytes)."""
+    for flag, name, bits in _INT_FLAGS:
+        v = getattr(sampling, name)
+        if v is not None and not -(1 << bits) <= v < (1 << bits):
+            raise ValueError(f"{flag}: {v} is out of range ({bits + 1}-bit integer)")
+    for flag, text in [("prompt", prompt), *(("--stop", t) for t in sampling.stop)]:
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{flag}: {text!r} is not valid UTF-8") from None
+
+
 async def generate(address: str, prompt: str, sampling: Sampling, out: TextIO | None = None, tls=None,
                    api_key: str = "", timeout_s: float = 120.0, model: str = "", session_id: str = "") -> Completion:
     """Send one request; write each text piece to ``out`` as it arrives (None: stay quiet)."""
@@ -57,6 +74,7 @@ async def generate(address: str, prompt: str, sampling: Sampling, out: TextIO | 
     from pdserve.protos import pdserve_pb2_grpc as pb_grpc
     from pdserve.serving.rpc import channel
 
+    check_request(prompt, sampling)
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
     params = pb.SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                stop=list(sampling.stop))
@@ -108,9 +126,13 @@ def run_and_print(address: str, prompt: str, sampling: Sampling, as_json: bool, 
             print(json.dumps({"error": e.code().name, "details": e.details()}), file=out)
         print(f"{prog}: {e.code().name} from {address}: {e.details()}", file=sys.stderr)
         return 1
-    except ConnectionError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 1
+    except (ConnectionError, ValueError) as e:  # --json: still one JSON object
+        code, rc, line = ("UNAVAILABLE", 1, f"{prog}: {e}") if isinstance(e, ConnectionError) else \
+            ("INVALID_ARGUMENT", 2, f"{prog}: error: {e}")
+        if as_json:
+            print(json.dumps({"error": code, "details": str(e)}), file=out)
+        print(line, file=sys.stderr)
+        return rc
     if as_json:
         print(json.dumps(asdict(done)), file=out, flush=True)
     else:

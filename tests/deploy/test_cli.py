@@ -142,6 +142,20 @@ def test_generate_json_on_rpc_error_parses(capsys):
     assert json.loads(out)["error"] == "UNAVAILABLE"
 
 
+@pytest.mark.parametrize("args, flag", [
+    (["hi", "--seed", str(1 << 64)], "--seed"), (["hi", "--max-tokens", str(1 << 40)], "--max-tokens"),
+    (["hi", "--top-k", str(-(1 << 40))], "--top-k"), (["\udcff\udcfe"], "prompt"),  # argv bytes ff fe
+    (["hi", "--stop", "\udcff"], "--stop"),
+])
+def test_generate_json_on_a_bad_flag_is_one_json_object_naming_it(capsys, args, flag):
+    """Values protobuf refuses were a plain "Value out of range" / UnicodeEncodeError line even with --json."""
+    assert main(["generate", *args, "--router", "127.0.0.1:1", "--json"]) == 2
+    captured = capsys.readouterr()
+    err = json.loads(captured.out.strip())
+    assert err["error"] == "INVALID_ARGUMENT" and err["details"].startswith(flag + ":")
+    assert captured.err.startswith(f"pdserve generate: error: {flag}:")
+
+
 def test_client_and_parser_import_no_torch():
     code = ("import sys; from pdserve.cli import build_parser; build_parser(); "
             "from pdserve.deploy import cli_client, cli_up, cli_checks, supervisor, local; "
