@@ -82,6 +82,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     cli_classes.add_worker_args(p)
     cli_models.add_worker_args(p)
     _ops_args(p)
+    _drain_arg(p, 30.0, "in-flight requests")
 
 
 def _configs(a: argparse.Namespace):
@@ -143,7 +144,7 @@ def cmd_worker(a: argparse.Namespace) -> int:
         from pdserve.decode.server import serve
     _run(serve(engine, transfer, f"{a.host}:{a.port}", routers=tuple(a.router), step_delay_s=a.debug_step_delay_ms / 1000,
                  metrics_port=a.metrics_port, tls=_tls(a), advertise_host=a.advertise_host, cluster_secret=secret,
-                 served_model=served))
+                 served_model=served, grace_s=a.drain_timeout_s))
     return 0
 
 
@@ -181,6 +182,7 @@ def cmd_router(a: argparse.Namespace) -> int:
         api_keys=load_api_keys(a.api_keys) if a.api_keys else {},
         dns=dns,
         cluster_secret=secret,
+        drain_timeout_s=a.drain_timeout_s,
         **cli_classes.router_kwargs(a),
     )
     _run(serve(cfg))
@@ -245,6 +247,12 @@ def _ops_args(p: argparse.ArgumentParser) -> None:
     _tls_args(p)
 
 
+def _drain_arg(p: argparse.ArgumentParser, default: float, what: str) -> None:
+    p.add_argument("--drain-timeout-s", type=checks.non_negative_seconds, default=default,
+                   help=f"after SIGTERM, seconds to let {what} finish before stopping (fit it in the pod's "
+                   "terminationGracePeriodSeconds minus its preStop sleep)")
+
+
 def _router_policy_args(p: argparse.ArgumentParser) -> None:
     from pdserve.router.policy import POLICIES
 
@@ -289,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _router_policy_args(r)
     cli_classes.add_router_args(r)
     _ops_args(r)
+    _drain_arg(r, 5.0, "in-flight streams")
     r.add_argument("--host", default="127.0.0.1", help="address to bind")
     r.add_argument("--port", type=checks.port, default=0, help="gRPC port (0: any free port)")
     r.set_defaults(fn=cmd_router)

@@ -81,6 +81,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
 def check_port_free(flag: str, host: str, number: int) -> None:
     """Bind ``host:number`` and let go, so a busy port fails before anything starts. 0 and -1 pick a free port.
 

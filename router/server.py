@@ -61,6 +61,7 @@ class RouterConfig:
     # ``model`` is then the default's path (its tokenizer also serves the response cache and the batch service)
     models: tuple[tuple[str, str], ...] = ()
     routes: tuple[str, ...] = ()  # traffic splits, "NAME=MODEL:WEIGHT,..." (router.routes)
+    drain_timeout_s: float = 5.0  # after SIGTERM: how long in-flight streams may go on (new calls are refused)
 
     def __post_init__(self) -> None:
         if self.local_prefill_tokens < 0:
@@ -69,6 +70,8 @@ class RouterConfig:
             raise ValueError("shed_ttft_s / saturation_s: must be >= 0")
         if self.max_retries < 0:
             raise ValueError("max_retries: must be >= 0")
+        if not 0 <= self.drain_timeout_s < float("inf"):
+            raise ValueError("drain_timeout_s: must be a finite number >= 0")
 
 
 def load_worker_config(path: str | None, prefill: list[str], decode: list[str]) -> tuple[list[str], list[str]]:
@@ -181,7 +184,7 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     install_sigterm(stop)
     await stop.wait()
     await set_serving(health, SERVICES, False)
-    await server.stop(5.0)
+    await server.stop(cfg.drain_timeout_s)
     await batch.close()  # unfinished batch requests stay pending in the database: the next start resumes them
     admin.adapters.close()
     feeds.close()
