@@ -39,7 +39,8 @@ class SamplingParams:
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs: must be an integer in [0, 20], got {self.logprobs!r}")
-        object.__setattr__(self, "stop", tuple(self.stop))
+        # one string is one stop string (as in vLLM), not one per character
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         for s in self.stop:
             if not isinstance(s, str) or not s:

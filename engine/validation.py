@@ -20,6 +20,8 @@ class RequestValidator:
             if not prompt:
                 raise InvalidRequestError("prompt: must not be empty")
             return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if not isinstance(prompt, list | tuple):
+            raise InvalidRequestError(f"prompt: expected a string or a list of token ids, got {prompt!r:.80}")
         return list(prompt)
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:

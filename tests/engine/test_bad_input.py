@@ -99,6 +99,7 @@ def test_edge_sampling_params_are_accepted():
     SamplingParams(top_p=1.0, temperature=0, top_k=-1, logprobs=0, max_tokens=1)
     SamplingParams(top_p=1e-9, top_k=0, logprobs=20, stop=["a"], stop_token_ids=[0])
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(stop="LORD").stop == ("LORD",)  # one stop string, as vLLM takes it (was 4 characters)
 
 
 @pytest.mark.parametrize(
@@ -192,6 +193,14 @@ def test_bad_reservations_and_prefilled_requests(tiny_llm, reference):
     eng.check_integrity()
     assert eng.cancel_reservation("r") and not eng.cancel_reservation("r")
     assert not eng.release("nobody") and not eng.abort("nobody")
+    serves(tiny_llm, reference)
+
+
+@pytest.mark.parametrize("prompts", [[1.5], ["a", None], [[5, 6], 7], [{"x": 1}]])
+def test_a_prompt_of_the_wrong_type_is_a_value_error(tiny_llm, reference, prompts):
+    """It was a TypeError from deep inside ("'float' object is not iterable")."""
+    with pytest.raises(ValueError, match="prompt: expected a string or a list of token ids"):
+        tiny_llm.generate(prompts, GOOD)
     serves(tiny_llm, reference)
 
 
