@@ -43,6 +43,11 @@ def config_from(a: argparse.Namespace, tls):
                             default_chat_max_tokens=a.default_max_tokens, https_cert=a.https_cert,
                             https_key=a.https_key)
         cfg.ssl_context()  # a certificate that does not load is a usage error, before anything starts
-    except ValueError as e:
-        raise checks.UsageError(f"--https-cert/--https-key: {str(e).split(': ', 1)[1]}") from None
+    except ValueError as e:  # "field: why" -> "--flag: why" (every error was blamed on --https-cert/--https-key)
+        field, _, why = str(e).partition(": ")
+        flag = "/".join(_FLAGS.get(f, "--" + f.replace("_", "-")) for f in field.split("/"))
+        raise checks.UsageError(f"{flag}: {why}") from None
     return cfg
+
+
+_FLAGS = {"timeout_s": "--timeout"}  # GatewayConfig fields whose flag is not "--" + the field's name

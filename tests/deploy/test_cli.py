@@ -50,6 +50,8 @@ BAD = [
     (["generate"], "prompt"),
     (["gateway", "--port", "70000"], "--port"),
     (["gateway", "--router", "127.0.0.1:1", "--timeout", "0"], "--timeout"),
+    (["gateway", "--router", "", "--port", "0"], "--router:"),  # was blamed on --https-cert/--https-key
+    (["gateway", "--port", "0", "--https-cert", "c.pem"], "--https-cert/--https-key: give both"),
     (["up", "--http-port", "-1"], "--http-port"),
 ]
 
