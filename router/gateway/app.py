@@ -31,7 +31,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.gateway import metrics
 from pdserve.router.gateway.errors import GatewayError, from_rpc_error
-from pdserve.router.gateway.openai_request import Plan, parse
+from pdserve.router.gateway.openai_request import Plan, load_body, parse
 from pdserve.router.gateway.openai_response import StreamChunks, full_response
 
 logger = logging.getLogger(__name__)
@@ -176,12 +176,7 @@ class Gateway:
             metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
 
     async def _plan(self, request: web.Request, kind: str) -> Plan:
-        raw = await request.read()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise GatewayError(400, f"body: not valid JSON: {e}", param="body", code="invalid_json") from None
-        return parse(body, kind, self.default_chat_max_tokens)
+        return parse(load_body(await request.read()), kind, self.default_chat_max_tokens)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, await self._plan(request, "completion"))

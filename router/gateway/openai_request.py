@@ -15,12 +15,13 @@ model name) are forwarded and refused there, so both APIs refuse the same things
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from dataclasses import dataclass
 
 from pdserve.protos import pdserve_pb2 as pb
-from pdserve.router.gateway.errors import bad_field
+from pdserve.router.gateway.errors import GatewayError, bad_field
 
 MAX_N = 64
 MAX_CHOICES = 256  # prompts x n
@@ -190,6 +191,17 @@ def _sampling(body: dict, kind: str, default_max_tokens: int | None) -> tuple[pb
     return s, logprobs
 
 
+def load_body(raw: bytes):
+    """The request's JSON, or a 400 (``invalid_json``): not JSON, not UTF-8, or nested past the parser's depth
+    (``[[[[...`` raised RecursionError, a 500)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise GatewayError(400, f"body: not valid JSON: {e}", param="body", code="invalid_json") from None
+    except RecursionError:
+        raise GatewayError(400, "body: not valid JSON: nested too deeply", param="body", code="invalid_json") from None
+
+
 def _not_unicode(v, path: str) -> str | None:
     """The path of the first string in ``v`` that is not valid Unicode (JSON allows a lone ``\\ud800``
     escape; protobuf strings must be UTF-8), or None."""
@@ -212,7 +224,10 @@ def parse(body, kind: str, default_chat_max_tokens: int | None = None) -> Plan:
     try:
         return _parse(body, kind, default_chat_max_tokens)
     except UnicodeEncodeError:  # a lone surrogate reached a protobuf string: a bad field, not a 500
-        param = _not_unicode(body, "") or "body"
+        try:
+            param = _not_unicode(body, "") or "body"
+        except RecursionError:
+            param = "body"
         raise bad_field(param, "is not valid Unicode (a lone UTF-16 surrogate)") from None
 
 

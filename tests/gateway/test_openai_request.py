@@ -9,7 +9,7 @@ import pytest
 
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.gateway.errors import GatewayError, from_rpc_error
-from pdserve.router.gateway.openai_request import MAX_CHOICES, parse
+from pdserve.router.gateway.openai_request import MAX_CHOICES, load_body, parse
 from pdserve.router.gateway.openai_response import StreamChunks, completion_logprobs, full_response
 
 
@@ -201,3 +201,13 @@ def test_completion_top_logprobs_always_hold_the_sampled_token():
     assert out["tokens"] == [" z", " a"] and out["text_offset"] == [0, 2] and end == 4
     assert out["top_logprobs"] == [{" a": -0.5, " b": -1.0, " z": -7.0}, {" a": -0.5, " b": -1.0}]
     assert completion_logprobs([sampled_outside], 0, 0)[0]["top_logprobs"] == [{" z": -7.0}]
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"prompt": "x",',
+                                 b"\xff\xfe", b""])
+def test_a_body_that_is_not_json_is_a_400(raw):
+    """A body nested deeper than the JSON parser goes raised RecursionError: a 500."""
+    with pytest.raises(GatewayError) as err:
+        load_body(raw)
+    assert err.value.status == 400 and err.value.param == "body" and err.value.code == "invalid_json"
+    assert load_body(b'{"prompt": [[1]]}') == {"prompt": [[1]]}
