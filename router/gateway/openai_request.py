@@ -262,7 +262,7 @@ def _parse(body, kind: str, default_chat_max_tokens: int | None) -> Plan:
     sampling, logprobs = _sampling(body, kind, default_chat_max_tokens if kind == "chat" else None)
     inputs: list = [messages_of(body)] if kind == "chat" else prompts_of(body)
     if len(inputs) * n > MAX_CHOICES:
-        raise bad_field("n", f"prompts x n is at most {MAX_CHOICES}, got {len(inputs) * n}")
+        raise bad_field("n" if n > 1 else "prompt", f"prompts x n is at most {MAX_CHOICES}, got {len(inputs) * n}")
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     requests = []
     for i, source in enumerate(inputs):

@@ -56,6 +56,7 @@ BAD = {
     "temperature string": ({"prompt": "a", "temperature": "hot"}, "temperature"),
     "n": ({"prompt": "a", "n": 0}, "n"),
     "too many choices": ({"prompt": ["a"] * 5, "n": 64}, "n"),
+    "too many prompts": ({"prompt": ["a"] * 257}, "prompt"),  # n was not set, yet it was blamed
     "stop": ({"prompt": "a", "stop": [1]}, "stop"),
     "stream_options without stream": ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
     "echo": ({"prompt": "a", "echo": True}, "echo"),
