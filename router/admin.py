@@ -102,7 +102,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         if request.role not in ROLES:
             await abort_with(context, InvalidRequestError(f"role: must be one of {ROLES}"))
         if request.leaving:
-            await self.membership.remove(request.address)
+            await self.membership.leave(request.address)
             return pb.RegisterResponse(accepted=True)
         try:
             worker = self.membership.register(request.address, request.role, request.ttl_s or 5.0)

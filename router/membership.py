@@ -38,6 +38,7 @@ class Worker:
     last_seen: float = 0.0
     open_until: float = 0.0  # circuit breaker: no traffic before this time
     registered_ttl_s: float = 0.0  # > 0: dynamic member, dropped when heartbeats stop
+    static: bool = False  # from --prefill/--decode/--config: listed for good, whether or not it also registers
     heartbeat: float = 0.0
     in_flight_at_poll: int = 0  # ``in_flight`` when ``load`` was polled (fresh load: see ``num_seqs``)
 
@@ -76,14 +77,17 @@ class Membership:
         self._task: asyncio.Task | None = None
         self._closing: dict[asyncio.Task, grpc.aio.Channel] = {}  # removed workers' channels, closing with grace
 
-    def add(self, address: str, role: str) -> Worker:
+    def add(self, address: str, role: str, static: bool = False) -> Worker:
         if role not in ROLES:
             raise ValueError(f"role: must be one of {ROLES}, got {role!r}")
         if address in self.workers:
-            return self.workers[address]
+            worker = self.workers[address]
+            if static:
+                worker.static, worker.registered_ttl_s = True, 0.0
+            return worker
         ch = channel(address, self.tls)
         stub = pb_grpc.PrefillStub(ch) if role == "prefill" else pb_grpc.DecodeStub(ch)
-        worker = Worker(address, role, ch, stub)
+        worker = Worker(address, role, ch, stub, static=static)
         self.workers[address] = worker
         logger.info("added %s worker %s", role, address)
         if self.on_change:
@@ -98,9 +102,20 @@ class Membership:
         if existing is not None and existing.role != role:
             raise ValueError(f"role: {address} is registered as {existing.role}, not {role}")
         worker = existing or self.add(address, role)
-        worker.registered_ttl_s = max(ttl_s, self.poll_interval_s * 2)
+        if not worker.static:  # a static member is polled for good: its heartbeats never make it expire
+            worker.registered_ttl_s = max(ttl_s, self.poll_interval_s * 2)
         worker.heartbeat = time.monotonic()
         return worker
+
+    async def leave(self, address: str) -> None:
+        """A worker's goodbye (it is stopping): a registered member is removed at once; a static one stays listed,
+        out of traffic until a poll finds it serving again (a restart on the same address)."""
+        worker = self.workers.get(address)
+        if worker is None or not worker.static:
+            await self.remove(address)
+            return
+        worker.healthy = False
+        logger.info("static %s worker %s is stopping; polling it until it is back", worker.role, address)
 
     async def remove(self, address: str) -> None:
         worker = self.workers.pop(address, None)

@@ -138,9 +138,9 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     membership = Membership(poll_interval_s=cfg.poll_interval_s, on_change=feeds.on_change, tls=cfg.tls,
                             dns=list(cfg.dns), credential=credential)
     for a in cfg.prefill:
-        membership.add(a, "prefill")
+        membership.add(a, "prefill", static=True)
     for a in cfg.decode:
-        membership.add(a, "decode")
+        membership.add(a, "decode", static=True)
     await membership.discover()
     await membership.poll_once()
     membership.start()
