@@ -59,6 +59,9 @@ class LLM:
         per = params if isinstance(params, list) else [params] * len(prompts)
         if len(per) != len(prompts):
             raise ValueError("sampling_params: list length must match prompts")
+        if priorities is not None and (not isinstance(priorities, list) or len(priorities) != len(prompts) or not all(
+                isinstance(p, int) and not isinstance(p, bool) for p in priorities)):
+            raise ValueError("priorities: expected one integer per prompt")
         loras = lora_name if isinstance(lora_name, list) else [lora_name] * len(prompts)
         if len(loras) != len(prompts):
             raise ValueError("lora_name: list length must match prompts")

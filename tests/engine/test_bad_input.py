@@ -204,6 +204,14 @@ def test_a_prompt_of_the_wrong_type_is_a_value_error(tiny_llm, reference, prompt
     serves(tiny_llm, reference)
 
 
+@pytest.mark.parametrize("priorities", [[1], [1, 2, 3], ["x", 1], [1.5, 2]])
+def test_priorities_must_be_one_integer_per_prompt(tiny_llm, reference, priorities):
+    """A short list was an IndexError, a long one was ignored, a string a TypeError from the scheduler."""
+    with pytest.raises(ValueError, match="priorities"):
+        tiny_llm.generate([GOOD_PROMPT, GOOD_PROMPT], GOOD, priorities=priorities)
+    serves(tiny_llm, reference)
+
+
 def test_mismatched_sampling_params_list(tiny_llm, reference):
     with pytest.raises(ValueError, match="sampling_params"):
         tiny_llm.generate([GOOD_PROMPT, GOOD_PROMPT], [GOOD])
