@@ -53,6 +53,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched together; outputs keep the input order. ``lora_name``: one
         adapter for every prompt, or one per prompt (None: the base model)."""
+        if not isinstance(prompts, str | list | tuple):
+            raise ValueError(f"prompts: expected a string, token ids or a list of them, got {prompts!r:.80}")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()

@@ -88,6 +88,8 @@ def test_a_bad_prompt_in_a_batch_aborts_the_good_ones_added_before_it(tiny_llm, 
         (dict(stop_token_ids=(-1,)), "stop_token_ids"),
         (dict(logprobs=21), "logprobs"),
         (dict(logprobs=-1), "logprobs"),
+        (dict(max_tokens=True), "max_tokens"),  # bool is an int: True was max_tokens=1
+        (dict(ignore_eos="no"), "ignore_eos"),  # a truthy string ignored EOS
     ],
 )
 def test_bad_sampling_params(kwargs, match):
@@ -196,10 +198,10 @@ def test_bad_reservations_and_prefilled_requests(tiny_llm, reference):
     serves(tiny_llm, reference)
 
 
-@pytest.mark.parametrize("prompts", [[1.5], ["a", None], [[5, 6], 7], [{"x": 1}]])
+@pytest.mark.parametrize("prompts", [[1.5], ["a", None], [[5, 6], 7], [{"x": 1}], None, 7])
 def test_a_prompt_of_the_wrong_type_is_a_value_error(tiny_llm, reference, prompts):
     """It was a TypeError from deep inside ("'float' object is not iterable")."""
-    with pytest.raises(ValueError, match="prompt: expected a string or a list of token ids"):
+    with pytest.raises(ValueError, match="prompts?: expected a string"):
         tiny_llm.generate(prompts, GOOD)
     serves(tiny_llm, reference)
 
