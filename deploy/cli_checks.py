@@ -129,9 +129,11 @@ def check_cluster_secret(role: str, host: str, secret: str | None) -> bool:
     if secret:
         return True
     if not is_loopback(host):
-        raise UsageError(f"--host {host}: PDSERVE_CLUSTER_SECRET is not set, so this {role} would serve its internal "
-                         "RPCs and KV port to anyone who can reach it; set it to the same random value in every "
-                         "process of the cluster (e.g. openssl rand -hex 32), or bind 127.0.0.1")
+        exposed = ("take worker registrations (Admin.Register) from anyone who can reach it" if role == "router"
+                   else "serve its internal RPCs and KV port to anyone who can reach it")
+        raise UsageError(f"--host {host}: PDSERVE_CLUSTER_SECRET is not set, so this {role} would {exposed}; set it "
+                         "to the same random value in every process of the cluster (e.g. openssl rand -hex 32), or "
+                         "bind 127.0.0.1")
     return False
 
 
