@@ -1,7 +1,7 @@
 """The gateway's aiohttp application: OpenAI endpoints over the router's public gRPC API.
 
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: one router call per choice (``Complete``, or
-  ``Generate`` when streaming). ``Authorization: Bearer KEY`` is forwarded as gRPC metadata, so the router's
+  ``Generate`` when streaming), at most ``MAX_CALLS_IN_FLIGHT`` of a request at once. ``Authorization: Bearer KEY`` is forwarded as gRPC metadata, so the router's
   API keys apply unchanged.
 - Streaming is Server-Sent Events: a ``data: {chunk}`` per router response, the usage chunk when
   ``stream_options.include_usage``, then ``data: [DONE]``. The first router response (or error) is awaited
@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _FORWARDED = ("authorization", "x-api-key")
+# router calls one HTTP request runs at once (n x prompts choices): more at once would only meet the router's
+# per-worker admission bound (429 for a lone request on an idle cluster); the rest start as these end
+MAX_CALLS_IN_FLIGHT = 32
 
 
 def _dumps(obj) -> str:
@@ -67,25 +71,31 @@ def auth_metadata(request: web.Request) -> tuple[tuple[str, str], ...] | None:
 
 class Merge:
     """Responses of several streaming calls as ``(choice index, response)``, in arrival order; raises the
-    first call's AioRpcError. ``close`` cancels every call (and the tasks reading them)."""
+    first call's AioRpcError. At most ``MAX_CALLS_IN_FLIGHT`` calls run at once (the next starts as one ends).
+    ``close`` cancels every call (and the tasks reading them)."""
 
-    def __init__(self, calls: list):
-        self.calls = calls
+    def __init__(self, starts: list):
+        self.calls: list = []
         self.tasks: list[asyncio.Task] = []
-        self.live = len(calls)
-        if len(calls) > 1:
+        self.live = len(starts)
+        if len(starts) > 1:
             self.queue: asyncio.Queue = asyncio.Queue()
-            self.tasks = [asyncio.ensure_future(self._pump(i, c)) for i, c in enumerate(calls)]
+            slots = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+            self.tasks = [asyncio.ensure_future(self._pump(i, start, slots)) for i, start in enumerate(starts)]
         else:
-            self.reader = calls[0].__aiter__()
+            self.calls = [starts[0]()]
+            self.reader = self.calls[0].__aiter__()
 
-    async def _pump(self, index: int, call) -> None:
-        try:
-            async for resp in call:
-                self.queue.put_nowait((index, resp, None))
-        except grpc.aio.AioRpcError as e:
-            self.queue.put_nowait((index, None, e))
-            return
+    async def _pump(self, index: int, start, slots: asyncio.Semaphore) -> None:
+        async with slots:
+            call = start()
+            self.calls.append(call)
+            try:
+                async for resp in call:
+                    self.queue.put_nowait((index, resp, None))
+            except grpc.aio.AioRpcError as e:
+                self.queue.put_nowait((index, None, e))
+                return
         self.queue.put_nowait((index, None, None))
 
     async def next(self) -> tuple[int, pb.GenerateResponse] | None:
@@ -112,11 +122,18 @@ class Merge:
             c.cancel()
 
 
-async def _all(coros: list) -> list:
-    """Await every call; on the first failure cancel the rest (and on our own cancellation, all)."""
-    if len(coros) == 1:
-        return [await coros[0]]
-    tasks = [asyncio.ensure_future(c) for c in coros]
+async def _all(starts: list) -> list:
+    """Run every call (at most ``MAX_CALLS_IN_FLIGHT`` at once) and return their results in order; on the first
+    failure cancel the rest (and on our own cancellation, all)."""
+    if len(starts) == 1:
+        return [await starts[0]()]
+    slots = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+
+    async def one(start):
+        async with slots:
+            return await start()
+
+    tasks = [asyncio.ensure_future(one(start)) for start in starts]
     try:
         return await asyncio.gather(*tasks)
     finally:
@@ -194,7 +211,7 @@ class Gateway:
             if plan.stream:
                 return await self._stream(request, plan, md)
             try:
-                results = await _all([self.stub.Complete(r, metadata=md, timeout=self.timeout_s)
+                results = await _all([functools.partial(self.stub.Complete, r, metadata=md, timeout=self.timeout_s)
                                       for r in plan.requests])
             except grpc.aio.AioRpcError as e:
                 span.set_attribute("error", e.code().name)
@@ -207,7 +224,8 @@ class Gateway:
     async def _stream(self, request: web.Request, plan: Plan, md) -> web.StreamResponse:
         t0 = time.perf_counter()
         chunks = StreamChunks(plan, int(time.time()), plan.model or await self._default_model(md))
-        merge = Merge([self.stub.Generate(r, metadata=md, timeout=self.timeout_s) for r in plan.requests])
+        merge = Merge([functools.partial(self.stub.Generate, r, metadata=md, timeout=self.timeout_s)
+                       for r in plan.requests])
         resp = web.StreamResponse(headers=SSE_HEADERS)
         try:
             try:

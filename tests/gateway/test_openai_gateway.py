@@ -60,6 +60,19 @@ def test_prompt_forms_and_n(client, model):
                                                                          n=2, seed=7).choices]
 
 
+def test_a_request_with_more_choices_than_the_router_admits_at_once_is_served_whole(client, model):
+    """192 choices (3 prompts x n=64) on an idle 1+1 cluster: the gateway runs 32 router calls at a time, so the
+    router's per-worker admission bound (128) never refuses a lone request (it was a 429 that no retry could
+    pass), streamed or not."""
+    prompts = ["And"] * 3
+    out = client.completions.create(model=model, prompt=prompts, n=64, max_tokens=2, extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == list(range(192)) and out.usage.completion_tokens == 2 * 192
+    chunks = list(client.completions.create(model=model, prompt=prompts, n=64, max_tokens=2, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert sorted({c.choices[0].index for c in chunks if c.choices}) == list(range(192))
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 192
+
+
 def test_chat_and_token_parity_with_grpc(cluster, client, model):
     out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, temperature=0,
                                          extra_body={"return_token_ids": True})
