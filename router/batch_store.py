@@ -69,12 +69,18 @@ class BatchStore:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
+        """Open (or create) the database; ValueError, one line, when the path is not a writable place."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            raise ValueError(f"--batch-db: cannot open the batch-job database {str(self.path)!r} ({reason}); give "
+                             f"--batch-db (or PDSERVE_CACHE_DIR) a writable place") from None
         self.conn = conn
 
     def close(self) -> None:
