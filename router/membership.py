@@ -75,6 +75,7 @@ class Membership:
         self.on_change = on_change  # called with (worker, added: bool)
         self.model_of = lambda w: w.load.served_model  # the base model a worker is pooled under (router.models)
         self._task: asyncio.Task | None = None
+        self._polls: dict[str, asyncio.Task] = {}  # address -> its outstanding or last poll (_run)
         self._closing: dict[asyncio.Task, grpc.aio.Channel] = {}  # removed workers' channels, closing with grace
 
     def add(self, address: str, role: str, static: bool = False) -> Worker:
@@ -220,10 +221,21 @@ class Membership:
             await self.remove(addr)
 
     async def _run(self) -> None:
+        """Every ``poll_interval_s``: discover, expire, and poll each worker that has no poll outstanding. A poll
+        is waited for at most one interval, so a hung worker (its GetLoad runs to its timeout) does not hold up
+        the others' load figures or their health; its poll goes on alone."""
         while True:
             await self.discover()
             await self.expire()
-            await self.poll_once()
+            for address, worker in list(self.workers.items()):
+                task = self._polls.get(address)
+                if task is None or task.done():
+                    self._polls[address] = asyncio.create_task(self._poll(worker))
+            for address in [a for a, t in self._polls.items() if t.done() and a not in self.workers]:
+                del self._polls[address]
+            outstanding = [t for t in self._polls.values() if not t.done()]
+            if outstanding:
+                await asyncio.wait(outstanding, timeout=self.poll_interval_s)
             await asyncio.sleep(self.poll_interval_s)
 
     def start(self) -> None:
@@ -240,6 +252,8 @@ class Membership:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
+        for task in self._polls.values():
+            task.cancel()
         for w in list(self.workers.values()):
             await w.channel.close()
         for ch in list(self._closing.values()):  # removed workers' calls are not waited for at shutdown
