@@ -211,7 +211,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     _setup_logging("bench")
     from pdserve.bench.run import main as bench_main
-    from pdserve.engine import env
 
     a.api_key = a.api_key or env.api_key()  # as pdserve generate: the flag, else PDSERVE_API_KEY
     return bench_main(args=a)

@@ -15,13 +15,10 @@ import grpc
 
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.rpc import bearer
 
 RETRY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-def _md(api_key: str):
-    return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
 class BatchClient:
@@ -42,22 +39,22 @@ class BatchClient:
         await self.close()
 
     async def submit(self, requests: Sequence[pb.GenerateRequest]) -> str:
-        resp = await self.stub.Submit(pb.BatchSubmitRequest(requests=list(requests)), metadata=_md(self.api_key),
+        resp = await self.stub.Submit(pb.BatchSubmitRequest(requests=list(requests)), metadata=bearer(self.api_key),
                                       timeout=self.timeout_s)
         return resp.job_id
 
     async def get(self, job_id: str) -> pb.BatchJob:
-        return await self.stub.Get(pb.BatchJobRequest(job_id=job_id), metadata=_md(self.api_key),
+        return await self.stub.Get(pb.BatchJobRequest(job_id=job_id), metadata=bearer(self.api_key),
                                    timeout=self.timeout_s)
 
     async def cancel(self, job_id: str) -> pb.BatchJob:
-        return await self.stub.Cancel(pb.BatchJobRequest(job_id=job_id), metadata=_md(self.api_key),
+        return await self.stub.Cancel(pb.BatchJobRequest(job_id=job_id), metadata=bearer(self.api_key),
                                       timeout=self.timeout_s)
 
     async def results(self, job_id: str, start_index: int = 0, follow: bool = False,
                       timeout_s: float | None = None) -> list[pb.BatchResult]:
         req = pb.BatchResultsRequest(job_id=job_id, start_index=start_index, follow=follow)
-        call = self.stub.Results(req, metadata=_md(self.api_key), timeout=timeout_s or self.timeout_s)
+        call = self.stub.Results(req, metadata=bearer(self.api_key), timeout=timeout_s or self.timeout_s)
         return [r async for r in call]
 
     async def wait(self, job_id: str, timeout_s: float = 300.0, poll_s: float = 0.2, on_poll=None) -> pb.BatchJob:
@@ -88,7 +85,7 @@ class BatchClient:
             start = got[-1].index + 1 if got else 0
             req = pb.BatchResultsRequest(job_id=job_id, start_index=start, follow=True)
             try:
-                async for r in self.stub.Results(req, metadata=_md(self.api_key),
+                async for r in self.stub.Results(req, metadata=bearer(self.api_key),
                                                  timeout=max(1.0, deadline - time.monotonic())):
                     got.append(r)
                 return got, resumes

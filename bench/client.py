@@ -19,6 +19,7 @@ from pdserve.bench.metrics import Record
 from pdserve.bench.workloads import BenchRequest
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.rpc import bearer
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class _Channels:
         self.channels = [grpc.aio.insecure_channel(address, options=opts) for _ in range(n)]
         self.stubs = [pb_grpc.GenerationStub(ch) for ch in self.channels]
         self.address = address
-        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None  # the router's API key
+        self.metadata = bearer(api_key)  # the router's API key
         self.options = options
 
     async def __aenter__(self) -> _Channels:

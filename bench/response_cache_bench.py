@@ -26,6 +26,7 @@ import grpc
 from pdserve.deploy.local import LocalCluster
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.rpc import bearer
 
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 
@@ -33,7 +34,7 @@ KEYS = {"key-alice": "alice", "key-bob": "bob"}
 async def ask(stub, key: str, req: pb.GenerateRequest) -> tuple[float, list[int], bool]:
     t0 = time.perf_counter()
     tokens, cached = [], False
-    async for resp in stub.Generate(req, metadata=(("authorization", f"Bearer {key}"),), timeout=300):
+    async for resp in stub.Generate(req, metadata=bearer(key), timeout=300):
         tokens.extend(resp.token_ids)
         cached = cached or resp.cached
     return time.perf_counter() - t0, tokens, cached

@@ -24,6 +24,7 @@ import grpc
 
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
+from pdserve.serving.rpc import bearer
 
 SMALL_PROMPT = "Hello, how are you today?"
 
@@ -62,10 +63,6 @@ async def _big_client(stub, metadata, prompt: str, until: float, codes: list[str
         seconds.append(time.monotonic() - t0)
 
 
-def _metadata(api_key: str):
-    return (("authorization", f"Bearer {api_key}"),) if api_key else None
-
-
 async def _bigs(address: str, api_key: str, a: argparse.Namespace, until: float) -> tuple[list[str], list[float]]:
     big_prompt = ("The quick brown fox jumps over the lazy dog. " * (a.big_mb * 1024 * 1024 // 45 + 1))[
         : a.big_mb * 1024 * 1024]
@@ -74,7 +71,7 @@ async def _bigs(address: str, api_key: str, a: argparse.Namespace, until: float)
     options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(address, options=options) as ch:
         stub = pb_grpc.GenerationStub(ch)
-        await asyncio.gather(*(_big_client(stub, _metadata(api_key), big_prompt, until, codes, seconds, a.big_interval)
+        await asyncio.gather(*(_big_client(stub, bearer(api_key), big_prompt, until, codes, seconds, a.big_interval)
                                for _ in range(a.big_senders)))
     return codes, seconds
 
@@ -88,7 +85,7 @@ def _big_process(address: str, api_key: str, a: argparse.Namespace, until_wall: 
 async def phase(address: str, api_key: str, a: argparse.Namespace, big_senders: int) -> dict:
     import multiprocessing
 
-    metadata = _metadata(api_key)
+    metadata = bearer(api_key)
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.GenerationStub(ch)
         for _ in range(3):  # warm-up

@@ -91,6 +91,7 @@ def non_negative_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
     return value
 
+
 def check_port_free(flag: str, host: str, number: int) -> None:
     """Bind ``host:number`` and let go, so a busy port fails before anything starts. 0 and -1 pick a free port.
 

@@ -72,10 +72,10 @@ async def generate(address: str, prompt: str, sampling: Sampling, out: TextIO | 
     """Send one request; write each text piece to ``out`` as it arrives (None: stay quiet)."""
     from pdserve.protos import pdserve_pb2 as pb
     from pdserve.protos import pdserve_pb2_grpc as pb_grpc
-    from pdserve.serving.rpc import channel
+    from pdserve.serving.rpc import bearer, channel
 
     check_request(prompt, sampling)
-    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    metadata = bearer(api_key)
     params = pb.SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                stop=list(sampling.stop))
     if sampling.top_p is not None:

@@ -99,7 +99,7 @@ class ModelCatalog:
             if base is None:
                 continue
             for name in w.load.adapters:
-                if name not in self.hidden and name not in self.bases and name not in self.routes:
+                if name not in self.hidden and not self._taken(name):
                     out.setdefault(name, base)
         return out
 
@@ -122,12 +122,22 @@ class ModelCatalog:
             return Target(self.default, self.default)
         route = self.routes.get(name)
         if route is not None:
+            try:  # the common case: the chosen target is served (one pass over the workers, no per-target check)
+                return self._plain(route.choose(session_id, self._rng))
+            except RequestNotFoundError:
+                pass
+            # it is not: choose among the served targets (weights renormalized; together with the first pick,
+            # each served target still gets its weight's share, and a session keeps its target while it is served)
             chosen = route.choose(session_id, self._rng, served=self._served)
             if chosen is None:
                 targets = ", ".join(m for m, _ in route.targets)
                 raise RequestNotFoundError(f"model: route {name!r}: none of its targets ({targets}) is served here")
             return self._plain(chosen)
         return self._plain(name)
+
+    def _taken(self, name: str) -> bool:
+        """A base model's or a route's name: an adapter a worker reports under it is never reached by requests."""
+        return name in self.bases or name in self.routes
 
     def _served(self, name: str) -> bool:
         return name in self.bases or self.adapter_base(name) is not None
@@ -172,7 +182,7 @@ class ModelCatalog:
     def hidden_reported(self) -> set[str]:
         """Hidden adapters some worker still reports (an unload in progress)."""
         return {a for w in self.membership.workers.values() for a in w.load.adapters
-                if a in self.hidden and a not in self.bases and a not in self.routes}
+                if a in self.hidden and not self._taken(a)}
 
     def _base_entry(self, name: str) -> ModelEntry:
         workers = self.pool_workers(name)

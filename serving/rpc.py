@@ -134,6 +134,11 @@ def install_sigterm(stop_event: asyncio.Event) -> None:
             pass
 
 
+def bearer(api_key: str) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying a router API key (``authorization: Bearer KEY``); None without a key."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 def channel(address: str, tls: TlsConfig | None = None, credential: ClusterCredential | None = None
             ) -> grpc.aio.Channel:
     """A channel to ``address``; with ``credential`` every call on it carries a cluster token (tools and tests:
