@@ -81,7 +81,9 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    llm = LLM(a.model, model_impl=a.model_impl, compile=a.compile, num_blocks=(a.num_prompts + 1) * (a.max_len + a.max_tokens) // 16 + 64)
+    # async_output off: a TorchDispatchMode sees only its own thread's ops, and the forward must run on this one
+    llm = LLM(a.model, model_impl=a.model_impl, compile=a.compile, async_output="off",
+              num_blocks=(a.num_prompts + 1) * (a.max_len + a.max_tokens) // 16 + 64)
     runner = llm.engine.runner
     layers, vocab = runner.geometry.num_layers, runner.geometry.vocab_size
     hf = load_hf(llm, "cpu")

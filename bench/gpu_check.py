@@ -16,7 +16,10 @@ On a CUDA machine it runs, in this order:
    where random-weight models part; a large margin there would be a real bug);
 3. speed: batch-1 decode time per token of the engine with each backend (median ``engine.step()`` time),
    HF ``generate`` with its dynamic cache, and HF ``generate(cache_implementation="static")``, which
-   transformers compiles with torch.compile on CUDA.
+   transformers compiles with torch.compile on CUDA;
+4. overlap: offline throughput with ``async_output`` on against off (bench/overlap_bench.py's workload:
+   ``--overlap-prompts`` prompts, greedy and seeded rows, stop strings, 5 logprobs), alternating rounds in one
+   process, outputs checked equal.
 
 Without CUDA only the kernel check runs, under Triton's interpreter (TRITON_INTERPRET=1, in a child
 process), and the script says so.
@@ -311,8 +314,39 @@ def cuda_check(args) -> dict:
     print(f"\n## Batch-1 decode, {args.model} bf16, {len(timing_prompt)}-token prompt, "
           f"median of {args.decode_steps} steps\n")
     print(_table(["system", "ms / token"], speed))
-    res["ok"] = all(r["ok"] for r in res["kernels"])
+    res["overlap"] = overlap(args, device)
+    res["ok"] = all(r["ok"] for r in res["kernels"]) and res["overlap"]["identical"]
     return res
+
+
+def overlap(args, device: str) -> dict:
+    """4. async output processing on the GPU: the same batch through an engine with it on and one with it off."""
+    import torch
+
+    from bench.overlap_bench import run, workload
+    from pdserve import LLM
+
+    prompts, params = workload(args.overlap_prompts, 64, 5, args.seed)
+    engines = {m: LLM(args.model, device=device, num_blocks=args.num_blocks, async_output=m) for m in ("on", "off")}
+    for llm in engines.values():
+        llm.generate(prompts[:4], params[:4])
+    walls: dict[str, list[float]] = {m: [] for m in engines}
+    identical, tokens = True, 0
+    for r in range(4):
+        outs = {}
+        for m in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            torch.cuda.synchronize()
+            wall, _, outs[m], tokens = run(engines[m], prompts, params)
+            walls[m].append(wall)
+        identical = identical and outs["on"] == outs["off"]
+    on, off = statistics.median(walls["on"]), statistics.median(walls["off"])
+    print(f"\n## Async output processing, {args.model} bf16, {len(prompts)} prompts, {tokens} output tokens, "
+          f"median of 4 rounds (outputs identical: {identical})\n")
+    print(_table(["async_output", "tok/s", "vs off"],
+                 [["on", f"{tokens / on:.0f}", f"{off / on:.2f}x"], ["off", f"{tokens / off:.0f}", "1.00x"]]))
+    del engines
+    torch.cuda.empty_cache()
+    return {"on_s": on, "off_s": off, "ratio": off / on, "tokens": tokens, "identical": identical}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing-prompt-len", type=int, default=128)
     ap.add_argument("--num-blocks", type=int, default=2048)
     ap.add_argument("--no-hf-compile", action="store_true", help="skip the static-cache torch.compile baseline")
+    ap.add_argument("--overlap-prompts", type=int, default=64, help="prompts of the async-output comparison")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)

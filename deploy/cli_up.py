@@ -82,6 +82,8 @@ def add_up_parser(sub, router_policy_args, tls_args) -> argparse.ArgumentParser:
     e.add_argument("--model-impl", default="auto", choices=["auto", "native", "hf"], help="native models or HF modules")
     e.add_argument("--cuda-graphs", default="on", choices=["on", "off"], help="CUDA graphs for native decode")
     e.add_argument("--compile", action="store_true", help="torch.compile the native model's prefill regions")
+    e.add_argument("--async-output", default="auto", choices=["auto", "on", "off"],
+                   help="make a step's outputs while the next step runs (auto: on a GPU)")
     e.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     e.add_argument("--transfer", default="tcp", choices=["tcp", "ucx", "nccl"], help="KV transfer backend")
     e.add_argument("--no-shm", action="store_true", help="tcp: disable the same-host shared-memory path")
@@ -160,7 +162,7 @@ def _worker_args(a: argparse.Namespace) -> list[str]:
     args = ["--dtype", a.dtype, "--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens",
             str(a.max_num_batched_tokens), "--kv-cache-mib", str(a.kv_cache_mib), "--log-format", a.log_format,
             "--block-size", str(a.block_size), "--max-model-len", str(a.max_model_len), "--model-impl", a.model_impl,
-            "--cuda-graphs", a.cuda_graphs, *_tls_flags(a)]
+            "--cuda-graphs", a.cuda_graphs, "--async-output", a.async_output, *_tls_flags(a)]
     if a.no_prefix_caching:
         args.append("--no-prefix-caching")
     if a.compile:

@@ -37,6 +37,11 @@ class EngineConfig:
     the triton backend only; elsewhere the same static decode path runs eagerly).
     compile: torch.compile the native model's dense regions (norms, projections, RoPE, MLP) of prefill and
     mixed steps, at start-up (engine.native.compiled); ignored, with a warning, where the model runs on HF modules.
+    async_output: ``on``: make a step's outputs (detokenized text, stop strings, logprob dicts) while the next
+    step's forward runs on the engine's forward thread (engine.engine); ``off``: each step's outputs are made
+    before ``step`` returns; ``auto`` (the default): on where the forward runs on a GPU, off on CPU, where the
+    forward and the output work share the cores and the GIL and the overlap measured no gain
+    (bench/overlap_bench.py).
     """
 
     model: str = DEFAULT_MODEL
@@ -57,6 +62,7 @@ class EngineConfig:
     model_impl: str = "auto"
     cuda_graphs: bool = True
     compile: bool = False
+    async_output: str = "auto"
     priority_aging_s: float = DEFAULT_AGING_S  # seconds of waiting worth one priority level; 0: none (engine.priority)
     enable_lora: bool = False
     max_loras: int = 4
@@ -92,6 +98,8 @@ class EngineConfig:
             raise ValueError(f"cuda_graphs: must be a bool, got {self.cuda_graphs!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile: must be a bool, got {self.compile!r}")
+        if self.async_output not in ("auto", "on", "off"):
+            raise ValueError(f"async_output: must be 'auto', 'on' or 'off', got {self.async_output!r}")
         if self.compile and self.model_impl == "hf":
             raise ValueError("compile: needs the native model implementation (model_impl 'native' or 'auto')")
         if not self.priority_aging_s >= 0 or self.priority_aging_s == float("inf"):
@@ -119,6 +127,9 @@ class EngineConfig:
             names.add(pair[0])
         if self.lora_modules and not self.enable_lora:
             raise ValueError("lora_modules: adapters given but enable_lora is False")
+
+    def use_async_output(self) -> bool:
+        return self.async_output == "on" or (self.async_output == "auto" and self.device.startswith("cuda"))
 
     def use_cuda_graphs(self) -> bool:
         return self.cuda_graphs and self.device.startswith("cuda")

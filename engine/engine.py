@@ -1,8 +1,8 @@
 """LLMEngine: runs the schedule -> execute -> sample loop over a few small managers.
 
-Requests are checked by ``RequestValidator`` (engine.validation), tokens become outputs in
-``OutputProcessor`` (engine.outputs), and blocks held across a KV hand-off live in ``BlockHolds``
-(engine.holds). Not thread-safe by design: one thread owns an engine (see engine.engine_loop for the
+Requests are checked by ``RequestValidator`` (engine.validation), a step runs in ``Stepper`` (engine.stepper,
+with async output), tokens become outputs in ``OutputProcessor`` (engine.outputs), and blocks held across a KV
+hand-off live in ``BlockHolds`` (engine.holds). Not thread-safe by design: one thread owns an engine (see engine.engine_loop for the
 service wrapper).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections import Counter
+from collections.abc import Callable
 
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig
@@ -20,44 +20,19 @@ from pdserve.engine.errors import InvalidRequestError, RequestNotFoundError
 from pdserve.engine.hashing import adapter_extra
 from pdserve.engine.holds import BlockHolds
 from pdserve.engine.lora.registry import AdapterRegistry
-from pdserve.engine.model_runner import BatchItem, ModelRunner
+from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.outputs import OutputProcessor, StepOutput, eos_token_ids
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import ScheduledSeq, Scheduler
+from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
+from pdserve.engine.stepper import Stepper
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.validation import RequestValidator
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LLMEngine", "StepOutput"]
-
-
-def _token_slice(seq: Sequence, start: int, num: int) -> list[int]:
-    """``seq.all_token_ids[start : start + num]`` without building the whole list (a decode step wants one
-    token of a sequence that may be thousands long)."""
-    prompt, output = seq.prompt_token_ids, seq.output_token_ids
-    end = start + num
-    if end <= len(prompt):
-        return prompt[start:end]
-    if start >= len(prompt):
-        return output[start - len(prompt) : end - len(prompt)]
-    return prompt[start:] + output[: end - len(prompt)]
-
-
-def _batch_items(scheduled: list[ScheduledSeq]) -> list[BatchItem]:
-    """The model runner's view of a step: each scheduled sequence's new tokens and its block table."""
-    return [
-        BatchItem(
-            _token_slice(s.seq, s.seq.num_computed_tokens, s.num_new_tokens),
-            s.seq.num_computed_tokens,
-            s.seq.block_ids,
-            s.samples,
-            s.seq.lora,
-        )
-        for s in scheduled
-    ]
 
 
 def _new_seq(request_id: str, token_ids: list[int], params, priority: int, arrival: int, adapter) -> Sequence:
@@ -97,11 +72,18 @@ class LLMEngine:
         self.reservations = self.holds.reservations  # request id -> reserved block ids (decode side)
         self.held = self.holds.held  # request id -> blocks a transfer may still read (prefill side)
         self._arrivals = itertools.count()
-        self.num_steps = 0
-        self.last_step_s = 0.0
+        self.stepper = Stepper(self, config.use_async_output())
         self.lora = AdapterRegistry(self.runner.lora_slots, self.pool, config.max_lora_rank)  # engine.lora
         for name, path in config.lora_modules:
             self.lora.load(name, path)
+
+    @property
+    def num_steps(self) -> int:
+        return self.stepper.num_steps
+
+    @property
+    def last_step_s(self) -> float:
+        return self.stepper.last_step_s
 
     @property
     def fingerprint(self):
@@ -116,7 +98,7 @@ class LLMEngine:
 
     def _check_new_id(self, request_id: str) -> None:
         # held: a finished prefill-only request whose blocks a transfer may still be reading
-        if request_id in self.seqs or request_id in self.holds:
+        if request_id in self.seqs or request_id in self.holds or request_id in self.outputs.unemitted:
             raise InvalidRequestError(f"request_id: {request_id!r} is already in use")
 
     def add_request(
@@ -189,7 +171,7 @@ class LLMEngine:
         self.scheduler.update_hashes(seq)
         out = self.outputs.append_token(seq, first_token_id, first_logprobs)
         if out.finished:
-            self._finish(seq, out.finish_reason)
+            self.finish(seq, out.finish_reason)
         else:
             self.scheduler.add(seq)
         return out
@@ -201,7 +183,7 @@ class LLMEngine:
         seq = self.seqs.get(request_id)
         if seq is None:
             return False
-        self._finish(seq, FinishReason.ABORT)
+        self.finish(seq, FinishReason.ABORT)
         return True
 
     def release(self, request_id: str) -> bool:
@@ -221,33 +203,22 @@ class LLMEngine:
         return self.lora.names()
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        """Work left: a request to run, or outputs of the last step still to make (async output)."""
+        return bool(self.scheduler.running or self.scheduler.waiting or self.stepper.recorded)
 
-    # ---- the step -------------------------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
-        t0 = time.perf_counter()
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
-        layer_ready = self.kv_connector.layer_ready(scheduled) if self.kv_connector is not None else None
-        logits = self.runner.execute(_batch_items(scheduled), layer_hook=layer_ready)
-        sampling = [s for s in scheduled if s.samples]
-        for s in scheduled:
-            s.seq.num_computed_tokens += s.num_new_tokens
-            self.scheduler.update_hashes(s.seq)
-        outputs: list[StepOutput] = []
-        if sampling:
-            results = self.sampler.sample(logits, [s.seq for s in sampling])
-            for s, r in zip(sampling, results, strict=True):
-                out = self.outputs.append_token(s.seq, r.token_id, r.logprobs)
-                if out.finished:
-                    self._finish(s.seq, out.finish_reason)
-                outputs.append(out)
-        self.num_steps += 1
-        self.last_step_s = time.perf_counter() - t0
-        return outputs
+    def unemitted_ids(self) -> list[str]:
+        """Requests that finished in the last step and whose last output the next ``step`` makes."""
+        return list(self.outputs.unemitted)
 
-    def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:
+    # ---- the step (engine.stepper) ----------------------------------------------------------------
+    def step(self, emit: Callable[[list[StepOutput]], None] | None = None) -> list[StepOutput]:
+        """Schedule and run one step; returns its outputs, or hands them to ``emit`` as soon as they are made (then
+        returns []). With async output they are the previous step's (engine.stepper)."""
+        return self.stepper.step(emit)
+
+    def finish(self, seq: Sequence, reason: FinishReason | None, untrack: bool = True) -> None:
+        """Take a request out: its blocks freed (or held for a transfer), its output state dropped unless ``untrack``
+        is False (engine.stepper: its last output is still to make)."""
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -257,7 +228,8 @@ class LLMEngine:
             self.pool.free(seq.block_ids)
         seq.block_ids = []
         self.seqs.pop(seq.request_id, None)
-        self.outputs.untrack(seq.request_id)
+        if untrack:
+            self.outputs.untrack(seq.request_id)
 
     # ---- introspection ----------------------------------------------------------------------------
     def live_block_refs(self) -> dict[int, int]:

@@ -178,10 +178,11 @@ class EngineLoop:
             self._publish_stats()
 
     def _step(self) -> None:
-        running = [s.request_id for s in self.engine.scheduler.running]
+        # a failing step fails the requests it ran and those whose last output it had still to make
+        running = [s.request_id for s in self.engine.scheduler.running] + self.engine.unemitted_ids()
         t0 = time.perf_counter()
         try:
-            outputs = self.engine.step()
+            self.engine.step(emit=self._deliver)  # outputs go out as soon as they are made (during the next forward)
             if self.on_step is not None:
                 self.on_step(time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
@@ -191,7 +192,8 @@ class EngineLoop:
                 listener = self._listeners.pop(rid, None)
                 if listener:
                     listener(e)
-            return
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
             self._totals.generated += len(out.new_token_ids)
             listener = self._listeners.get(out.request_id)

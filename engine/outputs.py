@@ -1,9 +1,14 @@
 """Turns each sampled token into a ``StepOutput``: incremental detokenization, stop strings, EOS, stop token ids
-and length limits decide the text delta and whether the request finishes."""
+and length limits decide the text delta and whether the request finishes.
+
+In two halves, so the engine can make outputs while its next step runs (async output, engine.engine): ``record``
+appends the token and says whether EOS, a stop token or a length limit ends the request (the next step needs
+that), ``emit`` makes its text and checks the stop strings (which may end it too)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.engine.sequence import FinishReason, Sequence
@@ -21,6 +26,17 @@ class StepOutput:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Recorded:
+    """A token already in its sequence (``reason``: what ended the request without looking at text) whose output is
+    not made yet."""
+
+    seq: Sequence
+    token_id: int
+    logprobs: dict[int, float] | None
+    reason: FinishReason | None
 
 
 def eos_token_ids(tokenizer, model) -> set[int]:
@@ -46,6 +62,7 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self.stops: dict[str, StopChecker] = {}
+        self.unemitted: set[str] = set()  # requests that ``record`` ended, their last output not made yet
 
     def track(self, seq: Sequence) -> None:
         self.detoks[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
@@ -56,12 +73,22 @@ class OutputProcessor:
         self.stops.pop(request_id, None)
 
     def append_token(self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None) -> StepOutput:
+        return self.emit(self.record(seq, token_id, logprobs))
+
+    def record(self, seq: Sequence, token_id: int, logprobs: dict[int, float] | None) -> Recorded:
+        """The token's facts, which the next step needs: appended to the sequence, and whether EOS, a stop token or
+        a length limit ends the request. Cheap: no text."""
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         seq.output_token_ids.append(token_id)
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
-        reason = self._finish_reason(seq, token_id)
+        return Recorded(seq, token_id, logprobs, self._finish_reason(seq, token_id))
+
+    def emit(self, r: Recorded) -> StepOutput:
+        """A recorded token's output: its text delta through the detokenizer and the stop strings, which may end the
+        request (STOP) where ``record`` did not."""
+        seq, token_id, reason = r.seq, r.token_id, r.reason
         detok = self.detoks[seq.request_id]
         text = detok.push(token_id) + (detok.flush() if reason is not None else "")
         stop = self.stops[seq.request_id]
@@ -77,10 +104,38 @@ class OutputProcessor:
             delta,
             reason is not None,
             reason,
-            [logprobs] if logprobs is not None else [],
+            [r.logprobs] if r.logprobs is not None else [],
             len(seq.prompt_token_ids),
             seq.num_cached_tokens,
         )
+
+    def emit_all(self, recorded: list[Recorded], finish: Callable[[Sequence, FinishReason | None], None]
+                 ) -> list[StepOutput]:
+        """The outputs of a step's recorded tokens. A request a stop string ends here is ``finish``ed; one that was
+        aborted since its token was recorded gets no output; one ``record`` ended (in ``unemitted``) gets its last."""
+        outputs: list[StepOutput] = []
+        for n, r in enumerate(recorded):
+            seq = r.seq
+            if r.reason is None and seq.is_finished:
+                continue
+            try:
+                out = self.emit(r)
+            except BaseException:
+                for rest in recorded[n:]:  # the ended ones: nothing else would untrack them (the rest get aborted)
+                    self._drop_unemitted(rest.seq.request_id)
+                raise
+            if r.reason is not None:
+                seq.finish_reason = out.finish_reason  # a stop string in its last text makes it STOP
+                self._drop_unemitted(seq.request_id)
+            elif out.finished:
+                finish(seq, out.finish_reason)
+            outputs.append(out)
+        return outputs
+
+    def _drop_unemitted(self, request_id: str) -> None:
+        if request_id in self.unemitted:
+            self.unemitted.discard(request_id)
+            self.untrack(request_id)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         """Why ``token_id`` (already appended) ends the request, before stop strings; None if it does not."""

@@ -111,11 +111,13 @@ class Sampler:
         return drawn if tokens is None else tokens.index_copy(0, index, drawn)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        """logits: float32 [len(seqs), vocab].
+        """logits: float32 [len(seqs), vocab]. ``launch`` then ``results``."""
+        return self.launch(logits, seqs).results()
 
-        Everything stays on the logits' device until one copy brings the step's results back to the host (on
-        CUDA: one sync per step, however many rows sample or ask for logprobs).
-        """
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleLaunch:
+        """Queue the step's sampling on the logits' device; nothing here waits for the device (on CUDA the engine
+        does host work meanwhile, then ``results`` reads everything back in one copy: one sync per step, however
+        many rows sample or ask for logprobs)."""
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if len(rows) == len(seqs):
             tokens = self._draw(logits, seqs, rows, None)
@@ -126,7 +128,7 @@ class Sampler:
                 tokens = self._draw(logits, [seqs[i] for i in rows], rows, tokens)
         lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if not lp_rows:
-            return [SampleResult(t, None) for t in tokens.tolist()]
+            return SampleLaunch(tokens, len(seqs), [], [])
         logprobs = torch.log_softmax(logits, dim=-1)
         ints = [tokens]  # then each row's top-k ids
         floats = [logprobs.gather(1, tokens[:, None])[:, 0]]  # the sampled tokens' logprobs, then top-k values
@@ -139,12 +141,26 @@ class Sampler:
                 floats.append(top.values)
                 tops.append((i, k))
         # float64 holds token ids (< 2**53) and float32 logprobs exactly: one tensor, one copy
-        flat = torch.cat([torch.cat(ints).double(), torch.cat(floats).double()]).tolist()
-        n, num_top = len(seqs), sum(k for _, k in tops)
+        flat = torch.cat([torch.cat(ints).double(), torch.cat(floats).double()])
+        return SampleLaunch(flat, len(seqs), lp_rows, tops)
+
+
+class SampleLaunch:
+    """A step's sampling, queued on the device: ``results`` reads it back (the step's one device->host read)."""
+
+    def __init__(self, flat: torch.Tensor, n: int, lp_rows: list[int], tops: list[tuple[int, int]]):
+        self.flat, self.n, self.lp_rows, self.tops = flat, n, lp_rows, tops  # flat: the tokens alone without lp_rows
+
+    def results(self) -> list[SampleResult]:
+        if not self.lp_rows:
+            return [SampleResult(t, None) for t in self.flat.tolist()]
+        flat = self.flat.tolist()
+        n, tops = self.n, self.tops
+        num_top = sum(k for _, k in tops)
         ids = [int(t) for t in flat[:n]]
         top_ids, chosen, top_values = flat[n : n + num_top], flat[n + num_top : 2 * n + num_top], flat[2 * n + num_top :]
         lps: list[dict[int, float] | None] = [None] * n
-        for i in lp_rows:
+        for i in self.lp_rows:
             lps[i] = {ids[i]: chosen[i]}
         pos = 0
         for i, k in tops:

@@ -6,6 +6,15 @@ import math
 from dataclasses import dataclass, field
 
 
+def _as_tuple(name: str, value) -> tuple:
+    if value is None:
+        return ()
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ValueError(f"{name}: must be a list, got {value!r:.80}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """temperature 0 means greedy. top_k 0 or -1 means off. seed makes sampling reproducible per request."""
@@ -41,9 +50,9 @@ class SamplingParams:
             raise ValueError(f"ignore_eos: must be True or False, got {self.ignore_eos!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs: must be an integer in [0, 20], got {self.logprobs!r}")
-        # one string is one stop string (as in vLLM), not one per character
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        # one string is one stop string (as in vLLM), not one per character; None is none (as in vLLM)
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else _as_tuple("stop", self.stop))
+        object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids))
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop: stop strings must be non-empty strings, got {s!r}")

@@ -188,18 +188,21 @@ def test_up_forwards_the_request_class_flags_to_its_router_and_workers():
 
 
 def test_up_forwards_the_engine_flags_to_every_worker():
-    from pdserve.cli import build_parser
+    from pdserve.cli import _configs, build_parser
     from pdserve.deploy.cli_up import _worker_args
 
     a = build_parser().parse_args(["up", "--block-size", "32", "--max-model-len", "512", "--model-impl", "hf",
-                                   "--cuda-graphs", "off", "--no-prefix-caching", "--compile"])
+                                   "--cuda-graphs", "off", "--no-prefix-caching", "--compile", "--async-output", "on"])
     w = _worker_args(a)
     for flag, value in (("--block-size", "32"), ("--max-model-len", "512"), ("--model-impl", "hf"),
-                        ("--cuda-graphs", "off")):
+                        ("--cuda-graphs", "off"), ("--async-output", "on")):
         assert w[w.index(flag) + 1] == value, flag
     assert "--no-prefix-caching" in w
     worker = build_parser().parse_args(["prefill", *w])  # they parse as the workers' own flags
     assert (worker.block_size, worker.max_model_len, worker.model_impl, worker.no_prefix_caching) == (32, 512, "hf", True)
+    assert worker.async_output == "on"
+    engine = _configs(build_parser().parse_args(["prefill", "--async-output", "on"]))[0]
+    assert engine.async_output == "on" and engine.use_async_output()
     assert worker.compile and "--compile" not in _worker_args(build_parser().parse_args(["up"]))
 
 

@@ -86,6 +86,8 @@ def test_a_bad_prompt_in_a_batch_aborts_the_good_ones_added_before_it(tiny_llm, 
         (dict(stop=("",)), "stop"),
         (dict(stop=(3,)), "stop"),
         (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+        (dict(stop_token_ids=7), "stop_token_ids"),  # a TypeError before
+        (dict(stop=3), "stop"),
         (dict(logprobs=21), "logprobs"),
         (dict(logprobs=-1), "logprobs"),
         (dict(max_tokens=True), "max_tokens"),  # bool is an int: True was max_tokens=1
@@ -102,6 +104,8 @@ def test_edge_sampling_params_are_accepted():
     SamplingParams(top_p=1e-9, top_k=0, logprobs=20, stop=["a"], stop_token_ids=[0])
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
     assert SamplingParams(stop="LORD").stop == ("LORD",)  # one stop string, as vLLM takes it (was 4 characters)
+    none = SamplingParams(stop=None, stop_token_ids=None)  # as vLLM takes them (a TypeError before)
+    assert none.stop == () and none.stop_token_ids == ()
 
 
 @pytest.mark.parametrize(
