@@ -17,7 +17,8 @@ def _as_tuple(name: str, value) -> tuple:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """temperature 0 means greedy. top_k 0 or -1 means off. seed makes sampling reproducible per request."""
+    """temperature 0 means greedy. top_k 0 or -1 means off. seed makes sampling reproducible per request.
+    n: completions per prompt in ``LLM.generate`` (as vLLM's; completion i of a seeded request uses seed + i)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -28,8 +29,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 128:
+            raise ValueError(f"n: must be an integer in [1, 128], got {self.n!r}")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens: must be a positive integer, got {self.max_tokens!r}")
         if (
