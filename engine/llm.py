@@ -2,7 +2,9 @@
 
 A ``RequestOutput`` has vLLM's shape (``outputs[i].text``, ``.token_ids``, ``.finish_reason``, ``prompt``,
 ``prompt_token_ids``, ``finished``) and, for the first completion, the same fields at its top level. Prompts are
-strings, token-id lists, or vLLM's dicts ``{"prompt": ...}`` / ``{"prompt_token_ids": [...]}``.
+strings, token-id lists, or vLLM's dicts ``{"prompt": ...}`` / ``{"prompt_token_ids": [...]}``. ``logprobs`` are
+one dict per token, {token id: ``Logprob``} (the sampled token and the top ``SamplingParams.logprobs``), as vLLM's;
+``LLM.chat`` renders conversations with the tokenizer's chat template, as vLLM's does.
 """
 
 from __future__ import annotations
@@ -15,13 +17,47 @@ from pdserve.engine.models import DEFAULT_MODEL
 from pdserve.engine.sampling_params import SamplingParams
 
 
+class Logprob(float):
+    """A token's logprob: a float (as before), with vLLM's ``.logprob``, ``.rank`` (1 = most likely; None where the
+    engine did not compute it: a sampled token outside the top ``logprobs``) and ``.decoded_token``."""
+
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None):
+        self = super().__new__(cls, logprob)
+        self.rank, self.decoded_token = rank, decoded_token
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
+def _ranked(step: dict[int, float], num_top: int, greedy: bool, tokenizer) -> dict[int, Logprob]:
+    """One token's {id: logprob} as the sampler gives it (the sampled token first, then the top ``num_top`` in
+    descending order without it) -> {id: Logprob} with ranks and decoded text, in the same order."""
+    sampled, *top = step
+    sampled_in_top = len(top) < num_top  # the sampler put it first instead of among the top
+    ranks: dict[int, int | None] = {t: r for r, t in enumerate(top, start=1)}
+    if sampled_in_top:
+        above = sum(1 for t in top if step[t] > step[sampled])
+        ranks = {t: r + (r > above) for t, r in ranks.items()}
+        ranks[sampled] = above + 1
+    else:
+        ranks[sampled] = 1 if greedy else None  # greedy takes the most likely; otherwise not computed
+    return {t: Logprob(v, ranks[t], tokenizer.decode([t])) for t, v in step.items()}
+
+
 @dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
 
     @property
     def cumulative_logprob(self) -> float | None:
@@ -38,7 +74,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)  # the first completion's (outputs[0])
     text: str = ""
     finish_reason: str | None = None
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     num_cached_tokens: int = 0
     prompt: str | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
@@ -57,6 +93,38 @@ def _prompt_of(prompt) -> str | list[int]:
             return prompt["prompt"]
         raise ValueError(f"prompts: a dict prompt needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
     return prompt
+
+
+def _conversations(messages) -> list[list[dict[str, str]]]:
+    """``LLM.chat``'s messages (one conversation, a list of {role, content}, or a list of them) -> conversations of
+    plain {role, content} dicts, as the gateway hands them to the router: text content parts joined, a None
+    content empty, ``developer`` read as ``system``."""
+    if not isinstance(messages, list | tuple) or not messages:
+        raise ValueError("messages: expected a non-empty list of {role, content} dicts, or a list of such lists")
+    convs = [messages] if isinstance(messages[0], dict) else list(messages)
+    out = []
+    for c, conv in enumerate(convs):
+        if not isinstance(conv, list | tuple) or not conv:
+            raise ValueError(f"messages[{c}]: expected a non-empty list of {{role, content}} dicts")
+        plain = []
+        for i, m in enumerate(conv):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError(f"messages: message {i} of conversation {c}: expected a dict with a string role")
+            content = m.get("content")
+            if isinstance(content, list):  # OpenAI's content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise ValueError(f"messages: message {i} of conversation {c}: only text content parts are "
+                                     "supported")
+                content = "".join(p["text"] for p in content)
+            elif content is None:
+                content = ""
+            elif not isinstance(content, str):
+                raise ValueError(f"messages: message {i} of conversation {c}: content must be a string or text "
+                                 f"parts, got {type(content).__name__}")
+            plain.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        out.append(plain)
+    return out
 
 
 def _lora_modules(modules) -> tuple[tuple[str, str], ...]:
@@ -81,6 +149,38 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def get_tokenizer(self):
+        """vLLM's name for ``tokenizer``."""
+        return self.engine.tokenizer
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        lora_name: str | None | list[str | None] = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: each conversation rendered with the tokenizer's chat template (or ``chat_template``),
+        tokenized without added special tokens (the template writes its own, as the router does for the
+        gateway's chat), then ``generate``. Each output's ``prompt`` is the rendered text."""
+        convs = _conversations(messages)
+        tok = self.engine.tokenizer
+        if chat_template is None and not getattr(tok, "chat_template", None):
+            raise ValueError("chat_template: the model's tokenizer has none; pass chat_template=... or use generate")
+        rendered = [tok.apply_chat_template(conv, chat_template=chat_template, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt,
+                                            continue_final_message=continue_final_message,
+                                            **(chat_template_kwargs or {})) for conv in convs]
+        outs = self.generate([{"prompt_token_ids": tok.encode(text, add_special_tokens=False)} for text in rendered],
+                             sampling_params, lora_name=lora_name, use_tqdm=use_tqdm)
+        for out, text in zip(outs, rendered, strict=True):
+            out.prompt = text
+        return outs
 
     def generate(
         self,
@@ -143,7 +243,11 @@ class LLM:
             for rid in completions:
                 self.engine.abort(rid)
             raise
-        for r in results:
+        tok = self.engine.tokenizer
+        for r, p in zip(results, per, strict=True):
+            if p.logprobs is not None:
+                for o in r.outputs:
+                    o.logprobs = [_ranked(step, p.logprobs, p.greedy, tok) for step in o.logprobs]
             first = r.outputs[0]
             r.token_ids, r.text, r.finish_reason, r.logprobs = (first.token_ids, first.text, first.finish_reason,
                                                                 first.logprobs)

@@ -60,3 +60,51 @@ def test_an_error_midway_leaves_no_request_behind():
         llm.generate([[5, 6, 7], [10**9]], SamplingParams(max_tokens=2, n=2))
     assert not llm.engine.has_unfinished() and llm.engine.seqs == {}
     llm.engine.check_integrity()
+
+
+def test_logprobs_are_vllms_logprob_objects_with_rank_and_decoded_token(tiny_llm):
+    (greedy,) = tiny_llm.generate("Once upon a time", SamplingParams(max_tokens=4, temperature=0, logprobs=3))
+    out = greedy.outputs[0]
+    for t, step in zip(out.token_ids, out.logprobs, strict=True):
+        assert len(step) == 3 and step[t].rank == 1  # greedy: the sampled token is the most likely
+        by_rank = sorted(step.values(), key=lambda lp: lp.rank)
+        assert [lp.rank for lp in by_rank] == [1, 2, 3]
+        assert [lp.logprob for lp in by_rank] == sorted((lp.logprob for lp in by_rank), reverse=True)
+        assert all(type(lp.logprob) is float and lp.logprob == lp for lp in step.values())  # still a float
+        assert {i: lp.decoded_token for i, lp in step.items()} == {i: tiny_llm.tokenizer.decode([i]) for i in step}
+    steps = zip(out.token_ids, out.logprobs, strict=True)
+    assert out.cumulative_logprob == pytest.approx(sum(d[t].logprob for t, d in steps))
+    (sampled,) = tiny_llm.generate("Once upon a time", SamplingParams(max_tokens=8, temperature=2.0, seed=1,
+                                                                       ignore_eos=True, logprobs=2))
+    for t, step in zip(sampled.outputs[0].token_ids, sampled.outputs[0].logprobs, strict=True):
+        top = [i for i in step if step[i].rank is not None]
+        assert sorted(step[i].rank for i in top) == [1, 2]  # the top 2 ranked; a sampled token outside: rank None
+        assert step[t].rank is None or step[t].rank in (1, 2)
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+                 "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_chat_renders_like_the_router_and_generates_from_the_rendered_tokens(tiny_llm):
+    from pdserve.router.chat import ChatTemplate
+
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    parts = [conv[0], {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}]
+    a, b = tiny_llm.chat([conv, parts], GREEDY, chat_template=CHAT_TEMPLATE)
+    want = ChatTemplate(CHAT_TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>"}).render(conv)
+    assert a.prompt == b.prompt == want
+    assert a.prompt_token_ids == tiny_llm.get_tokenizer().encode(want, add_special_tokens=False)
+    (direct,) = tiny_llm.generate({"prompt_token_ids": a.prompt_token_ids}, GREEDY)
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids == direct.outputs[0].token_ids
+    (single,) = tiny_llm.chat(conv, GREEDY, chat_template=CHAT_TEMPLATE)  # one conversation, not a list of them
+    assert single.outputs[0].token_ids == a.outputs[0].token_ids
+
+
+def test_chat_without_a_template_or_with_bad_messages_is_a_value_error(tiny_llm):
+    with pytest.raises(ValueError, match="chat_template"):  # the tiny preset's tokenizer has no template
+        tiny_llm.chat([{"role": "user", "content": "Hello"}], GREEDY)
+    for bad in ([], "Hello", [{"content": "x"}], [[{"role": "user", "content": 3}]],
+                [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
+        with pytest.raises(ValueError, match="messages"):
+            tiny_llm.chat(bad, GREEDY, chat_template=CHAT_TEMPLATE)
