@@ -158,6 +158,7 @@ class Gateway:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)  # ids may hold a "/" (hub ids, BASE/ADAPTER)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
@@ -263,14 +264,25 @@ class Gateway:
             self.default_model = resp.models[0].id if resp.models else ""
         return self.default_model
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def _models(self, request: web.Request) -> list[dict]:
         try:
             resp = await self.stub.Models(pb.ModelsRequest(), metadata=auth_metadata(request), timeout=10)
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
-        data = [{"id": m.id, "object": "model", "created": self.created, "owned_by": "pdserve",
+        return [{"id": m.id, "object": "model", "created": self.created, "owned_by": "pdserve",
                  "max_model_len": m.max_model_len} for m in resp.models]
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = await self._models(request)
         return web.Response(text=_dumps({"object": "list", "data": data}), content_type="application/json")
+
+    async def model(self, request: web.Request) -> web.Response:
+        """OpenAI's retrieve-model (``client.models.retrieve(id)``): the model as ``/v1/models`` lists it, or 404."""
+        name = request.match_info["model"]
+        for m in await self._models(request):
+            if m["id"] == name:
+                return web.Response(text=_dumps(m), content_type="application/json")
+        raise GatewayError(404, f"model: {name!r} is not served here", param="model", code="model_not_found")
 
     async def health(self, request: web.Request) -> web.Response:
         """200 while the router answers its health check as SERVING, else 503."""

@@ -33,6 +33,11 @@ def model(client):
 def test_models_lists_the_served_model(cluster, client):
     models = client.models.list().data
     assert [m.id for m in models] == [cluster.model] and models[0].owned_by == "pdserve"
+    one = client.models.retrieve(cluster.model)  # GET /v1/models/{id}, as OpenAI's API has it
+    assert (one.id, one.object, one.owned_by) == (cluster.model, "model", "pdserve")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no/such-model")
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
 
 
 def test_completion_and_token_parity_with_grpc(cluster, client, model):
