@@ -127,6 +127,30 @@ def _conversations(messages) -> list[list[dict[str, str]]]:
     return out
 
 
+_VLLM_DTYPES = {"half": "float16", "float": "float32"}  # vLLM's other names for them
+
+
+def _vllm_engine_args(kwargs: dict) -> dict:
+    """vLLM's ``LLM(...)`` arguments that mean something here -> EngineConfig's: ``tensor_parallel_size`` /
+    ``pipeline_parallel_size`` 1 (one engine per process; anything else is a ValueError), ``enforce_eager`` (no
+    CUDA graphs), ``trust_remote_code`` (accepted; no model code is ever loaded from the hub), ``dtype`` ``half`` /
+    ``float``."""
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        size = kwargs.pop(name, 1)
+        if size != 1 or isinstance(size, bool):
+            raise ValueError(f"{name}: only 1 is supported (one engine per process; scale out with pdserve up), "
+                             f"got {size!r}")
+    for name in ("enforce_eager", "trust_remote_code"):
+        if not isinstance(kwargs.get(name, False), bool):
+            raise ValueError(f"{name}: must be True or False, got {kwargs[name]!r}")
+    kwargs.pop("trust_remote_code", None)
+    if kwargs.pop("enforce_eager", False):
+        kwargs.setdefault("cuda_graphs", False)
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = _VLLM_DTYPES.get(kwargs["dtype"], kwargs["dtype"])
+    return kwargs
+
+
 def _lora_modules(modules) -> tuple[tuple[str, str], ...]:
     """``lora_modules`` as EngineConfig takes it, from a dict {name: path} or any sequence of pairs."""
     if isinstance(modules, dict):
@@ -138,9 +162,12 @@ def _lora_modules(modules) -> tuple[tuple[str, str], ...]:
 
 
 class LLM:
-    """``LLM(model, enable_lora=True, lora_modules={"name": "/peft/dir"})`` serves LoRA adapters too."""
+    """``LLM(model, enable_lora=True, lora_modules={"name": "/peft/dir"})`` serves LoRA adapters too. Takes
+    EngineConfig's fields, and vLLM's ``tensor_parallel_size=1``, ``enforce_eager``, ``trust_remote_code`` and
+    ``dtype="half"`` (``_vllm_engine_args``)."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
+        kwargs = _vllm_engine_args(kwargs)
         if "lora_modules" in kwargs:
             kwargs["lora_modules"] = _lora_modules(kwargs["lora_modules"])
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))

@@ -108,3 +108,15 @@ def test_chat_without_a_template_or_with_bad_messages_is_a_value_error(tiny_llm)
                 [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
         with pytest.raises(ValueError, match="messages"):
             tiny_llm.chat(bad, GREEDY, chat_template=CHAT_TEMPLATE)
+
+
+def test_vllms_engine_arguments_that_mean_something_here_are_taken():
+    llm = LLM(model="tiny", num_blocks=64, tensor_parallel_size=1, enforce_eager=True, trust_remote_code=True,
+              dtype="half")
+    assert llm.engine.config.cuda_graphs is False and llm.engine.config.dtype == "float16"
+    assert LLM(model="tiny", num_blocks=64, dtype="float").engine.config.dtype == "float32"
+    for bad, name in (({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+                      ({"pipeline_parallel_size": 4}, "pipeline_parallel_size"),
+                      ({"enforce_eager": "yes"}, "enforce_eager")):
+        with pytest.raises(ValueError, match=name):
+            LLM(model="tiny", num_blocks=64, **bad)
