@@ -10,7 +10,9 @@ model name) are forwarded and refused there, so both APIs refuse the same things
 - Extensions (as vLLM names them): ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``; and
   pdserve's ``cache``: ``"use"`` (default), ``"bypass"`` or ``"refresh"``, the router's response cache mode.
 - Fields with no equivalent are refused when set to anything but their default (``echo``, ``suffix``,
-  ``best_of``, penalties, ``logit_bias``, tools, a non-text ``response_format``); unknown fields are ignored.
+  ``best_of``, penalties, ``logit_bias``, tools, a non-text ``response_format``, and vLLM's other extensions:
+  ``repetition_penalty``, ``min_p``, ``min_tokens``, guided decoding, ``prompt_logprobs``, a custom
+  ``chat_template``...); unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -142,6 +144,30 @@ _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    # vLLM's extensions beyond the ones served (top_k, ignore_eos, stop_token_ids, return_token_ids): a vLLM
+    # client sending them must hear they are not honoured, not get an unpenalized / unguided answer
+    "repetition_penalty": lambda v: v in (None, 1),
+    "min_p": lambda v: v in (None, 0),
+    "min_tokens": lambda v: v in (None, 0),
+    "length_penalty": lambda v: v in (None, 1),
+    "use_beam_search": lambda v: v in (None, False),
+    "include_stop_str_in_output": lambda v: v in (None, False),
+    "skip_special_tokens": lambda v: v in (None, True),  # the text never holds special tokens
+    "spaces_between_special_tokens": lambda v: v in (None, True),
+    "return_tokens_as_token_ids": lambda v: v in (None, False),
+    "prompt_logprobs": lambda v: v is None,
+    "truncate_prompt_tokens": lambda v: v is None,
+    "allowed_token_ids": lambda v: not v,
+    "bad_words": lambda v: not v,
+    "logits_processors": lambda v: not v,
+    "guided_json": lambda v: v is None,
+    "guided_regex": lambda v: v is None,
+    "guided_choice": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
+    "structured_outputs": lambda v: v is None,
+    "add_generation_prompt": lambda v: v in (None, True),  # chat: the router's template rendering adds it
+    "continue_final_message": lambda v: v in (None, False),
+    "chat_template": lambda v: v is None,  # chat: the model's own template is the one rendered
 }
 
 

@@ -212,3 +212,27 @@ def test_a_body_that_is_not_json_is_a_400(raw):
         load_body(raw)
     assert err.value.status == 400 and err.value.param == "body" and err.value.code == "invalid_json"
     assert load_body(b'{"prompt": [[1]]}') == {"prompt": [[1]]}
+
+
+VLLM_EXTRAS = {  # vLLM's sampling extensions the router has no equivalent for: field -> (a non-default, its default)
+    "repetition_penalty": (1.2, 1.0), "min_p": (0.1, 0.0), "min_tokens": (3, 0), "length_penalty": (0.5, 1.0),
+    "use_beam_search": (True, False), "include_stop_str_in_output": (True, False),
+    "skip_special_tokens": (False, True), "spaces_between_special_tokens": (False, True),
+    "return_tokens_as_token_ids": (True, False), "prompt_logprobs": (1, None), "truncate_prompt_tokens": (8, None),
+    "allowed_token_ids": ([5, 6], []), "bad_words": (["x"], []), "guided_json": ({"type": "object"}, None),
+    "guided_regex": ("a+", None), "guided_choice": (["yes", "no"], None), "guided_grammar": ("root ::= 'a'", None),
+    "structured_outputs": ({"json": {}}, None), "add_generation_prompt": (False, True),
+    "continue_final_message": (True, False), "chat_template": ("{{ messages }}", None),
+}
+
+
+@pytest.mark.parametrize("field", list(VLLM_EXTRAS))
+def test_vllms_unserved_extensions_are_refused_unless_default_not_silently_ignored(field):
+    """A vLLM client sending repetition_penalty or guided_json got an unpenalized / unguided 200."""
+    other, default = VLLM_EXTRAS[field]
+    messages = [{"role": "user", "content": "x"}]
+    for kind, body in (("completion", {"prompt": "a"}), ("chat", {"messages": messages})):
+        with pytest.raises(GatewayError) as err:
+            parse({**body, field: other}, kind)
+        assert err.value.status == 400 and err.value.param == field and "not supported" in err.value.message
+        assert len(parse({**body, field: default}, kind).requests) == 1  # the default value is fine
