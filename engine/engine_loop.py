@@ -219,4 +219,5 @@ def merge_outputs(a: StepOutput, b: StepOutput) -> StepOutput:
         a.logprobs + b.logprobs,
         b.num_prompt_tokens,
         b.num_cached_tokens,
+        b.stop_reason,
     )

@@ -58,6 +58,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id that ended it; EOS, length: None
 
     @property
     def cumulative_logprob(self) -> float | None:
@@ -264,6 +265,7 @@ class LLM:
                     out.logprobs += step.logprobs
                     if step.finished:
                         out.finish_reason = step.finish_reason.value if step.finish_reason else None
+                        out.stop_reason = step.stop_reason
                     if out.index == 0:
                         owners[step.request_id].num_cached_tokens = step.num_cached_tokens
         except BaseException:

@@ -26,6 +26,7 @@ class StepOutput:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    stop_reason: int | str | None = None  # as vLLM's: the stop string or stop token id that ended it (EOS: None)
 
 
 @dataclass(slots=True)
@@ -93,8 +94,12 @@ class OutputProcessor:
         text = detok.push(token_id) + (detok.flush() if reason is not None else "")
         stop = self.stops[seq.request_id]
         delta = stop.push(text)
+        stop_reason: int | str | None = None
         if stop.hit:
-            reason = FinishReason.STOP
+            reason, stop_reason = FinishReason.STOP, stop.matched
+        elif reason is FinishReason.STOP and token_id in seq.params.stop_token_ids and (
+                seq.params.ignore_eos or token_id not in self.eos_token_ids):  # EOS first, as in vLLM
+            stop_reason = token_id
         if reason is not None:
             delta += stop.flush()
         seq.text = stop.text
@@ -107,6 +112,7 @@ class OutputProcessor:
             [r.logprobs] if r.logprobs is not None else [],
             len(seq.prompt_token_ids),
             seq.num_cached_tokens,
+            stop_reason,
         )
 
     def emit_all(self, recorded: list[Recorded], finish: Callable[[Sequence, FinishReason | None], None]

@@ -9,6 +9,7 @@ class StopChecker:
         self.text = ""
         self.emitted = 0
         self.hit = False
+        self.matched: str | None = None  # the stop string that hit
 
     def push(self, delta: str) -> str:
         """Add decoded text; return the part now safe to stream."""
@@ -22,7 +23,7 @@ class StopChecker:
         for s in self.stop:
             i = self.text.find(s, start)
             if i != -1 and (first == -1 or i < first):
-                first = i
+                first, self.matched = i, s
         if first != -1:
             self.hit = True
             self.text = self.text[:first]

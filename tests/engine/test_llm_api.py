@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdserve import LLM, SamplingParams
@@ -120,3 +122,18 @@ def test_vllms_engine_arguments_that_mean_something_here_are_taken():
                       ({"enforce_eager": "yes"}, "enforce_eager")):
         with pytest.raises(ValueError, match=name):
             LLM(model="tiny", num_blocks=64, **bad)
+
+
+def test_stop_reason_names_the_stop_string_or_token_id_as_in_vllm(tiny_llm):
+    long = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    (free,) = tiny_llm.generate("Once upon a time", long)
+    assert free.outputs[0].stop_reason is None and free.outputs[0].finish_reason == "length"
+    stop_id = free.outputs[0].token_ids[3]
+    (by_id,) = tiny_llm.generate("Once upon a time", replace(long, stop_token_ids=(stop_id,)))
+    assert (by_id.outputs[0].finish_reason, by_id.outputs[0].stop_reason) == ("stop", stop_id)
+    assert by_id.outputs[0].token_ids[-1] == stop_id
+    text = free.outputs[0].text
+    word = text[len(text) // 2:len(text) // 2 + 2]
+    (by_str,) = tiny_llm.generate("Once upon a time", replace(long, stop=("never-in-this-text", word)))
+    assert (by_str.outputs[0].finish_reason, by_str.outputs[0].stop_reason) == ("stop", word)
+    assert word not in by_str.outputs[0].text
