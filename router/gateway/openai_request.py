@@ -168,6 +168,7 @@ _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     "add_generation_prompt": lambda v: v in (None, True),  # chat: the router's template rendering adds it
     "continue_final_message": lambda v: v in (None, False),
     "chat_template": lambda v: v is None,  # chat: the model's own template is the one rendered
+    "priority": lambda v: v in (None, 0),  # vLLM's (lower first); the router's classes are not open to HTTP
 }
 
 

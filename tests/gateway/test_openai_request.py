@@ -222,7 +222,7 @@ VLLM_EXTRAS = {  # vLLM's sampling extensions the router has no equivalent for: 
     "allowed_token_ids": ([5, 6], []), "bad_words": (["x"], []), "guided_json": ({"type": "object"}, None),
     "guided_regex": ("a+", None), "guided_choice": (["yes", "no"], None), "guided_grammar": ("root ::= 'a'", None),
     "structured_outputs": ({"json": {}}, None), "add_generation_prompt": (False, True),
-    "continue_final_message": (True, False), "chat_template": ("{{ messages }}", None),
+    "continue_final_message": (True, False), "chat_template": ("{{ messages }}", None), "priority": (-1, 0),
 }
 
 
