@@ -152,6 +152,25 @@ def _vllm_engine_args(kwargs: dict) -> dict:
     return kwargs
 
 
+def _lora_names(engine, lora_request) -> list[str | None]:
+    """vLLM's ``lora_request`` (a ``LoRARequest``, or one per prompt) -> adapter names, loading an adapter named
+    for the first time from its ``lora_path`` (as vLLM does on first use)."""
+    out = []
+    for req in lora_request if isinstance(lora_request, list) else [lora_request]:
+        if req is None:
+            out.append(None)
+            continue
+        name, path = getattr(req, "lora_name", None), getattr(req, "lora_path", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"lora_request: expected vLLM's LoRARequest (lora_name, lora_path), got {req!r:.80}")
+        if name not in engine.adapters():
+            if not path:
+                raise ValueError(f"lora_request: adapter {name!r} is not loaded and has no lora_path")
+            engine.load_adapter(name, path)
+        out.append(name)
+    return out if isinstance(lora_request, list) else out[0]
+
+
 def _lora_modules(modules) -> tuple[tuple[str, str], ...]:
     """``lora_modules`` as EngineConfig takes it, from a dict {name: path} or any sequence of pairs."""
     if isinstance(modules, dict):
@@ -189,6 +208,7 @@ class LLM:
         use_tqdm: bool = False,
         lora_name: str | None | list[str | None] = None,
         chat_template: str | None = None,
+        lora_request=None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict | None = None,
@@ -205,7 +225,7 @@ class LLM:
                                             continue_final_message=continue_final_message,
                                             **(chat_template_kwargs or {})) for conv in convs]
         outs = self.generate([{"prompt_token_ids": tok.encode(text, add_special_tokens=False)} for text in rendered],
-                             sampling_params, lora_name=lora_name, use_tqdm=use_tqdm)
+                             sampling_params, lora_name=lora_name, use_tqdm=use_tqdm, lora_request=lora_request)
         for out, text in zip(outs, rendered, strict=True):
             out.prompt = text
         return outs
@@ -217,9 +237,16 @@ class LLM:
         priorities: list[int] | None = None,
         lora_name: str | None | list[str | None] = None,
         use_tqdm: bool = False,  # vLLM's; there is no progress bar here
+        lora_request=None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion, batched together; outputs keep the input order. ``lora_name``: one
-        adapter for every prompt, or one per prompt (None: the base model)."""
+        adapter for every prompt, or one per prompt (None: the base model); or vLLM's ``lora_request``
+        (``LoRARequest(name, id, path)`` or anything with ``lora_name`` / ``lora_path``; loaded on first use).
+        ``priorities``: higher first (vLLM's ``priority`` is lower first, so it is not taken under that name)."""
+        if lora_request is not None:
+            if lora_name is not None:
+                raise ValueError("lora_request: give lora_name or lora_request, not both")
+            lora_name = _lora_names(self.engine, lora_request)
         if not isinstance(prompts, str | list | tuple | dict):
             raise ValueError(f"prompts: expected a string, token ids or a list of them, got {prompts!r:.80}")
         if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):

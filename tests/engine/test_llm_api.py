@@ -137,3 +137,21 @@ def test_stop_reason_names_the_stop_string_or_token_id_as_in_vllm(tiny_llm):
     (by_str,) = tiny_llm.generate("Once upon a time", replace(long, stop=("never-in-this-text", word)))
     assert (by_str.outputs[0].finish_reason, by_str.outputs[0].stop_reason) == ("stop", word)
     assert word not in by_str.outputs[0].text
+
+
+def test_vllms_lora_request_loads_the_adapter_on_first_use_and_serves_it(tmp_path):
+    from collections import namedtuple
+
+    from tests.engine.lora_helpers import make_adapter
+
+    LoRARequest = namedtuple("LoRARequest", "lora_name lora_int_id lora_path")  # vLLM's fields and order
+    llm = LLM(model="tiny", num_blocks=64, enable_lora=True, max_lora_rank=16)
+    path = make_adapter(llm.engine.runner.model_path, tmp_path / "a", 8, seed=1)
+    base, tuned = llm.generate(["Hello", "Hello"], GREEDY, lora_request=[None, LoRARequest("sql", 1, path)])
+    assert llm.engine.adapters() == ["sql"]
+    (by_name,) = llm.generate("Hello", GREEDY, lora_name="sql")
+    assert tuned.outputs[0].token_ids == by_name.outputs[0].token_ids != base.outputs[0].token_ids
+    with pytest.raises(ValueError, match="lora_request"):
+        llm.generate("Hello", GREEDY, lora_request=LoRARequest("other", 2, ""))
+    with pytest.raises(ValueError, match="lora_request"):
+        llm.generate("Hello", GREEDY, lora_request="sql")
