@@ -252,10 +252,12 @@ class LLM:
         if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = [_prompt_of(p) for p in prompts]
-        params = sampling_params or SamplingParams()
-        per = params if isinstance(params, list) else [params] * len(prompts)
+        params = SamplingParams() if sampling_params is None else sampling_params
+        per = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
         if len(per) != len(prompts):
             raise ValueError("sampling_params: list length must match prompts")
+        if not all(isinstance(p, SamplingParams) for p in per):
+            raise ValueError(f"sampling_params: expected a SamplingParams or a list of them, got {params!r:.80}")
         if priorities is not None and (not isinstance(priorities, list) or len(priorities) != len(prompts) or not all(
                 isinstance(p, int) and not isinstance(p, bool) for p in priorities)):
             raise ValueError("priorities: expected one integer per prompt")

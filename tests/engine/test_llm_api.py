@@ -155,3 +155,11 @@ def test_vllms_lora_request_loads_the_adapter_on_first_use_and_serves_it(tmp_pat
         llm.generate("Hello", GREEDY, lora_request=LoRARequest("other", 2, ""))
     with pytest.raises(ValueError, match="lora_request"):
         llm.generate("Hello", GREEDY, lora_request="sql")
+
+
+def test_sampling_params_may_be_a_tuple_and_anything_else_is_a_value_error(tiny_llm):
+    a, b = tiny_llm.generate(["Hello", "Hello"], (GREEDY, replace(GREEDY, max_tokens=3)))
+    assert len(a.outputs[0].token_ids) == 6 and len(b.outputs[0].token_ids) == 3
+    for bad in ({"max_tokens": 3}, [GREEDY, {"max_tokens": 3}], 0.5):
+        with pytest.raises(ValueError, match="sampling_params"):
+            tiny_llm.generate(["Hello", "Hello"], bad)
