@@ -280,6 +280,8 @@ def _parse(body, kind: str, default_chat_max_tokens: int | None) -> Plan:
         if not isinstance(options, dict):
             raise bad_field("stream_options", "expected an object")
         include_usage = _bool(options, "include_usage")
+        if options.get("continuous_usage_stats") not in (None, False):  # vLLM's usage in every chunk
+            raise bad_field("stream_options.continuous_usage_stats", "is not supported by this server")
     user = body.get("user")
     if user is not None and (not isinstance(user, str) or len(user) > MAX_TENANT_LEN):
         raise bad_field("user", f"expected a string of at most {MAX_TENANT_LEN} characters")

@@ -59,6 +59,10 @@ BAD = {
     "too many prompts": ({"prompt": ["a"] * 257}, "prompt"),  # n was not set, yet it was blamed
     "stop": ({"prompt": "a", "stop": [1]}, "stop"),
     "stream_options without stream": ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+    # vLLM's usage in every chunk: a client counting on it got chunks with no usage
+    "continuous usage": ({"prompt": "a", "stream": True, "stream_options": {"include_usage": True,
+                                                                          "continuous_usage_stats": True}},
+                         "stream_options.continuous_usage_stats"),
     "echo": ({"prompt": "a", "echo": True}, "echo"),
     "best_of": ({"prompt": "a", "best_of": 3}, "best_of"),
     "penalty": ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
