@@ -79,15 +79,23 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt: str | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: None = None  # vLLM's, None unless asked for (and SamplingParams has no prompt_logprobs)
 
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
 
 
+_PROMPT_KEYS = ("prompt", "prompt_token_ids", "cache_salt")  # vLLM's; a salt only isolates its prefix cache
+
+
 def _prompt_of(prompt) -> str | list[int]:
     """A string or token ids, from any form ``generate`` takes (vLLM's dicts included)."""
     if isinstance(prompt, dict):
+        extra = sorted(k for k, v in prompt.items() if k not in _PROMPT_KEYS and v is not None)
+        if extra:  # multi_modal_data, mm_processor_kwargs...: refused, not silently dropped
+            raise ValueError(f"prompts: a dict prompt's {', '.join(map(repr, extra))} is not supported (text and "
+                             "token ids only)")
         if "prompt_token_ids" in prompt:
             return prompt["prompt_token_ids"]
         if "prompt" in prompt:
