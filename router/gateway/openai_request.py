@@ -168,6 +168,8 @@ _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     "add_generation_prompt": lambda v: v in (None, True),  # chat: the router's template rendering adds it
     "continue_final_message": lambda v: v in (None, False),
     "chat_template": lambda v: v is None,  # chat: the model's own template is the one rendered
+    "chat_template_kwargs": lambda v: not v,  # e.g. Qwen3's enable_thinking: the router renders without them
+    "mm_processor_kwargs": lambda v: not v,
     "priority": lambda v: v in (None, 0),  # vLLM's (lower first); the router's classes are not open to HTTP
 }
 

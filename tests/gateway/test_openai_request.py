@@ -227,6 +227,7 @@ VLLM_EXTRAS = {  # vLLM's sampling extensions the router has no equivalent for: 
     "guided_regex": ("a+", None), "guided_choice": (["yes", "no"], None), "guided_grammar": ("root ::= 'a'", None),
     "structured_outputs": ({"json": {}}, None), "add_generation_prompt": (False, True),
     "continue_final_message": (True, False), "chat_template": ("{{ messages }}", None), "priority": (-1, 0),
+    "chat_template_kwargs": ({"enable_thinking": False}, {}), "mm_processor_kwargs": ({"fps": 1}, None),
 }
 
 
