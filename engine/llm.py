@@ -160,7 +160,7 @@ def _vllm_engine_args(kwargs: dict) -> dict:
     return kwargs
 
 
-def _lora_names(engine, lora_request) -> list[str | None]:
+def _lora_names(engine, lora_request) -> str | None | list[str | None]:
     """vLLM's ``lora_request`` (a ``LoRARequest``, or one per prompt) -> adapter names, loading an adapter named
     for the first time from its ``lora_path`` (as vLLM does on first use)."""
     out = []
@@ -214,16 +214,18 @@ class LLM:
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
-        lora_name: str | None | list[str | None] = None,
-        chat_template: str | None = None,
         lora_request=None,
+        chat_template: str | None = None,
+        *,
+        lora_name: str | None | list[str | None] = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
         """vLLM's ``LLM.chat``: each conversation rendered with the tokenizer's chat template (or ``chat_template``),
         tokenized without added special tokens (the template writes its own, as the router does for the
-        gateway's chat), then ``generate``. Each output's ``prompt`` is the rendered text."""
+        gateway's chat), then ``generate``. Each output's ``prompt`` is the rendered text. The first five parameters
+        are vLLM's, in its order."""
         convs = _conversations(messages)
         tok = self.engine.tokenizer
         if chat_template is None and not getattr(tok, "chat_template", None):
