@@ -9,12 +9,15 @@ one dict per token, {token id: ``Logprob``} (the sampled token and the top ``Sam
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.models import DEFAULT_MODEL
 from pdserve.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class Logprob(float):
@@ -143,7 +146,8 @@ def _vllm_engine_args(kwargs: dict) -> dict:
     """vLLM's ``LLM(...)`` arguments that mean something here -> EngineConfig's: ``tensor_parallel_size`` /
     ``pipeline_parallel_size`` 1 (one engine per process; anything else is a ValueError), ``enforce_eager`` (no
     CUDA graphs), ``trust_remote_code`` (accepted; no model code is ever loaded from the hub), ``dtype`` ``half`` /
-    ``float``."""
+    ``float``, ``gpu_memory_utilization`` (checked, then ignored with a warning: the KV cache is sized by
+    ``kv_cache_bytes`` or ``num_blocks``)."""
     for name in ("tensor_parallel_size", "pipeline_parallel_size"):
         size = kwargs.pop(name, 1)
         if size != 1 or isinstance(size, bool):
@@ -153,6 +157,12 @@ def _vllm_engine_args(kwargs: dict) -> dict:
         if not isinstance(kwargs.get(name, False), bool):
             raise ValueError(f"{name}: must be True or False, got {kwargs[name]!r}")
     kwargs.pop("trust_remote_code", None)
+    if "gpu_memory_utilization" in kwargs:  # vLLM sizes its KV cache by it; here kv_cache_bytes / num_blocks do
+        util = kwargs.pop("gpu_memory_utilization")
+        if not isinstance(util, int | float) or isinstance(util, bool) or not 0 < util <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {util!r}")
+        logger.warning("gpu_memory_utilization=%s is ignored: the KV cache is sized by kv_cache_bytes (or num_blocks)",
+                       util)
     if kwargs.pop("enforce_eager", False):
         kwargs.setdefault("cuda_graphs", False)
     if isinstance(kwargs.get("dtype"), str):
@@ -191,8 +201,8 @@ def _lora_modules(modules) -> tuple[tuple[str, str], ...]:
 
 class LLM:
     """``LLM(model, enable_lora=True, lora_modules={"name": "/peft/dir"})`` serves LoRA adapters too. Takes
-    EngineConfig's fields, and vLLM's ``tensor_parallel_size=1``, ``enforce_eager``, ``trust_remote_code`` and
-    ``dtype="half"`` (``_vllm_engine_args``)."""
+    EngineConfig's fields, and vLLM's ``tensor_parallel_size=1``, ``enforce_eager``, ``trust_remote_code``,
+    ``dtype="half"`` and ``gpu_memory_utilization`` (``_vllm_engine_args``)."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
         kwargs = _vllm_engine_args(kwargs)

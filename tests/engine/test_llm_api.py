@@ -119,14 +119,16 @@ def test_chat_without_a_template_or_with_bad_messages_is_a_value_error(tiny_llm)
             tiny_llm.chat(bad, GREEDY, chat_template=CHAT_TEMPLATE)
 
 
-def test_vllms_engine_arguments_that_mean_something_here_are_taken():
+def test_vllms_engine_arguments_that_mean_something_here_are_taken(caplog):
     llm = LLM(model="tiny", num_blocks=64, tensor_parallel_size=1, enforce_eager=True, trust_remote_code=True,
-              dtype="half")
+              dtype="half", gpu_memory_utilization=0.9)
     assert llm.engine.config.cuda_graphs is False and llm.engine.config.dtype == "float16"
+    assert "gpu_memory_utilization=0.9 is ignored" in caplog.text
     assert LLM(model="tiny", num_blocks=64, dtype="float").engine.config.dtype == "float32"
     for bad, name in (({"tensor_parallel_size": 2}, "tensor_parallel_size"),
                       ({"pipeline_parallel_size": 4}, "pipeline_parallel_size"),
-                      ({"enforce_eager": "yes"}, "enforce_eager")):
+                      ({"enforce_eager": "yes"}, "enforce_eager"),
+                      ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization")):
         with pytest.raises(ValueError, match=name):
             LLM(model="tiny", num_blocks=64, **bad)
 
