@@ -10,7 +10,7 @@ one dict per token, {token id: ``Logprob``} (the sampled token and the top ``Sam
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
@@ -170,6 +170,32 @@ def _vllm_engine_args(kwargs: dict) -> dict:
     return kwargs
 
 
+# the model's generation_config.json fields vLLM takes as default sampling parameters -> ours
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens"}
+_GENERATION_UNSERVED = {"repetition_penalty": 1.0, "min_p": 0.0}  # vLLM applies these; there is no equivalent here
+
+
+class _DefaultSamplingParams(SamplingParams):
+    """What ``LLM.get_default_sampling_params`` returns. vLLM's example scripts set its fields
+    (``params.max_tokens = 64``), so this one takes assignments, each checked as the constructor checks it."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value) -> None:
+        checked = replace(self, **{name: value})  # a TypeError for an unknown field, a ValueError for a bad value
+        object.__setattr__(self, name, getattr(checked, name))
+
+    def __eq__(self, other) -> bool:  # equal to a plain SamplingParams with the same fields
+        if not isinstance(other, SamplingParams):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(SamplingParams))
+
+    __hash__ = None  # it changes
+
+    def __repr__(self) -> str:
+        return "SamplingParams" + super().__repr__()[len(type(self).__qualname__):]
+
+
 def _lora_names(engine, lora_request) -> str | None | list[str | None]:
     """vLLM's ``lora_request`` (a ``LoRARequest``, or one per prompt) -> adapter names, loading an adapter named
     for the first time from its ``lora_path`` (as vLLM does on first use)."""
@@ -218,6 +244,18 @@ class LLM:
     def get_tokenizer(self):
         """vLLM's name for ``tokenizer``."""
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """As vLLM's: ``SamplingParams()`` with the temperature, top_p, top_k and max_new_tokens (as max_tokens) that
+        the model's generation_config.json sets; what ``generate`` uses when given none. Its fields may be assigned
+        (vLLM's examples do), each assignment checked."""
+        gen = getattr(self.engine.runner.model, "generation_config", None)
+        diff = gen.to_diff_dict() if hasattr(gen, "to_diff_dict") else {}
+        kwargs = {ours: diff[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if diff.get(theirs) is not None}
+        unserved = {k: diff[k] for k, default in _GENERATION_UNSERVED.items() if diff.get(k, default) != default}
+        if unserved:
+            logger.warning("generation_config sets %s, which this engine does not apply", unserved)
+        return _DefaultSamplingParams(**kwargs)
 
     def chat(
         self,
@@ -272,7 +310,7 @@ class LLM:
         if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = [_prompt_of(p) for p in prompts]
-        params = SamplingParams() if sampling_params is None else sampling_params
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         per = list(params) if isinstance(params, list | tuple) else [params] * len(prompts)
         if len(per) != len(prompts):
             raise ValueError("sampling_params: list length must match prompts")

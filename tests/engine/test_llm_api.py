@@ -172,3 +172,32 @@ def test_sampling_params_may_be_a_tuple_and_anything_else_is_a_value_error(tiny_
     for bad in ({"max_tokens": 3}, [GREEDY, {"max_tokens": 3}], 0.5):
         with pytest.raises(ValueError, match="sampling_params"):
             tiny_llm.generate(["Hello", "Hello"], bad)
+
+
+def test_default_sampling_params_come_from_generation_config_and_take_assignments_as_in_vllms_examples(tmp_path):
+    import json
+    import shutil
+
+    from pdserve.engine.models import resolve_model
+
+    src, _ = resolve_model("tiny")
+    shutil.copytree(src, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7}))
+    llm = LLM(model=str(tmp_path / "m"), num_blocks=64)
+    params = llm.get_default_sampling_params()
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.6, 0.9, 0, 7)
+    params.max_tokens = 5  # vLLM's examples/offline_inference/basic/generate.py does this
+    params.temperature = 0
+    params.stop = "x"
+    assert (params.max_tokens, params.temperature, params.stop) == (5, 0, ("x",))
+    with pytest.raises(ValueError, match="max_tokens"):
+        params.max_tokens = 0
+    assert params.max_tokens == 5
+    (out,) = llm.generate("Hello", params)
+    assert len(out.outputs[0].token_ids) <= 5
+    (default,) = llm.generate("Hello")  # no params: the generation config's (max_new_tokens 7)
+    assert len(default.outputs[0].token_ids) <= 7 and default.outputs[0].finish_reason in ("length", "stop")
+    assert LLM("tiny", num_blocks=64).get_default_sampling_params() == SamplingParams()
+    assert SamplingParams() == LLM("tiny", num_blocks=64).get_default_sampling_params()
+    assert repr(params).startswith("SamplingParams(max_tokens=5,")
