@@ -19,8 +19,8 @@ def prompt_of(prompt) -> str | list[int]:
     if isinstance(prompt, dict):
         extra = sorted(k for k, v in prompt.items() if k not in _PROMPT_KEYS and v is not None)
         if extra:  # multi_modal_data, mm_processor_kwargs...: refused, not silently dropped
-            raise ValueError(f"prompts: a dict prompt's {', '.join(map(repr, extra))} is not supported (text and "
-                             "token ids only)")
+            raise ValueError("prompts: a dict prompt needs 'prompt' or 'prompt_token_ids' (text and token ids only); "
+                             f"{', '.join(map(repr, extra))} is not supported")
         if "prompt_token_ids" in prompt:
             return prompt["prompt_token_ids"]
         if "prompt" in prompt:
