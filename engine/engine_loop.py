@@ -32,6 +32,7 @@ class EngineLoop:
         self.step_delay_s = step_delay_s  # fault injection / tests: slow every step down
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: dict[str, Listener] = {}
+        self._ended: set[str] = set()  # requests whose last output the current step delivered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.stats = LoadStats(
@@ -178,14 +179,18 @@ class EngineLoop:
             self._publish_stats()
 
     def _step(self) -> None:
-        # a failing step fails the requests it ran and those whose last output it had still to make
+        # a failing step fails the requests it ran and those whose last output it had still to make, but not one
+        # whose last output it made before failing (async output): that request ended well, and a prefill-only
+        # one's held blocks are still being read by its transfer (aborting it would release them under it)
         running = [s.request_id for s in self.engine.scheduler.running] + self.engine.unemitted_ids()
+        self._ended.clear()
         t0 = time.perf_counter()
         try:
             self.engine.step(emit=self._deliver)  # outputs go out as soon as they are made (during the next forward)
             if self.on_step is not None:
                 self.on_step(time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+            running = [rid for rid in running if rid not in self._ended]
             logger.exception("engine step failed; failing %d requests", len(running))
             for rid in running:
                 self.engine.abort(rid)
@@ -198,6 +203,7 @@ class EngineLoop:
             self._totals.generated += len(out.new_token_ids)
             listener = self._listeners.get(out.request_id)
             if out.finished:
+                self._ended.add(out.request_id)
                 self._listeners.pop(out.request_id, None)
                 self._totals.prompt += out.num_prompt_tokens
                 self._totals.hit += out.num_cached_tokens

@@ -183,3 +183,45 @@ def test_prefill_only_requests_hold_their_blocks_in_the_step_that_ends_them(engi
     assert out.finished and out.new_token_ids
     assert eng.release("pf")
     assert_idle(eng)
+
+
+def test_a_failing_step_keeps_the_hold_of_a_prefill_only_request_whose_last_output_it_made():
+    """Async output: a prefill-only request ends (its blocks held for its transfer) in one step, its output comes in
+    the next. If that next step's forward fails, the output already went out (the request ended well and its
+    transfer goes on reading the held blocks): the failure must not abort it, which would free them under it."""
+    llm = LLM("tiny", num_blocks=64, async_output="on")
+    eng = llm.engine
+    loop = EngineLoop(eng, name="async-fail-held").start()
+    got: dict[str, list] = {"pf": [], "long": []}
+    done = {k: threading.Event() for k in got}
+    execute = eng.runner.execute
+
+    def failing(*a, **k):
+        if "pf" in eng.held:  # pf ended in the step before: this forward overlaps its last output
+            raise RuntimeError("injected forward failure")
+        return execute(*a, **k)
+
+    def listener(rid):
+        def deliver(item):
+            got[rid].append(item)
+            if isinstance(item, BaseException) or item.finished:
+                done[rid].set()
+        return deliver
+
+    def add(e):
+        e.runner.execute = failing
+        loop.listen("long", listener("long"))
+        e.add_request("long", "Hello", SamplingParams(max_tokens=50, ignore_eos=True))
+        loop.listen("pf", listener("pf"))
+        e.add_request("pf", "Hello there, prefill only", SamplingParams(max_tokens=5), prefill_only=True)
+
+    try:
+        loop.call(add).result(10)
+        assert done["pf"].wait(20) and done["long"].wait(20)
+        assert got["pf"][-1].finished and isinstance(got["long"][-1], RuntimeError)
+        assert loop.call(lambda e: "pf" in e.held).result(10)  # still held: its transfer owns it until release
+        loop.call(lambda e: delattr(e.runner, "execute")).result(10)
+        assert loop.call(lambda e: e.release("pf")).result(10)
+        loop.call(assert_idle).result(10)
+    finally:
+        loop.stop()
