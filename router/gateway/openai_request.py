@@ -266,6 +266,10 @@ def _parse(body, kind: str, default_chat_max_tokens: int | None) -> Plan:
     for name, is_default in _UNSUPPORTED.items():
         if not is_default(body.get(name)):
             raise bad_field(name, "is not supported by this server")
+    special = body.get("add_special_tokens")  # vLLM's: the router adds them to a prompt, never to a rendered chat
+    if special is not None and special != (kind == "completion"):
+        raise bad_field("add_special_tokens", f"is not supported by this server (only {kind == 'completion'} for "
+                        f"{kind}s)")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_field("model", f"expected a string, got {model!r}")

@@ -241,3 +241,14 @@ def test_vllms_unserved_extensions_are_refused_unless_default_not_silently_ignor
             parse({**body, field: other}, kind)
         assert err.value.status == 400 and err.value.param == field and "not supported" in err.value.message
         assert len(parse({**body, field: default}, kind).requests) == 1  # the default value is fine
+
+
+def test_vllms_add_special_tokens_is_refused_where_the_router_would_do_otherwise():
+    """A client that renders its own chat template sends add_special_tokens: false to /v1/completions (no second
+    BOS); the router tokenizes prompts with them, so that was a silently different prompt."""
+    for kind, body, served in (("completion", {"prompt": "a"}, True),
+                               ("chat", {"messages": [{"role": "user", "content": "x"}]}, False)):
+        with pytest.raises(GatewayError) as err:
+            parse({**body, "add_special_tokens": not served}, kind)
+        assert err.value.status == 400 and err.value.param == "add_special_tokens"
+        assert len(parse({**body, "add_special_tokens": served}, kind).requests) == 1
