@@ -186,8 +186,9 @@ class EngineLoop:
         self._ended.clear()
         t0 = time.perf_counter()
         try:
+            steps = self.engine.num_steps
             self.engine.step(emit=self._deliver)  # outputs go out as soon as they are made (during the next forward)
-            if self.on_step is not None:
+            if self.on_step is not None and self.engine.num_steps > steps:  # not a call that only made outputs
                 self.on_step(time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
             running = [rid for rid in running if rid not in self._ended]

@@ -68,17 +68,18 @@ class Stepper:
         collected: list[StepOutput] = []
         deliver = emit if emit is not None else collected.extend
         recorded, self.recorded = self.recorded, []
-        scheduled = e.scheduler.schedule()
+        try:  # until the last step's outputs are made, a failure makes them first: they are not lost with this step
+            scheduled = e.scheduler.schedule()
+            if scheduled:
+                layer_ready = e.kv_connector.layer_ready(scheduled) if e.kv_connector is not None else None
+                sampling = [s for s in scheduled if s.samples]
+                launched = self._launch(_batch_items(scheduled), layer_ready, sampling)
+        except BaseException:
+            deliver(e.outputs.emit_all(recorded, e.finish))
+            raise
         if not scheduled:
             deliver(e.outputs.emit_all(recorded, e.finish))
             return collected
-        layer_ready = e.kv_connector.layer_ready(scheduled) if e.kv_connector is not None else None
-        sampling = [s for s in scheduled if s.samples]
-        try:
-            launched = self._launch(_batch_items(scheduled), layer_ready, sampling)
-        except BaseException:
-            deliver(e.outputs.emit_all(recorded, e.finish))  # not lost with this step
-            raise
         if self.async_output:  # on CUDA the forward only queued kernels: make the last step's outputs meanwhile
             deliver(e.outputs.emit_all(recorded, e.finish))
         recorded = self._record(scheduled, sampling, launched.results() if launched is not None else [])

@@ -225,3 +225,47 @@ def test_a_failing_step_keeps_the_hold_of_a_prefill_only_request_whose_last_outp
         loop.call(assert_idle).result(10)
     finally:
         loop.stop()
+
+
+def test_a_failure_before_the_forward_still_makes_the_last_steps_outputs(engines):
+    """The scheduler (or a connector's callback) failing must not lose the outputs the step had still to make."""
+    eng = engines["on"].engine
+    eng.add_request("before", "Hello", SamplingParams(max_tokens=1))
+    eng.add_request("other", "Hello again", SamplingParams(max_tokens=4, ignore_eos=True))
+    eng.step()
+    assert "before" in eng.unemitted_ids()
+
+    def broken():
+        raise RuntimeError("injected scheduler failure")
+
+    eng.scheduler.schedule = broken
+    made = []
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            eng.step(emit=made.extend)
+    finally:
+        del eng.scheduler.schedule
+    assert [o.request_id for o in made if o.finished] == ["before"]
+    assert eng.unemitted_ids() == []
+    eng.abort("other")
+    while eng.has_unfinished():
+        eng.step()
+    assert_idle(eng)
+
+
+def test_the_step_histogram_sees_only_calls_that_ran_a_forward():
+    llm = LLM("tiny", num_blocks=64, async_output="on")
+    loop = EngineLoop(llm.engine, name="async-hist")
+    seen = []
+    loop.on_step = seen.append
+    loop.start()
+    try:
+        loop.call(lambda e: e.add_request("h", "Hello", SamplingParams(max_tokens=3, ignore_eos=True))).result(10)
+        for _ in range(500):
+            if loop.call(lambda e: not e.has_unfinished()).result(10):
+                break
+            threading.Event().wait(0.01)
+        assert loop.call(lambda e: e.num_steps).result(10) == 3  # prefill, then 2 decode steps
+        assert len(seen) == 3  # the 4th call only made the last output
+    finally:
+        loop.stop()
