@@ -11,7 +11,7 @@ from pdserve.engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-_PROMPT_KEYS = ("prompt", "prompt_token_ids", "cache_salt")  # vLLM's; a salt only isolates its prefix cache
+_PROMPT_KEYS = ("prompt", "prompt_token_ids")  # vLLM's others (cache_salt, multi_modal_data...) are refused
 
 
 def prompt_of(prompt) -> str | list[int]:
