@@ -5,7 +5,8 @@ block pool is checked (integrity + no block held by a finished request).
     python -m bench.chaos --requests 24 --faults cut      # only the faults whose name contains "cut"
 
 Faults: kill -9 a decode worker mid-stream; kill -9 a prefill worker mid-prefill; kill a router replica
-(clients retry on the other); SIGSTOP a decode worker past the clients' deadline; cut every 3rd KV transfer
+(clients retry on the other); SIGSTOP a decode worker past the clients' deadline; SIGSTOP a decode worker with
+the clients' deadline far off (the router finds it hung and moves its requests); cut every 3rd KV transfer
 connection in the middle of a frame (``--debug-kv-cut-every``). Prints, per fault:
 requests in flight, completed correctly, failed by status, blocks leaked, router retries, and (cut fault) KV
 transfers failed and KV transfers re-sent on a new connection (read from the prefill workers' metrics).
@@ -196,6 +197,14 @@ def run_fault(name: str, prompts, want, delay_ms: int = 20) -> FaultResult:
             _kill(victim, signal.SIGCONT)
             time.sleep(1.0)
             check_workers(c, tally(res, results, want))
+    elif name == "SIGSTOP decode mid-stream, moved":
+        # the deadline is far off: the router finds the stopped worker hung (its health polls time out) and moves its
+        # requests to the other decode worker; the stopped one, once continued, frees what they held
+        with LocalCluster(1, 2, policy="round_robin", extra_worker_args=args, router_args=router) as c:
+            victim = c.workers("decode")[0]
+            results = asyncio.run(drive([c.router_address], prompts, 60, lambda: _kill(victim, signal.SIGSTOP)))
+            _kill(victim, signal.SIGCONT)
+            check_workers(c, tally(res, results, want))
     elif name == "cut KV connection mid-transfer":
         # every 3rd transfer a prefill worker sends is cut in the middle of a frame (injected in kvtransfer)
         cut = [*args, "--debug-kv-cut-every", "3", "--metrics-port", "-1"]
@@ -210,7 +219,7 @@ def run_fault(name: str, prompts, want, delay_ms: int = 20) -> FaultResult:
 
 
 FAULTS = ["kill -9 decode mid-stream", "kill -9 prefill mid-prefill", "kill a router replica",
-          "SIGSTOP decode past the deadline", "cut KV connection mid-transfer"]
+          "SIGSTOP decode past the deadline", "SIGSTOP decode mid-stream, moved", "cut KV connection mid-transfer"]
 
 
 def main() -> None:

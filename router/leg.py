@@ -98,6 +98,9 @@ class DecodeLeg:
         metadata = self.credential.metadata(DECODE, decode_req.request_id) if self.credential is not None else None
         metadata = tracing.with_traceparent(metadata)
         call = decode.stub.Decode(decode_req, timeout=timeout_s, metadata=metadata)
+        legs = (decode, prefill) if prefill is not None else (decode,)
+        for w in legs:  # a worker found hung cancels the call (router.membership), and it is retried elsewhere
+            w.calls.add(call)
         try:
             async for chunk in call:
                 if first:
@@ -130,11 +133,16 @@ class DecodeLeg:
             task = asyncio.current_task()
             if task is None or task.cancelling():
                 raise  # this request was cancelled (the client went away)
-            # the call was cancelled under us: its channel closed (the worker left the membership). grpc raises
-            # CancelledError for that, which would end the handler with no status (the client hangs to its
-            # deadline): another worker can take the request
+            # the call was cancelled under us: a worker it depends on stopped answering (router.membership), or its
+            # channel closed (the worker left the membership). grpc raises CancelledError for both, which would end
+            # the handler with no status (the client hangs to its deadline): another worker can take the request
+            hung = next((w for w in legs if w.hung), None)
+            if hung is not None:
+                raise LegFailure(hung, f"{hung.role} worker {hung.address}: stopped answering mid-call") from None
             raise LegFailure(decode, f"decode worker {decode.address}: its channel closed mid-call") from None
         finally:
+            for w in legs:
+                w.calls.discard(call)
             if first and prefill is not None:
                 prefill.in_flight -= 1
             if finished:

@@ -41,6 +41,8 @@ class Worker:
     static: bool = False  # from --prefill/--decode/--config: listed for good, whether or not it also registers
     heartbeat: float = 0.0
     in_flight_at_poll: int = 0  # ``in_flight`` when ``load`` was polled (fresh load: see ``num_seqs``)
+    calls: set = field(default_factory=set)  # this router's Decode calls that depend on it (router.leg)
+    hung: bool = False  # its health polls time out: alive (its connection is up) but not answering
 
     @property
     def num_seqs(self) -> int:
@@ -174,6 +176,7 @@ class Membership:
             worker.in_flight_at_poll = worker.in_flight
             if not worker.healthy:
                 logger.info("%s worker %s is healthy", worker.role, worker.address)
+            worker.hung = False
             if time.monotonic() >= worker.open_until:
                 worker.healthy = True
                 worker.consecutive_failures = 0
@@ -186,6 +189,20 @@ class Membership:
             if worker.healthy and worker.consecutive_failures >= self.failure_threshold:
                 logger.warning("%s worker %s is unhealthy: %s", worker.role, worker.address, e.code().name)
                 worker.healthy = False
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self._hung(worker)
+
+    @staticmethod
+    def _hung(worker: Worker) -> None:
+        """A worker that stopped answering (stopped, wedged, swapping): its connection stays up, so the requests on
+        it would wait to their deadlines. Their calls are cancelled, which the decode leg turns into a migration
+        to another worker (router.leg); the worker, when it wakes, sees the cancels and frees their blocks."""
+        worker.hung = True
+        if worker.calls:
+            logger.warning("%s worker %s stopped answering; moving its %d requests", worker.role, worker.address,
+                           len(worker.calls))
+        for call in list(worker.calls):
+            call.cancel()
 
     def mark_failed(self, worker: Worker) -> None:
         """Circuit breaker: a request saw this worker fail. Open the circuit with exponential backoff

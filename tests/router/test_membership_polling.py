@@ -42,3 +42,44 @@ def test_a_hung_workers_poll_does_not_hold_up_the_others():
     fast_calls, hung_calls, fast_healthy, hung_healthy = asyncio.run(main())
     assert fast_calls >= 4 and fast_healthy, "the fast worker is polled every cycle while the other hangs"
     assert hung_calls == 1 and not hung_healthy, "one poll outstanding per worker; no second call piles up"
+
+
+class FailingStub:
+    def __init__(self, code):
+        self.code = code
+
+    async def GetLoad(self, request, timeout=None, metadata=None):
+        import grpc
+
+        raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), "injected")
+
+
+class FakeCall:
+    def __init__(self):
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_a_hung_worker_has_its_calls_cancelled_and_a_dead_one_does_not():
+    """Polls that time out (a stopped worker: its connection stays up) cancel the Decode calls that depend on it,
+    so the decode leg moves them (router.leg); a worker that refuses connections fails its calls by itself."""
+    import grpc
+
+    async def main():
+        m = Membership(poll_interval_s=0.05, failure_threshold=2)
+        hung, dead = m.add("127.0.0.1:1", "decode"), m.add("127.0.0.1:2", "prefill")
+        hung.stub, dead.stub = FailingStub(grpc.StatusCode.DEADLINE_EXCEEDED), FailingStub(grpc.StatusCode.UNAVAILABLE)
+        calls = {w.address: FakeCall() for w in (hung, dead)}
+        for w in (hung, dead):
+            w.healthy = True
+            w.calls.add(calls[w.address])
+        for _ in range(2):
+            await m.poll(hung)
+            await m.poll(dead)
+        return hung, dead, calls
+
+    hung, dead, calls = asyncio.run(main())
+    assert not hung.healthy and hung.hung and calls[hung.address].cancelled
+    assert not dead.healthy and not dead.hung and not calls[dead.address].cancelled
