@@ -66,8 +66,16 @@ class OutputProcessor:
         self.unemitted: set[str] = set()  # requests that ``record`` ended, their last output not made yet
 
     def track(self, seq: Sequence) -> None:
-        self.detoks[seq.request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids)
-        self.stops[seq.request_id] = StopChecker(seq.params.stop)
+        """A migrated request's prompt ends with the ``sample_offset`` tokens another worker already streamed: they
+        are replayed, their text discarded, so what that worker still held back (an unfinished character, text that
+        might start a stop string) is streamed from here as the uninterrupted request would have."""
+        prompt = seq.prompt_token_ids
+        prior = 0 if seq.prefill_only else min(seq.sample_offset, len(prompt))  # prefill-only: no text is read
+        detok = IncrementalDetokenizer(self.tokenizer, prompt[: len(prompt) - prior])
+        stop = StopChecker(seq.params.stop)
+        for token_id in prompt[len(prompt) - prior :]:
+            stop.push(detok.push(token_id))
+        self.detoks[seq.request_id], self.stops[seq.request_id] = detok, stop
 
     def untrack(self, request_id: str) -> None:
         self.detoks.pop(request_id, None)
