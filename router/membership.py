@@ -64,6 +64,18 @@ class Worker:
         return time.monotonic() < self.open_until
 
 
+def cancel_calls_of_hung(worker: Worker) -> None:
+    """A worker that stopped answering (stopped, wedged, swapping): its connection stays up, so the requests on it
+    would wait to their deadlines. Their calls are cancelled, which the decode leg turns into a migration to another
+    worker (router.leg); the worker, when it wakes, sees the cancels and frees their blocks."""
+    worker.hung = True
+    if worker.calls:
+        logger.warning("%s worker %s stopped answering; moving its %d requests", worker.role, worker.address,
+                       len(worker.calls))
+    for call in list(worker.calls):
+        call.cancel()
+
+
 class Membership:
     def __init__(self, poll_interval_s: float = 0.5, failure_threshold: int = 2, on_change=None, tls=None,
                  dns: list[tuple[str, str]] | None = None, credential: ClusterCredential | None = None):
@@ -190,19 +202,7 @@ class Membership:
                 logger.warning("%s worker %s is unhealthy: %s", worker.role, worker.address, e.code().name)
                 worker.healthy = False
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    self._hung(worker)
-
-    @staticmethod
-    def _hung(worker: Worker) -> None:
-        """A worker that stopped answering (stopped, wedged, swapping): its connection stays up, so the requests on
-        it would wait to their deadlines. Their calls are cancelled, which the decode leg turns into a migration
-        to another worker (router.leg); the worker, when it wakes, sees the cancels and frees their blocks."""
-        worker.hung = True
-        if worker.calls:
-            logger.warning("%s worker %s stopped answering; moving its %d requests", worker.role, worker.address,
-                           len(worker.calls))
-        for call in list(worker.calls):
-            call.cancel()
+                    cancel_calls_of_hung(worker)
 
     def mark_failed(self, worker: Worker) -> None:
         """Circuit breaker: a request saw this worker fail. Open the circuit with exponential backoff
