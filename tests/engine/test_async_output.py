@@ -35,6 +35,45 @@ def _outputs(llm: LLM, params: list[SamplingParams]):
     return [(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in outs]
 
 
+class Streams:
+    """Each listened request's outputs (or its error), and an event set when it ends."""
+
+    def __init__(self, loop: EngineLoop, *rids: str):
+        self.loop = loop
+        self.got: dict[str, list] = {rid: [] for rid in rids}
+        self.done = {rid: threading.Event() for rid in rids}
+
+    def listen(self, rid: str) -> None:
+        def deliver(item):
+            self.got[rid].append(item)
+            if isinstance(item, BaseException) or item.finished:
+                self.done[rid].set()
+
+        self.loop.listen(rid, deliver)
+
+    def wait(self) -> bool:
+        return all(d.wait(20) for d in self.done.values())
+
+
+def failing_forward(eng, when):
+    """Make ``eng.runner.execute`` raise while ``when()`` holds (undo with ``del eng.runner.execute``)."""
+    execute = eng.runner.execute
+
+    def failing(*a, **k):
+        if when():
+            raise RuntimeError("injected forward failure")
+        return execute(*a, **k)
+
+    eng.runner.execute = failing
+
+
+def wait_idle(loop: EngineLoop) -> None:
+    for _ in range(500):
+        if loop.call(lambda e: not e.has_unfinished()).result(10):
+            return
+        threading.Event().wait(0.01)
+
+
 def test_auto_is_off_on_cpu_and_a_bad_value_is_refused():
     assert not EngineConfig().use_async_output()
     assert EngineConfig(async_output="on").use_async_output()
@@ -134,41 +173,26 @@ def test_a_failing_forward_still_delivers_the_outputs_made_and_fails_the_rest():
     llm = LLM("tiny", num_blocks=64, async_output="on")
     eng = llm.engine
     loop = EngineLoop(eng, name="async-fail").start()
-    got: dict[str, list] = {"short": [], "long": []}
-    done = {k: threading.Event() for k in got}
-    execute = eng.runner.execute
-
-    def failing(*a, **k):
-        if "short" not in eng.seqs:  # it finished in the step before: this forward overlaps its last output
-            raise RuntimeError("injected forward failure")
-        return execute(*a, **k)
-
-    def listener(rid):
-        def deliver(item):
-            got[rid].append(item)
-            if isinstance(item, BaseException) or item.finished:
-                done[rid].set()
-        return deliver
+    streams = Streams(loop, "short", "long")
+    got = streams.got
 
     def add(e):
-        e.runner.execute = failing
+        # "short" finished in the step before: the forward that overlaps its last output fails
+        failing_forward(e, lambda: "short" not in e.seqs)
         for rid, n in (("short", 2), ("long", 50)):
-            loop.listen(rid, listener(rid))
+            streams.listen(rid)
             e.add_request(rid, "Hello", SamplingParams(max_tokens=n, ignore_eos=True))
 
     try:
         loop.call(add).result(10)
-        assert done["short"].wait(20) and done["long"].wait(20)
+        assert streams.wait()
         assert [len(o.new_token_ids) for o in got["short"]] == [1, 1] and got["short"][-1].finished
         assert isinstance(got["long"][-1], RuntimeError)
         loop.call(lambda e: delattr(e.runner, "execute")).result(10)
         # still serving, and nothing leaked
         out = loop.call(lambda e: e.add_request("after", "Hi", SamplingParams(max_tokens=2))).result(10)
         assert out.request_id == "after"
-        for _ in range(200):
-            if loop.call(lambda e: not e.has_unfinished()).result(10):
-                break
-            threading.Event().wait(0.02)
+        wait_idle(loop)
         loop.call(assert_idle).result(10)
     finally:
         loop.stop()
@@ -192,32 +216,19 @@ def test_a_failing_step_keeps_the_hold_of_a_prefill_only_request_whose_last_outp
     llm = LLM("tiny", num_blocks=64, async_output="on")
     eng = llm.engine
     loop = EngineLoop(eng, name="async-fail-held").start()
-    got: dict[str, list] = {"pf": [], "long": []}
-    done = {k: threading.Event() for k in got}
-    execute = eng.runner.execute
-
-    def failing(*a, **k):
-        if "pf" in eng.held:  # pf ended in the step before: this forward overlaps its last output
-            raise RuntimeError("injected forward failure")
-        return execute(*a, **k)
-
-    def listener(rid):
-        def deliver(item):
-            got[rid].append(item)
-            if isinstance(item, BaseException) or item.finished:
-                done[rid].set()
-        return deliver
+    streams = Streams(loop, "pf", "long")
+    got = streams.got
 
     def add(e):
-        e.runner.execute = failing
-        loop.listen("long", listener("long"))
+        failing_forward(e, lambda: "pf" in e.held)  # pf ended in the step before: this forward overlaps its output
+        streams.listen("long")
         e.add_request("long", "Hello", SamplingParams(max_tokens=50, ignore_eos=True))
-        loop.listen("pf", listener("pf"))
+        streams.listen("pf")
         e.add_request("pf", "Hello there, prefill only", SamplingParams(max_tokens=5), prefill_only=True)
 
     try:
         loop.call(add).result(10)
-        assert done["pf"].wait(20) and done["long"].wait(20)
+        assert streams.wait()
         assert got["pf"][-1].finished and isinstance(got["long"][-1], RuntimeError)
         assert loop.call(lambda e: "pf" in e.held).result(10)  # still held: its transfer owns it until release
         loop.call(lambda e: delattr(e.runner, "execute")).result(10)
@@ -261,10 +272,7 @@ def test_the_step_histogram_sees_only_calls_that_ran_a_forward():
     loop.start()
     try:
         loop.call(lambda e: e.add_request("h", "Hello", SamplingParams(max_tokens=3, ignore_eos=True))).result(10)
-        for _ in range(500):
-            if loop.call(lambda e: not e.has_unfinished()).result(10):
-                break
-            threading.Event().wait(0.01)
+        wait_idle(loop)
         assert loop.call(lambda e: e.num_steps).result(10) == 3  # prefill, then 2 decode steps
         assert len(seen) == 3  # the 4th call only made the last output
     finally:
