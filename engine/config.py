@@ -37,11 +37,10 @@ class EngineConfig:
     the triton backend only; elsewhere the same static decode path runs eagerly).
     compile: torch.compile the native model's dense regions (norms, projections, RoPE, MLP) of prefill and
     mixed steps, at start-up (engine.native.compiled); ignored, with a warning, where the model runs on HF modules.
-    async_output: ``on``: make a step's outputs (detokenized text, stop strings, logprob dicts) while the next
-    step's forward runs on the engine's forward thread (engine.engine); ``off``: each step's outputs are made
-    before ``step`` returns; ``auto`` (the default): on where the forward runs on a GPU, off on CPU, where the
-    forward and the output work share the cores and the GIL and the overlap measured no gain
-    (bench/overlap_bench.py).
+    async_output: ``on``: make a step's outputs (detokenized text, stop strings, logprob dicts) after the next
+    step's forward and sampling are queued and before their tokens are read back (engine.stepper); ``off``: each
+    step's outputs are made before ``step`` returns; ``auto`` (the default): on for CUDA devices, off on CPU, where
+    the forward runs as it is queued and the overlap gains nothing (bench/overlap_bench.py).
     """
 
     model: str = DEFAULT_MODEL

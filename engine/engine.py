@@ -2,8 +2,8 @@
 
 Requests are checked by ``RequestValidator`` (engine.validation), a step runs in ``Stepper`` (engine.stepper,
 with async output), tokens become outputs in ``OutputProcessor`` (engine.outputs), and blocks held across a KV
-hand-off live in ``BlockHolds`` (engine.holds). Not thread-safe by design: one thread owns an engine (see engine.engine_loop for the
-service wrapper).
+hand-off live in ``BlockHolds`` (engine.holds). Not thread-safe by design: one thread owns an engine (see
+engine.engine_loop for the service wrapper).
 """
 
 from __future__ import annotations
@@ -217,8 +217,8 @@ class LLMEngine:
         return self.stepper.step(emit)
 
     def finish(self, seq: Sequence, reason: FinishReason | None, untrack: bool = True) -> None:
-        """Take a request out: its blocks freed (or held for a transfer), its output state dropped unless ``untrack``
-        is False (engine.stepper: its last output is still to make)."""
+        """Take a request out: its blocks freed (or held for a transfer), its output state dropped; with ``untrack``
+        False kept, and the request listed as unemitted, until its last output is made (engine.stepper)."""
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -230,6 +230,8 @@ class LLMEngine:
         self.seqs.pop(seq.request_id, None)
         if untrack:
             self.outputs.untrack(seq.request_id)
+        else:
+            self.outputs.unemitted.add(seq.request_id)
 
     # ---- introspection ----------------------------------------------------------------------------
     def live_block_refs(self) -> dict[int, int]:

@@ -113,5 +113,4 @@ class Stepper:
                 recorded.append(rec := e.outputs.record(s.seq, r.token_id, r.logprobs))
                 if rec.reason is not None:
                     e.finish(s.seq, rec.reason, untrack=False)
-                    e.outputs.unemitted.add(s.seq.request_id)
         return recorded
