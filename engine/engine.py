@@ -61,8 +61,8 @@ class LLMEngine:
             self.pool, config.block_size, config.max_num_batched_tokens, config.max_num_seqs, config.hash_seed,
             aging_s=config.priority_aging_s, max_loras=config.max_loras if config.enable_lora else 0,
         )
-        self.sampler = Sampler(config.seed)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model)
+        self.sampler = Sampler(config.seed, eos_token_ids=self.eos_token_ids)
         self.validator = RequestValidator(
             self.tokenizer, self.vocab_size, self.max_model_len, config.block_size, self.pool.num_blocks
         )

@@ -115,8 +115,8 @@ class LLM:
         return self.engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
-        """As vLLM's: ``SamplingParams()`` with the temperature, top_p, top_k and max_new_tokens (as max_tokens) that
-        the model's generation_config.json sets; what ``generate`` uses when given none. Its fields may be assigned
+        """As vLLM's: ``SamplingParams()`` with the temperature, top_p, top_k, max_new_tokens (as max_tokens),
+        repetition_penalty and min_p that the model's generation_config.json sets; what ``generate`` uses when given none. Its fields may be assigned
         (vLLM's examples do), each assignment checked."""
         return default_sampling_params(self.engine.runner.model)
 

@@ -93,8 +93,8 @@ def vllm_engine_args(kwargs: dict) -> dict:
 
 
 # the model's generation_config.json fields vLLM takes as default sampling parameters -> ours
-_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens"}
-_GENERATION_UNSERVED = {"repetition_penalty": 1.0, "min_p": 0.0}  # vLLM applies these; there is no equivalent here
+_GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens",
+                        "repetition_penalty": "repetition_penalty", "min_p": "min_p"}
 
 
 class _DefaultSamplingParams(SamplingParams):
@@ -148,12 +148,9 @@ def lora_modules(modules) -> tuple[tuple[str, str], ...]:
 
 
 def default_sampling_params(model) -> SamplingParams:
-    """``SamplingParams()`` with the temperature, top_p, top_k and max_new_tokens (as max_tokens) that the model's
-    generation_config.json sets, as vLLM's ``get_default_sampling_params``."""
+    """``SamplingParams()`` with the temperature, top_p, top_k, max_new_tokens (as max_tokens), repetition_penalty
+    and min_p that the model's generation_config.json sets, as vLLM's ``get_default_sampling_params``."""
     gen = getattr(model, "generation_config", None)
     diff = gen.to_diff_dict() if hasattr(gen, "to_diff_dict") else {}
     kwargs = {ours: diff[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if diff.get(theirs) is not None}
-    unserved = {k: diff[k] for k, default in _GENERATION_UNSERVED.items() if diff.get(k, default) != default}
-    if unserved:
-        logger.warning("generation_config sets %s, which this engine does not apply", unserved)
     return _DefaultSamplingParams(**kwargs)

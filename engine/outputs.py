@@ -38,6 +38,7 @@ class Recorded:
     token_id: int
     logprobs: dict[int, float] | None
     reason: FinishReason | None
+    count: int  # the sequence's output tokens with this one: stop strings are looked for past ``min_tokens``
 
 
 def eos_token_ids(tokenizer, model) -> set[int]:
@@ -73,8 +74,10 @@ class OutputProcessor:
         prior = 0 if seq.prefill_only else min(seq.sample_offset, len(prompt))  # prefill-only: no text is read
         detok = IncrementalDetokenizer(self.tokenizer, prompt[: len(prompt) - prior])
         stop = StopChecker(seq.params.stop)
+        # the router lowers min_tokens by the tokens streamed: while some remain, none of these was checked
+        check = seq.params.min_tokens == 0
         for token_id in prompt[len(prompt) - prior :]:
-            stop.push(detok.push(token_id))
+            stop.push(detok.push(token_id), check)
         self.detoks[seq.request_id], self.stops[seq.request_id] = detok, stop
 
     def untrack(self, request_id: str) -> None:
@@ -92,7 +95,7 @@ class OutputProcessor:
         seq.output_token_ids.append(token_id)
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
-        return Recorded(seq, token_id, logprobs, self._finish_reason(seq, token_id))
+        return Recorded(seq, token_id, logprobs, self._finish_reason(seq, token_id), len(seq.output_token_ids))
 
     def emit(self, r: Recorded) -> StepOutput:
         """A recorded token's output: its text delta through the detokenizer and the stop strings, which may end the
@@ -101,7 +104,7 @@ class OutputProcessor:
         detok = self.detoks[seq.request_id]
         text = detok.push(token_id) + (detok.flush() if reason is not None else "")
         stop = self.stops[seq.request_id]
-        delta = stop.push(text)
+        delta = stop.push(text, check=r.count > seq.params.min_tokens)  # as vLLM: none matches before min_tokens
         stop_reason: int | str | None = None
         if stop.hit:
             reason, stop_reason = FinishReason.STOP, stop.matched

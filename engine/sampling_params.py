@@ -18,7 +18,13 @@ def _as_tuple(name: str, value) -> tuple:
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """temperature 0 means greedy. top_k 0 or -1 means off. seed makes sampling reproducible per request.
-    n: completions per prompt in ``LLM.generate`` (as vLLM's; completion i of a seeded request uses seed + i)."""
+    n: completions per prompt in ``LLM.generate`` (as vLLM's; completion i of a seeded request uses seed + i).
+
+    Penalties and filters as vLLM and OpenAI define them (``engine.penalties``): ``presence_penalty`` and
+    ``frequency_penalty`` in [-2, 2] are subtracted from the logits of tokens already generated (once, or once per
+    occurrence); ``repetition_penalty`` > 0 divides a positive logit (multiplies a negative one) of every token in
+    the prompt or the output; ``min_p`` in [0, 1] drops tokens less likely than ``min_p`` times the likeliest;
+    ``min_tokens`` holds back EOS, ``stop_token_ids`` and stop strings until that many tokens were generated."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -30,6 +36,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 128:
@@ -54,6 +65,7 @@ class SamplingParams:
             raise ValueError(f"ignore_eos: must be True or False, got {self.ignore_eos!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs: must be an integer in [0, 20], got {self.logprobs!r}")
+        self._check_penalties()
         # one string is one stop string (as in vLLM), not one per character; None is none (as in vLLM)
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else _as_tuple("stop", self.stop))
         object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids))
@@ -64,6 +76,27 @@ class SamplingParams:
             if not isinstance(t, int) or t < 0:
                 raise ValueError(f"stop_token_ids: must be non-negative integers, got {t!r}")
 
+    def _check_penalties(self) -> None:
+        for name, lo, hi in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0), ("min_p", 0.0, 1.0)):
+            v = getattr(self, name)
+            if not _is_number(v) or not lo <= v <= hi:
+                raise ValueError(f"{name}: must be a number in [{lo:g}, {hi:g}], got {v!r}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not 0 < r < math.inf:
+            raise ValueError(f"repetition_penalty: must be a finite number > 0, got {r!r}")
+        m = self.min_tokens
+        if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= self.max_tokens:
+            raise ValueError(f"min_tokens: must be an integer in [0, max_tokens={self.max_tokens}], got {m!r}")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a penalty changes this request's logits (``engine.penalties``)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from pdserve.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import torch
+
     from pdserve.engine.lora.adapter import LoRAAdapter
 
 
@@ -51,6 +53,7 @@ class Sequence:
     # text state for stop strings and streaming
     text: str = ""
     stop_hold: int = 0
+    penalty_cache: torch.Tensor | None = None  # engine.penalties: the prompt's distinct ids, made once
     first_token_time: float | None = None
     scheduled_time: float | None = None
 

@@ -11,17 +11,19 @@ class StopChecker:
         self.hit = False
         self.matched: str | None = None  # the stop string that hit
 
-    def push(self, delta: str) -> str:
-        """Add decoded text; return the part now safe to stream."""
+    def push(self, delta: str, check: bool = True) -> str:
+        """Add decoded text; return the part now safe to stream. Only a stop string that ends in ``delta`` can match
+        (as vLLM's); ``check`` False: none may (``min_tokens`` not reached), though text that could start one is
+        still held back, for a stop string that ends in a later, checked push."""
         if self.hit:
             return ""
-        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        old = len(self.text)
         self.text += delta
         if not self.stop:
             return self._emit(len(self.text))
         first = -1
-        for s in self.stop:
-            i = self.text.find(s, start)
+        for s in self.stop if check else ():
+            i = self.text.find(s, max(0, old - len(s) + 1))
             if i != -1 and (first == -1 or i < first):
                 first, self.matched = i, s
         if first != -1:

@@ -82,7 +82,7 @@ class DecodeLeg:
         req = st.request
         decode_req = pb.DecodeRequest(
             request_id=f"{st.rid}#{st.attempts}" if st.attempts > 1 else st.rid, token_ids=st.tokens(),
-            sampling=sampling_to_proto(req.sampling, max_tokens=remaining), priority=req.priority,
+            sampling=sampling_to_proto(req.sampling, num_sent=len(st.sent)), priority=req.priority,
             num_prior_tokens=len(st.sent), prefill_address=prefill.address if prefill is not None else "",
             lora_name=req.lora_name,
         )

@@ -14,6 +14,7 @@ DEFAULT_MAX_TOKENS = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_STOP_TOKEN_IDS = 256
+_FLOATS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0}  # unset
 
 
 def check_sampling_sizes(msg: pb.SamplingParams) -> None:
@@ -45,20 +46,25 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        **{name: float(getattr(msg, name)) if msg.HasField(name) else default for name, default in _FLOATS.items()},
+        min_tokens=msg.min_tokens if msg.HasField("min_tokens") else 0,
     )
 
 
-def sampling_to_proto(params: SamplingParams, max_tokens: int | None = None) -> pb.SamplingParams:
+def sampling_to_proto(params: SamplingParams, num_sent: int = 0) -> pb.SamplingParams:
     """Validated SamplingParams as the proto forwarded to workers, every default made explicit, so that
-    ``sampling_from_proto(sampling_to_proto(p)) == p``. ``max_tokens`` overrides the budget (migrations)."""
+    ``sampling_from_proto(sampling_to_proto(p)) == p``. ``num_sent``: tokens already streamed (a migration), taken
+    off ``max_tokens`` and ``min_tokens``, which a worker counts over its own output."""
     msg = pb.SamplingParams(
-        max_tokens=params.max_tokens if max_tokens is None else max_tokens,
+        max_tokens=params.max_tokens - num_sent,
         temperature=params.temperature,
         top_p=params.top_p,
         top_k=params.top_k,
         stop=params.stop,
         stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos,
+        min_tokens=max(0, params.min_tokens - num_sent),
+        **{name: getattr(params, name) for name in _FLOATS},
     )
     if params.seed is not None:
         msg.seed = params.seed

@@ -7,12 +7,13 @@ model name) are forwarded and refused there, so both APIs refuse the same things
 - ``n`` and a list of prompts fan out: choice ``i * n + j`` is prompt ``i``'s ``j``-th sample. With a
   ``seed``, sample ``j`` uses ``seed + j``, so the choices differ yet the request stays reproducible.
 - ``user`` is the router's tenant (with API keys, it must be the key's own tenant, else 403).
-- Extensions (as vLLM names them): ``top_k``, ``ignore_eos``, ``stop_token_ids``, ``return_token_ids``; and
-  pdserve's ``cache``: ``"use"`` (default), ``"bypass"`` or ``"refresh"``, the router's response cache mode.
+- OpenAI's ``presence_penalty`` and ``frequency_penalty``, as OpenAI defines them (``engine.penalties``).
+- Extensions (as vLLM names them): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``,
+  ``stop_token_ids``, ``return_token_ids``; and pdserve's ``cache``: ``"use"`` (default), ``"bypass"`` or
+  ``"refresh"``, the router's response cache mode.
 - Fields with no equivalent are refused when set to anything but their default (``echo``, ``suffix``,
-  ``best_of``, penalties, ``logit_bias``, tools, a non-text ``response_format``, and vLLM's other extensions:
-  ``repetition_penalty``, ``min_p``, ``min_tokens``, guided decoding, ``prompt_logprobs``, a custom
-  ``chat_template``...); unknown fields are ignored.
+  ``best_of``, ``logit_bias``, tools, a non-text ``response_format``, and vLLM's other extensions: guided
+  decoding, ``prompt_logprobs``, a custom ``chat_template``...); unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -137,18 +138,14 @@ def messages_of(body: dict) -> list[pb.ChatMessage]:
 _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "presence_penalty": lambda v: v in (None, 0),
     "logit_bias": lambda v: not v,
     "tools": lambda v: not v,
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    # vLLM's extensions beyond the ones served (top_k, ignore_eos, stop_token_ids, return_token_ids): a vLLM
+    # vLLM's extensions beyond the ones served (top_k, min_p, min_tokens, repetition_penalty, ignore_eos,
+    # stop_token_ids, return_token_ids): a vLLM
     # client sending them must hear they are not honoured, not get an unpenalized / unguided answer
-    "repetition_penalty": lambda v: v in (None, 1),
-    "min_p": lambda v: v in (None, 0),
-    "min_tokens": lambda v: v in (None, 0),
     "length_penalty": lambda v: v in (None, 1),
     "use_beam_search": lambda v: v in (None, False),
     "include_stop_str_in_output": lambda v: v in (None, False),
@@ -184,13 +181,14 @@ def _sampling(body: dict, kind: str, default_max_tokens: int | None) -> tuple[pb
         max_tokens = default_max_tokens
     if max_tokens is not None:
         s.max_tokens = max_tokens
-    for name in ("temperature", "top_p"):
-        v = _number(body, name)
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+        v = _number(body, name)  # ranges: the router's (pdserve.engine.sampling_params), relayed as a 400
         if v is not None:
             setattr(s, name, v)
-    top_k = _int(body, "top_k")
-    if top_k is not None:
-        s.top_k = top_k
+    for name in ("top_k", "min_tokens"):
+        v = _int(body, name)
+        if v is not None:
+            setattr(s, name, v)
     seed = _int(body, "seed", -(1 << 63), (1 << 63) - 1 - MAX_CHOICES)
     if seed is not None:
         s.seed = seed

@@ -183,10 +183,12 @@ def test_default_sampling_params_come_from_generation_config_and_take_assignment
     src, _ = resolve_model("tiny")
     shutil.copytree(src, tmp_path / "m")
     (tmp_path / "m" / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7}))
+        {"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 7,
+         "repetition_penalty": 1.1, "min_p": 0.05}))
     llm = LLM(model=str(tmp_path / "m"), num_blocks=64)
     params = llm.get_default_sampling_params()
     assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.6, 0.9, 0, 7)
+    assert (params.repetition_penalty, params.min_p) == (1.1, 0.05)
     params.max_tokens = 5  # vLLM's examples/offline_inference/basic/generate.py does this
     params.temperature = 0
     params.stop = "x"

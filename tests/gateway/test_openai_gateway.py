@@ -53,6 +53,24 @@ def test_completion_and_token_parity_with_grpc(cluster, client, model):
     assert out.usage.total_tokens == out.usage.prompt_tokens + 8
 
 
+def test_penalties_cross_the_prefill_decode_split_as_offline(client, model):
+    """presence / frequency / repetition penalties and min_tokens were a 400. Through the cluster (the first token
+    sampled on the prefill worker, the rest on the decode worker) the answer equals the offline engine's."""
+    from pdserve import LLM, SamplingParams
+
+    pen = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.25, "min_tokens": 6}
+    got = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0,
+                                    extra_body={"return_token_ids": True, **pen})
+    llm = LLM(model=model, num_blocks=64)
+    (want,) = llm.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0, **pen))
+    (plain,) = llm.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0))
+    assert got.choices[0].token_ids == list(want.outputs[0].token_ids) != list(plain.outputs[0].token_ids)
+    assert got.choices[0].text == want.outputs[0].text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="a", max_tokens=3, presence_penalty=2.5)
+    assert e.value.body["param"] == "presence_penalty" and "[-2, 2]" in e.value.body["message"]
+
+
 def test_prompt_forms_and_n(client, model):
     ids = [5, 6, 7, 8]
     for prompt, num_prompts in (("a", 1), (["a", "bb"], 2), (ids, 1), ([ids, ids[:2]], 2)):

@@ -65,7 +65,8 @@ BAD = {
                          "stream_options.continuous_usage_stats"),
     "echo": ({"prompt": "a", "echo": True}, "echo"),
     "best_of": ({"prompt": "a", "best_of": 3}, "best_of"),
-    "penalty": ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
+    "penalty type": ({"prompt": "a", "presence_penalty": "high"}, "presence_penalty"),
+    "min_tokens type": ({"prompt": "a", "min_tokens": 1.5}, "min_tokens"),
     "logprobs range": ({"prompt": "a", "logprobs": 21}, "logprobs"),
     "user": ({"prompt": "a", "user": 5}, "user"),
     "model": ({"prompt": "a", "model": 5}, "model"),
@@ -219,7 +220,7 @@ def test_a_body_that_is_not_json_is_a_400(raw):
 
 
 VLLM_EXTRAS = {  # vLLM's sampling extensions the router has no equivalent for: field -> (a non-default, its default)
-    "repetition_penalty": (1.2, 1.0), "min_p": (0.1, 0.0), "min_tokens": (3, 0), "length_penalty": (0.5, 1.0),
+    "length_penalty": (0.5, 1.0),
     "use_beam_search": (True, False), "include_stop_str_in_output": (True, False),
     "skip_special_tokens": (False, True), "spaces_between_special_tokens": (False, True),
     "return_tokens_as_token_ids": (True, False), "prompt_logprobs": (1, None), "truncate_prompt_tokens": (8, None),
@@ -229,6 +230,16 @@ VLLM_EXTRAS = {  # vLLM's sampling extensions the router has no equivalent for: 
     "continue_final_message": (True, False), "chat_template": ("{{ messages }}", None), "priority": (-1, 0),
     "chat_template_kwargs": ({"enable_thinking": False}, {}), "mm_processor_kwargs": ({"fps": 1}, None),
 }
+
+
+def test_penalties_min_p_and_min_tokens_are_forwarded():
+    """OpenAI's presence / frequency penalties and vLLM's repetition_penalty, min_p, min_tokens were a 400."""
+    sent = {"presence_penalty": 0.5, "frequency_penalty": -1.0, "repetition_penalty": 1.25, "min_p": 0.125,
+            "min_tokens": 3}
+    for kind, body in (("completion", {"prompt": "a"}), ("chat", {"messages": [{"role": "user", "content": "x"}]})):
+        (req,) = parse({**body, **sent}, kind).requests
+        assert {k: getattr(req.sampling, k) for k in sent} == sent
+        assert not any(parse(body, kind).requests[0].sampling.HasField(k) for k in sent)  # unset: the router's
 
 
 @pytest.mark.parametrize("field", list(VLLM_EXTRAS))

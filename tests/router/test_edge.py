@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -71,8 +72,27 @@ def test_kv_events_become_domain_batches():
     SamplingParams(max_tokens=3, temperature=0.0, top_k=5, seed=11, stop=("x",), stop_token_ids=(2,),
                    ignore_eos=True, logprobs=0),
     SamplingParams(temperature=0.5, top_p=0.25, logprobs=3),
+    SamplingParams(max_tokens=9, presence_penalty=-1.5, frequency_penalty=0.75, repetition_penalty=1.25, min_p=0.125,
+                   min_tokens=4),
 ])
 def test_forwarded_sampling_is_what_was_validated(params):
     msg = convert.sampling_to_proto(params)
     assert convert.sampling_from_proto(msg) == params
-    assert convert.sampling_to_proto(params, max_tokens=2).max_tokens == 2
+    migrated = convert.sampling_to_proto(params, num_sent=2)  # both budgets count the new worker's tokens only
+    assert (migrated.max_tokens, migrated.min_tokens) == (params.max_tokens - 2, max(0, params.min_tokens - 2))
+    assert convert.sampling_from_proto(migrated) == dataclasses.replace(
+        params, max_tokens=params.max_tokens - 2, min_tokens=max(0, params.min_tokens - 2))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("presence_penalty", 2.5, "presence_penalty: must be a number in [-2, 2]"),
+    ("frequency_penalty", float("nan"), "frequency_penalty: must be a number in [-2, 2]"),
+    ("repetition_penalty", 0.0, "repetition_penalty: must be a finite number > 0"),
+    ("repetition_penalty", float("inf"), "repetition_penalty: must be a finite number > 0"),
+    ("min_p", 1.5, "min_p: must be a number in [0, 1]"),
+    ("min_tokens", 17, "min_tokens: must be an integer in [0, max_tokens=16]"),
+    ("min_tokens", -1, "min_tokens: must be an integer in [0, max_tokens=16]"),
+])
+def test_bad_penalties_are_refused_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        convert.sampling_from_proto(pb.SamplingParams(**{field: value}))
