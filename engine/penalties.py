@@ -36,52 +36,56 @@ def _prompt_ids(seq: Sequence, device: torch.device) -> torch.Tensor:
     return cached
 
 
-def _rows(tokens: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, token id) of every token in ``tokens`` (one list per row), as two index tensors."""
-    rows = [j for j, ids in enumerate(tokens) for _ in ids]
-    flat = [t for ids in tokens for t in ids]
-    return (torch.tensor(rows, dtype=torch.long, device=device),
-            torch.tensor(flat, dtype=torch.long, device=device))
+def _keys(seqs: dict[int, Sequence], tokens, vocab: int, device: torch.device) -> torch.Tensor:
+    """Flat indices (row * vocab + token) into [rows, vocab] logits of ``tokens(seq)`` for each row's sequence."""
+    return torch.tensor([row * vocab + t for row, seq in seqs.items() for t in tokens(seq) if t < vocab],
+                        dtype=torch.long, device=device)
 
 
-def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Rows of ``logits`` [m, vocab] (a copy) with their requests' penalties applied."""
+def _penalize(logits: torch.Tensor, seqs: dict[int, Sequence]) -> None:
+    """Apply each listed row's penalties to ``logits`` [rows, vocab] in place. Sparse: only the (row, token) pairs
+    a prompt or an output holds are read and written, never a [rows, vocab] temporary."""
     dev, dtype = logits.device, logits.dtype
-    m, vocab = logits.shape
-    generated = [[t for t in generated_ids(s) if t < vocab] for s in seqs]
-    counts = torch.zeros(m, vocab, dtype=dtype, device=dev)
-    rows, ids = _rows(generated, dev)
-    counts.index_put_((rows, ids), torch.ones(len(ids), dtype=dtype, device=dev), accumulate=True)
-    params = torch.tensor([[s.params.repetition_penalty, s.params.frequency_penalty, s.params.presence_penalty]
-                           for s in seqs], dtype=dtype, device=dev)
-    rep, freq, pres = params[:, 0:1], params[:, 1:2], params[:, 2:3]
-    if any(s.params.repetition_penalty != 1 for s in seqs):
-        seen = counts > 0
-        prompts = [_prompt_ids(s, dev) for s in seqs]
-        prow = torch.repeat_interleave(torch.arange(m, device=dev), torch.tensor([len(p) for p in prompts],
-                                                                                   device=dev))
-        pids = torch.cat(prompts)
-        keep = pids < vocab
-        seen[prow[keep], pids[keep]] = True
-        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    return logits - freq * counts - pres * (counts > 0).to(dtype)
+    vocab = logits.shape[-1]
+    flat = logits.view(-1)
+    keys, counts = torch.unique(_keys(seqs, generated_ids, vocab, dev), return_counts=True)
+    factors = torch.zeros(logits.shape[0], 3, dtype=dtype)  # per row: repetition, frequency, presence
+    factors[:, 0] = 1.0
+    for row, seq in seqs.items():
+        p = seq.params
+        factors[row] = torch.tensor([p.repetition_penalty, p.frequency_penalty, p.presence_penalty], dtype=dtype)
+    factors = factors.to(dev)
+    repeated = {row: seq for row, seq in seqs.items() if seq.params.repetition_penalty != 1}
+    if repeated:  # first, as vLLM: every token of the prompt or the output
+        prompts = [row * vocab + ids[ids < vocab] for row, ids in ((r, _prompt_ids(q, dev)) for r, q in
+                                                                    repeated.items())]
+        seen = torch.unique(torch.cat([keys, *prompts]))
+        rep = factors[seen // vocab, 0]
+        v = flat[seen]
+        flat[seen] = torch.where(v > 0, v / rep, v * rep)
+    rows = keys // vocab
+    flat.index_add_(0, keys, -(factors[rows, 1] * counts.to(dtype) + factors[rows, 2]))
 
 
-def apply(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> torch.Tensor:
+@torch.inference_mode()  # the runner's logits are inference tensors: updated in place only in this mode
+def apply(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int], inplace: bool = False
+          ) -> torch.Tensor:
     """``logits`` [len(seqs), vocab] of a step's sampling rows with penalties and ``min_tokens`` applied: the same
-    tensor when no row asks for them, else a new one (the raw logits stay for logprobs)."""
-    penalized = [i for i, s in enumerate(seqs) if s.params.penalized]
-    banned = [i for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens]
+    tensor when no row asks for them or ``inplace`` (the caller needs no raw logits: no row wants logprobs), else
+    a copy."""
+    penalized = {i: s for i, s in enumerate(seqs) if s.params.penalized}
+    banned = {i: s for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens}
     if not penalized and not banned:
         return logits
-    out = logits.clone()
+    out = logits if inplace else logits.clone()
     if penalized:
-        index = torch.tensor(penalized, dtype=torch.long, device=logits.device)
-        out.index_copy_(0, index, _penalize(logits.index_select(0, index), [seqs[i] for i in penalized]))
+        _penalize(out, penalized)
     if banned:
         vocab = logits.shape[-1]
-        ends = [[t for t in {*(() if seqs[i].params.ignore_eos else eos_token_ids), *seqs[i].params.stop_token_ids}
-                 if t < vocab] for i in banned]
-        rows, ids = _rows(ends, logits.device)
-        out[torch.tensor(banned, dtype=torch.long, device=logits.device)[rows], ids] = float("-inf")
+        out.view(-1)[_keys(banned, _ends(eos_token_ids), vocab, logits.device)] = float("-inf")
     return out
+
+
+def _ends(eos_token_ids: set[int]):
+    """What ``min_tokens`` holds back for a sequence: its stop tokens, and EOS unless it ignores EOS."""
+    return lambda seq: {*(() if seq.params.ignore_eos else eos_token_ids), *seq.params.stop_token_ids}

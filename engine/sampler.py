@@ -122,7 +122,7 @@ class Sampler:
         return drawn if tokens is None else tokens.index_copy(0, index, drawn)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        """logits: float32 [len(seqs), vocab]. ``launch`` then ``results``."""
+        """logits: float32 [len(seqs), vocab], which penalties may overwrite. ``launch`` then ``results``."""
         return self.launch(logits, seqs).results()
 
     def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleLaunch:
@@ -130,7 +130,9 @@ class Sampler:
         does host work meanwhile, then ``results`` reads everything back in one copy: one sync per step, however
         many rows sample or ask for logprobs)."""
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        chosen = penalties.apply(logits, seqs, self.eos_token_ids)  # the raw logits stay for logprobs
+        lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        # the runner's logits serve this step alone: penalized in place unless logprobs need them raw
+        chosen = penalties.apply(logits, seqs, self.eos_token_ids, inplace=not lp_rows)
         if len(rows) == len(seqs):
             tokens = self._draw(chosen, seqs, rows, None)
         else:
@@ -138,7 +140,6 @@ class Sampler:
             tokens = torch.max(chosen, dim=-1).indices
             if rows:
                 tokens = self._draw(chosen, [seqs[i] for i in rows], rows, tokens)
-        lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if not lp_rows:
             return SampleLaunch(tokens, len(seqs), [], [])
         logprobs = torch.log_softmax(logits, dim=-1)
