@@ -64,6 +64,14 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route", action="append", default=[], metavar="NAME=MODEL:WEIGHT,...",
                    help="traffic split: requests for NAME go to the models by weight, sticky per session_id "
                         "(repeatable), e.g. chat=base:90,base-lora-v2:10")
+    add_generation_config_arg(p)
+
+
+def add_generation_config_arg(p) -> None:
+    p.add_argument("--generation-config", choices=["auto", "none"], default="auto",
+                   help="auto: sampling fields a request leaves unset (temperature, top_p, top_k, repetition_penalty, "
+                        "min_p, max_tokens) take the model's generation_config.json values, as vLLM's server does; "
+                        "none: the API's defaults")
 
 
 def router_kwargs(a: argparse.Namespace) -> dict:
@@ -77,8 +85,8 @@ def router_kwargs(a: argparse.Namespace) -> dict:
         checks.check_model(path)
     _usage("--route", parse_routes, a.route)
     if len(values) == 1 and "=" not in values[0]:  # one model named as given: the single-model router of old
-        return {"model": values[0], "routes": tuple(a.route)}
-    return {"model": models[0][1], "models": models, "routes": tuple(a.route)}
+        return {"model": values[0], "routes": tuple(a.route), "generation_config": a.generation_config}
+    return {"model": models[0][1], "models": models, "routes": tuple(a.route), "generation_config": a.generation_config}
 
 
 # ---- pdserve up ---------------------------------------------------------------------------------------
@@ -101,6 +109,7 @@ def add_up_args(e: argparse.ArgumentGroup) -> None:
     e.add_argument("--max-loras", type=checks.positive_int, default=4, help="adapters resident per worker (LRU)")
     e.add_argument("--route", action="append", default=[], metavar="NAME=MODEL:WEIGHT,...",
                    help="traffic split (repeatable), e.g. chat=base:90,base-lora-v2:10")
+    add_generation_config_arg(e)
 
 
 def _pool(value: str, num_prefill: int, num_decode: int) -> ModelPool:

@@ -155,6 +155,7 @@ def _router_args(a: argparse.Namespace) -> list[str]:
         args += ["--api-keys", a.api_keys]
     for route in a.route:
         args += ["--route", route]
+    args += ["--generation-config", a.generation_config]
     return args + cli_classes.forward_router_args(a)
 
 

@@ -211,13 +211,15 @@ class ModelCatalog:
 
 
 async def load_catalog(membership: Membership, models: tuple[tuple[str, str], ...], routes: tuple[str, ...] = (),
-                       first: tuple[object, object] | None = None) -> ModelCatalog:
+                       first: tuple[object, object] | None = None, generation_config: str = "auto") -> ModelCatalog:
     """The catalog of ``models`` ((name, path), the first the default) and ``routes`` (``NAME=MODEL:WEIGHT,...``):
-    each model's tokenizer and chat template loaded torch-free (``first``: the first model's, already loaded)."""
+    each model's tokenizer, chat template and (``generation_config`` "auto") sampling defaults loaded torch-free
+    (``first``: the first model's tokenizer and template, already loaded)."""
     from pdserve.engine.models import resolve_tokenizer
     from pdserve.engine.tokenizer import load_light_tokenizer
     from pdserve.router.chat import ChatTemplate
     from pdserve.router.request import RequestParser
+    from pdserve.router.sampling_defaults import load_defaults
     from pdserve.router.token_text import TokenTexts
 
     offload = Offload()  # one bounded lane for huge requests, whatever their model
@@ -229,8 +231,9 @@ async def load_catalog(membership: Membership, models: tuple[tuple[str, str], ..
             tok_path = resolve_tokenizer(path)
             tokenizer = await asyncio.to_thread(load_light_tokenizer, tok_path)
             chat = ChatTemplate.load(tok_path)
+        defaults = load_defaults(resolve_tokenizer(path), name) if generation_config == "auto" else None
         parser = RequestParser(tokenizer, chat=chat, model=name, context_limit=membership_limit(membership, name),
-                               offload=offload, match_model=False)
+                               offload=offload, match_model=False, defaults=defaults)
         bases.append(BaseModel(name, path, parser, TokenTexts(tokenizer)))
     return ModelCatalog(membership, bases, parse_routes(routes))
 

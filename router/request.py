@@ -31,6 +31,7 @@ from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.chat import MAX_MESSAGES, ChatTemplate, check_messages
 from pdserve.router.load import WorkerLoad
 from pdserve.router.offload import Offload
+from pdserve.router.sampling_defaults import with_defaults
 from pdserve.serving.convert import check_sampling_sizes, sampling_from_proto
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the router's public gRPC receive limit
@@ -66,15 +67,17 @@ class ClientRequest:
 class RequestParser:
     """``pb.GenerateRequest`` -> ClientRequest; raises InvalidRequestError naming the bad field.
 
-    ``chat`` is the model's chat template (None: the model has none, and ``messages`` is refused); ``model``
+    ``chat`` is the model's chat template (None: the model has none, and ``messages`` is refused); ``defaults``
+    its sampling defaults for the fields a request leaves unset (router.sampling_defaults); ``model``
     is the served model's name, which a request's ``model`` must match when set (else NOT_FOUND) unless
     ``match_model`` is off (the router's catalog resolves names first, router.models).
     ``context_limit()`` is the longest context a worker of the pool serves (0: not known yet)."""
 
     def __init__(self, tokenizer, seed: int | None = None, chat: ChatTemplate | None = None, model: str = "",
                  context_limit: Callable[[], int] = lambda: 0, offload: Offload | None = None,
-                 match_model: bool = True):
+                 match_model: bool = True, defaults: pb.SamplingParams | None = None):
         self.tokenizer = tokenizer
+        self.defaults = defaults  # the model's sampling defaults for unset fields (router.sampling_defaults)
         self.chat = chat
         self.model = model
         self.match_model = match_model
@@ -170,7 +173,7 @@ class RequestParser:
         params = self._sampling.get(key)
         if params is None:
             try:
-                params = sampling_from_proto(msg)  # failures are not cached
+                params = sampling_from_proto(with_defaults(msg, self.defaults))  # failures are not cached
             except ValueError as e:
                 raise InvalidRequestError(str(e)) from None
             if len(self._sampling) >= SAMPLING_CACHE_SIZE:

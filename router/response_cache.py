@@ -145,7 +145,7 @@ class ResponseCache:
         if not is_deterministic(params):
             return None
         if params.greedy:
-            params = replace(params, temperature=0.0, top_p=1.0, top_k=0, seed=None)
+            params = replace(params, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None)  # unread
         scope = SHARED_SCOPE if req.tenant in self.cfg.shared_tenants else b"t:" + req.tenant.encode()
         h = hashlib.blake2b(digest_size=32, person=b"pdserve-respcach")
         for part in ((req.model or self.model).encode(), scope, repr(params).encode()):

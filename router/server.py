@@ -24,6 +24,7 @@ from pdserve.router.policy import PairPolicy
 from pdserve.router.prefix_index import PrefixIndex
 from pdserve.router.request import MAX_MESSAGE_BYTES
 from pdserve.router.response_cache import CacheConfig, ResponseCache
+from pdserve.router.sampling_defaults import MODES
 from pdserve.router.semantic_cache import SemanticConfig, SemanticIndex
 from pdserve.router.service import GenerationServicer
 from pdserve.serving.cluster_auth import REGISTER, ClusterAuthInterceptor, ClusterCredential, method_name
@@ -62,8 +63,11 @@ class RouterConfig:
     models: tuple[tuple[str, str], ...] = ()
     routes: tuple[str, ...] = ()  # traffic splits, "NAME=MODEL:WEIGHT,..." (router.routes)
     drain_timeout_s: float = 5.0  # after SIGTERM: how long in-flight streams may go on (new calls are refused)
+    generation_config: str = "auto"  # "auto": each model's generation_config.json fills unset sampling fields
 
     def __post_init__(self) -> None:
+        if self.generation_config not in MODES:
+            raise ValueError(f"generation_config: must be one of {', '.join(MODES)}, got {self.generation_config!r}")
         if self.local_prefill_tokens < 0:
             raise ValueError("local_prefill_tokens: must be >= 0")
         if self.shed_ttft_s < 0 or self.saturation_s < 0:
@@ -150,7 +154,8 @@ async def serve(cfg: RouterConfig, ready: asyncio.Future | None = None, stop: as
     if cfg.api_keys:
         interceptors.append(ApiKeyInterceptor(cfg.api_keys, exempt=(REGISTER,) if credential is not None else ()))
     server, port, health = create_server(cfg.addr, SERVICES, cfg.tls, interceptors, max_receive_bytes=MAX_MESSAGE_BYTES)
-    catalog = await load_catalog(membership, cfg.models or ((cfg.model, cfg.model),), cfg.routes, (tokenizer, chat))
+    catalog = await load_catalog(membership, cfg.models or ((cfg.model, cfg.model),), cfg.routes, (tokenizer, chat),
+                                 cfg.generation_config)
     policy = PairPolicy(cfg.policy, index, local_prefill_tokens=cfg.local_prefill_tokens, saturation_s=cfg.saturation_s)
     admission = Admission(cfg.tenant_rates, cfg.default_rate, cfg.shed_ttft_s, retry_after_s=max(0.1, cfg.poll_interval_s))
     response_cache = None

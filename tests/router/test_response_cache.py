@@ -94,6 +94,10 @@ def test_keys_isolate_tenants_unless_shared_and_cover_model_prompt_and_sampling(
     assert cache.key(req(sampling=SamplingParams(max_tokens=9, temperature=0.0))) != k
     assert cache.key(req(sampling=SamplingParams(max_tokens=8, temperature=0.0, top_p=0.5, seed=3))) == k, \
         "greedy ignores top_p and seed"
+    assert cache.key(req(sampling=SamplingParams(max_tokens=8, temperature=0.0, min_p=0.5))) == k, "and min_p"
+    for penalty in (dict(presence_penalty=1.0), dict(frequency_penalty=1.0), dict(repetition_penalty=1.5),
+                    dict(min_tokens=2)):  # greedy answers that differ
+        assert cache.key(req(sampling=SamplingParams(max_tokens=8, temperature=0.0, **penalty))) not in (None, k)
     assert ResponseCache(cache.cfg, "other-model").key(req()) != k
     seeded = SamplingParams(max_tokens=8, temperature=0.7, seed=1)
     assert cache.key(req(sampling=seeded)) not in (None, k)
