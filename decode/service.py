@@ -33,6 +33,7 @@ from pdserve.serving.convert import (
     logprob_from_proto,
     logprob_to_proto,
     sampling_from_proto,
+    set_stop_reason,
 )
 from pdserve.serving.errors import abort_with
 from pdserve.serving.rpc import TlsConfig
@@ -202,6 +203,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                     finish_reason=out.finish_reason.value if out.finish_reason else "",
                     num_cached_tokens=out.num_cached_tokens,
                 )
+                set_stop_reason(chunk, out.stop_reason)
                 for tok, lp in zip(out.new_token_ids, out.logprobs, strict=False):
                     chunk.logprobs.append(logprob_to_proto(tok, lp))
                 if head is not None:

@@ -22,7 +22,7 @@ from pdserve.router.policy import Decision
 from pdserve.router.responses import RequestState, RouterCounters, finish
 from pdserve.serving import tracing
 from pdserve.serving.cluster_auth import ClusterCredential, method_name
-from pdserve.serving.convert import sampling_to_proto
+from pdserve.serving.convert import sampling_to_proto, set_stop_reason, stop_reason_of
 from pdserve.serving.errors import RpcStatusError
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class DecodeLeg:
                 if chunk.logprobs:
                     resp.logprobs.extend(chunk.logprobs)
                 if chunk.finish_reason:
+                    set_stop_reason(resp, stop_reason_of(chunk))
                     self.final(st, resp, chunk.finish_reason)
                     finished = True
                 yield resp

@@ -46,6 +46,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.request import ClientRequest
 from pdserve.router.semantic_cache import SemanticIndex
+from pdserve.serving.convert import set_stop_reason, stop_reason_of
 
 HITS = Counter("pdserve_router_response_cache_hits_total", "Cacheable requests answered from the response cache")
 MISSES = Counter("pdserve_router_response_cache_misses_total", "Cacheable requests the response cache did not hold")
@@ -109,6 +110,7 @@ class _Recorder:
         if resp.finish_reason:
             self.finish_reason = resp.finish_reason
             cur.finish_reason = resp.finish_reason
+            set_stop_reason(cur, stop_reason_of(resp))
             cur.usage.CopyFrom(resp.usage)
         if resp.finish_reason or len(cur.token_ids) >= CHUNK_TOKENS:
             cur.text = "".join(self.texts)

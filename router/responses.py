@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.request import ClientRequest
+from pdserve.serving.convert import set_stop_reason, stop_reason_of
 
 
 @dataclass(slots=True)
@@ -104,6 +105,7 @@ class Aggregate:
             total.model = resp.model
             total.cached = resp.cached
             total.cache_similarity = resp.cache_similarity
+            set_stop_reason(total, stop_reason_of(resp))
 
     def result(self) -> pb.GenerateResponse:
         if self.total is None:

@@ -73,6 +73,20 @@ def sampling_to_proto(params: SamplingParams, num_sent: int = 0) -> pb.SamplingP
     return msg
 
 
+def set_stop_reason(msg, reason: int | str | None) -> None:
+    """vLLM's ``stop_reason`` (the stop string or stop token id that ended a request; None: anything else) onto a
+    ``DecodeChunk`` or ``GenerateResponse``."""
+    if isinstance(reason, str):
+        msg.stop_string = reason
+    elif isinstance(reason, int):
+        msg.stop_token_id = reason
+
+
+def stop_reason_of(msg) -> int | str | None:
+    """``set_stop_reason``'s inverse (stop strings are never empty)."""
+    return msg.stop_string or (msg.stop_token_id if msg.HasField("stop_token_id") else None)
+
+
 def fingerprint_to_proto(fp: LayoutFingerprint) -> pb.LayoutFingerprint:
     return pb.LayoutFingerprint(
         model_id=fp.model_id, revision=fp.revision, num_layers=fp.num_layers, num_kv_heads=fp.num_kv_heads,

@@ -62,7 +62,7 @@ def full_response(plan: Plan, results: list[pb.GenerateResponse], created: int) 
     """Non-streamed answer from each choice's Complete result."""
     choices = []
     for i, r in enumerate(results):
-        choice: dict = {"index": i, "finish_reason": r.finish_reason or None}
+        choice: dict = {"index": i, "finish_reason": r.finish_reason or None, "stop_reason": _stop_reason(r)}
         if plan.kind == "chat":
             choice["message"] = {"role": "assistant", "content": r.text}
             choice["logprobs"] = chat_logprobs(r.logprobs, plan.logprobs) if plan.logprobs is not None else None
@@ -77,6 +77,11 @@ def full_response(plan: Plan, results: list[pb.GenerateResponse], created: int) 
     served = next((r.model for r in results if r.model), plan.model)  # after any route: what really served it
     return {"id": plan.id, "object": _object(plan, False), "created": created, "model": served,
             "choices": choices, "usage": usage(plan, {i: r.usage for i, r in enumerate(results)})}
+
+
+def _stop_reason(resp: pb.GenerateResponse) -> int | str | None:
+    """vLLM's ``stop_reason``: the stop string or stop token id that ended the choice (EOS, length: null)."""
+    return resp.stop_string or (resp.stop_token_id if resp.HasField("stop_token_id") else None)
 
 
 def _cache_note(choice: dict, resp: pb.GenerateResponse) -> None:
@@ -99,7 +104,8 @@ class StreamChunks:
 
     def chunk(self, index: int, resp: pb.GenerateResponse) -> dict:
         plan = self.plan
-        choice: dict = {"index": index, "finish_reason": resp.finish_reason or None}
+        choice: dict = {"index": index, "finish_reason": resp.finish_reason or None,
+                        "stop_reason": _stop_reason(resp)}
         if plan.kind == "chat":
             delta: dict = {"content": resp.text}
             if index not in self.started:

@@ -71,6 +71,32 @@ def test_penalties_cross_the_prefill_decode_split_as_offline(client, model):
     assert e.value.body["param"] == "presence_penalty" and "[-2, 2]" in e.value.body["message"]
 
 
+def test_stop_reason_names_the_stop_string_or_token_as_vllms_server_does(cluster, client, model):
+    """vLLM's ``stop_reason`` on every choice: the stop string or stop token id that ended it, else null (it was
+    missing, so a vLLM client could not tell which of its stops fired)."""
+    base = dict(model=model, prompt="Once upon a time", max_tokens=12, temperature=0)
+    whole = client.completions.create(**base, extra_body={"return_token_ids": True, "ignore_eos": True})
+    ids, text = whole.choices[0].token_ids, whole.choices[0].text
+    assert whole.choices[0].model_extra["stop_reason"] is None  # length
+    stop_id = next(t for t in ids[2:] if t not in ids[:2])
+    out = client.completions.create(**base, extra_body={"stop_token_ids": [stop_id], "ignore_eos": True})
+    assert (out.choices[0].finish_reason, out.choices[0].model_extra["stop_reason"]) == ("stop", stop_id)
+    stop = text[3:5]
+    assert stop.strip() and text.find(stop) == 3
+    for stream in (False, True):
+        got = client.completions.create(**base, stop=[stop, "never-seen"], stream=stream,
+                                        extra_body={"ignore_eos": True})
+        last = list(got)[-1] if stream else got
+        assert (last.choices[0].finish_reason, last.choices[0].model_extra["stop_reason"]) == ("stop", stop)
+    chat = client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert "stop_reason" in chat.choices[0].model_extra and chat.choices[0].model_extra["stop_reason"] is None
+    req = pb.GenerateRequest(prompt="Once upon a time", sampling=S(max_tokens=12, temperature=0, ignore_eos=True,
+                                                                    stop_token_ids=[stop_id]))
+    resp = grpc_call(cluster.router_address, "Complete", req)
+    assert (resp.stop_token_id, resp.stop_string) == (stop_id, "")
+
+
 def test_prompt_forms_and_n(client, model):
     ids = [5, 6, 7, 8]
     for prompt, num_prompts in (("a", 1), (["a", "bb"], 2), (ids, 1), ([ids, ids[:2]], 2)):

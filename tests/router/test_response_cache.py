@@ -189,3 +189,15 @@ def test_a_hit_names_the_model_that_served_it_like_the_live_answer():
     through(cache, lora_req, "use", Live(answer(4, start=500)))
     hit = through(cache, lora_req, "use", Live(answer(2)))
     assert hit[-1].cached and hit[-1].model == "lora-a"
+
+
+def test_a_cached_answer_keeps_its_stop_reason():
+    """vLLM's stop_reason (the stop string or token that ended it) is replayed with the hit, not dropped."""
+    for set_stop, field, value in ((lambda r: setattr(r, "stop_string", "END"), "stop_string", "END"),
+                                   (lambda r: setattr(r, "stop_token_id", 7), "stop_token_id", 7)):
+        cache = ResponseCache(CacheConfig(max_bytes=1 << 20), "tiny")
+        msgs = answer(finish="stop")
+        set_stop(msgs[-1])
+        through(cache, req(), "use", Live(msgs))
+        hit = through(cache, req(rid="r2"), "use", Live(answer()))
+        assert hit[-1].cached and hit[-1].finish_reason == "stop" and getattr(hit[-1], field) == value
