@@ -27,6 +27,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import FinishReason, Sequence, SequenceStatus
 from pdserve.engine.stepper import Stepper
+from pdserve.engine.structured import Grammars
 from pdserve.engine.tokenizer import load_tokenizer
 from pdserve.engine.validation import RequestValidator
 
@@ -35,10 +36,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["LLMEngine", "StepOutput"]
 
 
-def _new_seq(request_id: str, token_ids: list[int], params, priority: int, arrival: int, adapter) -> Sequence:
-    """A new sequence; under a LoRA adapter its block hashes carry the adapter's name (engine.hashing)."""
-    seq = Sequence(request_id, token_ids, params, priority=priority, arrival_seq=arrival)
+def _new_seq(request_id: str, token_ids: list[int], params, priority: int, arrival: int, adapter,
+             grammars: Grammars, sample_offset: int) -> Sequence:
+    """A new sequence; under a LoRA adapter its block hashes carry the adapter's name (engine.hashing); with
+    structured outputs, its matcher has consumed the ``sample_offset`` tokens other workers generated."""
+    seq = Sequence(request_id, token_ids, params, priority=priority, arrival_seq=arrival, sample_offset=sample_offset)
     seq.lora, seq.hash_extra = adapter, adapter_extra(adapter.name if adapter else None)
+    if params.structured_outputs is not None:
+        try:
+            seq.matcher = grammars.matcher(params.structured_outputs, token_ids[len(token_ids) - sample_offset:])
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
     return seq
 
 
@@ -63,6 +71,7 @@ class LLMEngine:
         )
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.model)
         self.sampler = Sampler(config.seed, eos_token_ids=self.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)  # structured outputs
         self.validator = RequestValidator(
             self.tokenizer, self.vocab_size, self.max_model_len, config.block_size, self.pool.num_blocks
         )
@@ -115,9 +124,9 @@ class LLMEngine:
         adapter = self.lora.resolve(lora_name)
         token_ids = self.tokenize(prompt)
         self.validate(token_ids, params)
-        seq = _new_seq(request_id, token_ids, params, priority, next(self._arrivals), adapter)
+        seq = _new_seq(request_id, token_ids, params, priority, next(self._arrivals), adapter, self.grammars,
+                       sample_offset)
         seq.prefill_only = seq.hold_blocks = prefill_only
-        seq.sample_offset = sample_offset
         self._track(seq)
         self.scheduler.add(seq)
         return seq
@@ -162,11 +171,11 @@ class LLMEngine:
         adapter = self.lora.resolve(lora_name)  # the decode steps run it
         self.validator.validate_prefilled(prompt_token_ids, first_token_id, len(block_ids), params)
         self.holds.take_reservation(request_id)
-        seq = _new_seq(request_id, list(prompt_token_ids), params, priority, next(self._arrivals), adapter)
+        seq = _new_seq(request_id, list(prompt_token_ids), params, priority, next(self._arrivals), adapter,
+                       self.grammars, sample_offset)
         seq.block_ids = block_ids
         seq.num_computed_tokens = len(prompt_token_ids)
         seq.num_cached_tokens = num_cached_tokens
-        seq.sample_offset = sample_offset
         self._track(seq)
         self.scheduler.update_hashes(seq)
         out = self.outputs.append_token(seq, first_token_id, first_logprobs)

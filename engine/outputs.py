@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pdserve.engine import structured
 from pdserve.engine.sequence import FinishReason, Sequence
 from pdserve.engine.stops import StopChecker
 from pdserve.engine.tokenizer import IncrementalDetokenizer
@@ -95,7 +96,10 @@ class OutputProcessor:
         seq.output_token_ids.append(token_id)
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
-        return Recorded(seq, token_id, logprobs, self._finish_reason(seq, token_id), len(seq.output_token_ids))
+        reason = self._finish_reason(seq, token_id)
+        if structured.consume(seq, token_id) and reason is not FinishReason.STOP:  # the grammar is complete
+            reason = FinishReason.STOP
+        return Recorded(seq, token_id, logprobs, reason, len(seq.output_token_ids))
 
     def emit(self, r: Recorded) -> StepOutput:
         """A recorded token's output: its text delta through the detokenizer and the stop strings, which may end the

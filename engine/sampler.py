@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.engine import penalties
+from pdserve.engine import penalties, structured
 from pdserve.engine.hashing import hash_block
 from pdserve.engine.sequence import Sequence
 
@@ -133,6 +133,7 @@ class Sampler:
         lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         # the runner's logits serve this step alone: penalized in place unless logprobs need them raw
         chosen = penalties.apply(logits, seqs, self.eos_token_ids, inplace=not lp_rows)
+        chosen = structured.mask(chosen, seqs, inplace=chosen is not logits or not lp_rows)  # grammars' masks
         if len(rows) == len(seqs):
             tokens = self._draw(chosen, seqs, rows, None)
         else:

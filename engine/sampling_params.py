@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pdserve.engine.structured_outputs import StructuredOutputsParams
+
 
 def _as_tuple(name: str, value) -> tuple:
     if value is None:
@@ -24,7 +26,8 @@ class SamplingParams:
     ``frequency_penalty`` in [-2, 2] are subtracted from the logits of tokens already generated (once, or once per
     occurrence); ``repetition_penalty`` > 0 divides a positive logit (multiplies a negative one) of every token in
     the prompt or the output; ``min_p`` in [0, 1] drops tokens less likely than ``min_p`` times the likeliest;
-    ``min_tokens`` holds back EOS, ``stop_token_ids`` and stop strings until that many tokens were generated."""
+    ``min_tokens`` holds back EOS, ``stop_token_ids`` and stop strings until that many tokens were generated.
+    ``structured_outputs``: what the text must match (``engine.structured_outputs``; a dict of its fields works)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -41,6 +44,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     min_tokens: int = 0
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 128:
@@ -66,6 +70,15 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs: must be an integer in [0, 20], got {self.logprobs!r}")
         self._check_penalties()
+        so = self.structured_outputs
+        if isinstance(so, dict):
+            try:
+                so = StructuredOutputsParams(**so)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
+            object.__setattr__(self, "structured_outputs", so)
+        elif so is not None and not isinstance(so, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs: expected StructuredOutputsParams, got {type(so).__name__}")
         # one string is one stop string (as in vLLM), not one per character; None is none (as in vLLM)
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else _as_tuple("stop", self.stop))
         object.__setattr__(self, "stop_token_ids", _as_tuple("stop_token_ids", self.stop_token_ids))

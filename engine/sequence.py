@@ -54,6 +54,7 @@ class Sequence:
     text: str = ""
     stop_hold: int = 0
     penalty_cache: torch.Tensor | None = None  # engine.penalties: the prompt's distinct ids, made once
+    matcher: object = None  # engine.structured: its llguidance matcher when the request has structured_outputs
     first_token_time: float | None = None
     scheduled_time: float | None = None
 

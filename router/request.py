@@ -174,6 +174,8 @@ class RequestParser:
         if params is None:
             try:
                 params = sampling_from_proto(with_defaults(msg, self.defaults))  # failures are not cached
+                if params.structured_outputs is not None:  # a bad schema or grammar is refused here, not by a worker
+                    params.structured_outputs.grammar_text()
             except ValueError as e:
                 raise InvalidRequestError(str(e)) from None
             if len(self._sampling) >= SAMPLING_CACHE_SIZE:

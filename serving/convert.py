@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import socket
 
+from pdserve.engine import structured_outputs
 from pdserve.engine.layout import LayoutFingerprint
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.stats import LoadStats
+from pdserve.engine.structured_outputs import StructuredOutputsParams
 from pdserve.protos import pdserve_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 16
@@ -26,6 +28,12 @@ def check_sampling_sizes(msg: pb.SamplingParams) -> None:
             raise ValueError(f"stop: stop strings must be at most {MAX_STOP_LEN} characters")
     if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(msg.stop_token_ids)}")
+    so = msg.structured_outputs
+    kind = so.WhichOneof("kind") if msg.HasField("structured_outputs") else None
+    if kind == "choice" and len(so.choice.values) > structured_outputs.MAX_CHOICES:
+        raise ValueError(f"structured_outputs.choice: at most {structured_outputs.MAX_CHOICES} choices")
+    if kind in ("json", "regex", "grammar") and len(getattr(so, kind)) > structured_outputs.MAX_SPEC_CHARS:
+        raise ValueError(f"structured_outputs.{kind}: at most {structured_outputs.MAX_SPEC_CHARS} characters")
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
@@ -48,7 +56,24 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         **{name: float(getattr(msg, name)) if msg.HasField(name) else default for name, default in _FLOATS.items()},
         min_tokens=msg.min_tokens if msg.HasField("min_tokens") else 0,
+        structured_outputs=structured_from_proto(msg.structured_outputs) if msg.HasField("structured_outputs")
+        else None,
     )
+
+
+def structured_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs: set one of json, json_object, regex, choice, grammar")
+    value = getattr(msg, kind)
+    return StructuredOutputsParams(**{kind: list(value.values) if kind == "choice" else value})
+
+
+def structured_to_proto(params: StructuredOutputsParams) -> pb.StructuredOutputs:
+    kind = params.kind
+    if kind == "choice":
+        return pb.StructuredOutputs(choice=pb.Choices(values=params.choice))
+    return pb.StructuredOutputs(**{kind: getattr(params, kind)})
 
 
 def sampling_to_proto(params: SamplingParams, num_sent: int = 0) -> pb.SamplingParams:
@@ -66,6 +91,8 @@ def sampling_to_proto(params: SamplingParams, num_sent: int = 0) -> pb.SamplingP
         min_tokens=max(0, params.min_tokens - num_sent),
         **{name: getattr(params, name) for name in _FLOATS},
     )
+    if params.structured_outputs is not None:
+        msg.structured_outputs.CopyFrom(structured_to_proto(params.structured_outputs))
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:

@@ -11,9 +11,11 @@ model name) are forwarded and refused there, so both APIs refuse the same things
 - Extensions (as vLLM names them): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``,
   ``stop_token_ids``, ``return_token_ids``; and pdserve's ``cache``: ``"use"`` (default), ``"bypass"`` or
   ``"refresh"``, the router's response cache mode.
+- Structured outputs: OpenAI's ``response_format`` (json_object, json_schema), vLLM's ``structured_outputs`` and
+  ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` (``openai_structured``).
 - Fields with no equivalent are refused when set to anything but their default (``echo``, ``suffix``,
-  ``best_of``, ``logit_bias``, tools, a non-text ``response_format``, and vLLM's other extensions: guided
-  decoding, ``prompt_logprobs``, a custom ``chat_template``...); unknown fields are ignored.
+  ``best_of``, ``logit_bias``, tools, and vLLM's other extensions: ``prompt_logprobs``, a custom
+  ``chat_template``...); unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.router.gateway.errors import GatewayError, bad_field
+from pdserve.router.gateway.openai_structured import structured_of
 
 MAX_N = 64
 MAX_CHOICES = 256  # prompts x n
@@ -142,7 +145,6 @@ _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     "tools": lambda v: not v,
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none", "auto"),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
     # vLLM's extensions beyond the ones served (top_k, min_p, min_tokens, repetition_penalty, ignore_eos,
     # stop_token_ids, return_token_ids): a vLLM
     # client sending them must hear they are not honoured, not get an unpenalized / unguided answer
@@ -157,11 +159,6 @@ _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     "allowed_token_ids": lambda v: not v,
     "bad_words": lambda v: not v,
     "logits_processors": lambda v: not v,
-    "guided_json": lambda v: v is None,
-    "guided_regex": lambda v: v is None,
-    "guided_choice": lambda v: v is None,
-    "guided_grammar": lambda v: v is None,
-    "structured_outputs": lambda v: v is None,
     "add_generation_prompt": lambda v: v in (None, True),  # chat: the router's template rendering adds it
     "continue_final_message": lambda v: v in (None, False),
     "chat_template": lambda v: v is None,  # chat: the model's own template is the one rendered
@@ -205,6 +202,9 @@ def _sampling(body: dict, kind: str, default_max_tokens: int | None) -> tuple[pb
             raise bad_field("stop_token_ids", "expected a list of token ids")
         s.stop_token_ids.extend(ids)
     s.ignore_eos = _bool(body, "ignore_eos")
+    constraint = structured_of(body)
+    if constraint is not None:
+        s.structured_outputs.CopyFrom(constraint)
     if kind == "chat":
         wants = _bool(body, "logprobs")
         top = _int(body, "top_logprobs", 0, MAX_LOGPROBS)

@@ -224,9 +224,7 @@ VLLM_EXTRAS = {  # vLLM's sampling extensions the router has no equivalent for: 
     "use_beam_search": (True, False), "include_stop_str_in_output": (True, False),
     "skip_special_tokens": (False, True), "spaces_between_special_tokens": (False, True),
     "return_tokens_as_token_ids": (True, False), "prompt_logprobs": (1, None), "truncate_prompt_tokens": (8, None),
-    "allowed_token_ids": ([5, 6], []), "bad_words": (["x"], []), "guided_json": ({"type": "object"}, None),
-    "guided_regex": ("a+", None), "guided_choice": (["yes", "no"], None), "guided_grammar": ("root ::= 'a'", None),
-    "structured_outputs": ({"json": {}}, None), "add_generation_prompt": (False, True),
+    "allowed_token_ids": ([5, 6], []), "bad_words": (["x"], []), "add_generation_prompt": (False, True),
     "continue_final_message": (True, False), "chat_template": ("{{ messages }}", None), "priority": (-1, 0),
     "chat_template_kwargs": ({"enable_thinking": False}, {}), "mm_processor_kwargs": ({"fps": 1}, None),
 }
@@ -244,7 +242,7 @@ def test_penalties_min_p_and_min_tokens_are_forwarded():
 
 @pytest.mark.parametrize("field", list(VLLM_EXTRAS))
 def test_vllms_unserved_extensions_are_refused_unless_default_not_silently_ignored(field):
-    """A vLLM client sending repetition_penalty or guided_json got an unpenalized / unguided 200."""
+    """A vLLM client sending prompt_logprobs or bad_words got a 200 without them."""
     other, default = VLLM_EXTRAS[field]
     messages = [{"role": "user", "content": "x"}]
     for kind, body in (("completion", {"prompt": "a"}), ("chat", {"messages": messages})):

@@ -1,0 +1,84 @@
+"""Structured outputs in the engine: one llguidance matcher per constrained request, a token mask per step.
+
+- ``Grammars.matcher`` builds a request's matcher (the tokenizer's llguidance view is made once per engine) and
+  feeds it the tokens generated before this worker saw the request (a migration's, the prompt's last
+  ``sample_offset``), so a moved request stays on its grammar.
+- ``mask`` sets every token the grammar forbids to -inf in the step's logits, for the constrained rows only.
+  A row with no constraint costs nothing.
+- The sampled token is fed to the matcher when it is recorded (``engine.outputs``); a grammar that is complete
+  and admits nothing more ends the request ("stop") at once, without spending a step on EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.engine.sequence import Sequence
+from pdserve.engine.structured_outputs import StructuredOutputsParams, _llguidance
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+class Grammars:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self._lltok = None
+
+    def _tokenizer(self):
+        """The tokenizer as llguidance reads it (~1 s for a 150k vocabulary; made on the first constrained
+        request), sized to the model's logits."""
+        if self._lltok is None:
+            from llguidance.hf import from_tokenizer
+
+            eos = self.tokenizer.eos_token_id
+            if eos is None:
+                eos = min(self.eos_token_ids, default=None)
+            try:
+                self._lltok = from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+            except ValueError as e:  # a slow (Python) tokenizer
+                raise ValueError(f"structured_outputs: not supported for this model's tokenizer ({e})") from None
+        return self._lltok
+
+    def matcher(self, params: StructuredOutputsParams, prior: list[int]):
+        """A fresh matcher for ``params``, having consumed ``prior``; ValueError naming the field if the grammar is
+        not valid or ``prior`` breaks it."""
+        llg = _llguidance()
+        m = llg.LLMatcher(self._tokenizer(), params.grammar_text(), log_level=0)
+        if m.is_error():
+            raise ValueError(f"structured_outputs.{params.kind}: {' '.join(m.get_error().split())[:300]}")
+        if prior and not m.consume_tokens(prior):
+            raise ValueError("structured_outputs: the tokens already generated do not match the constraint")
+        return m
+
+
+def mask(logits: torch.Tensor, seqs: list[Sequence], inplace: bool) -> torch.Tensor:
+    """``logits`` [len(seqs), vocab] with what each constrained row's grammar forbids at -inf (a copy unless
+    ``inplace`` or no row is constrained)."""
+    rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if not rows:
+        return logits
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
+    vocab = logits.shape[-1]
+    bits = allocate_token_bitmask(len(rows), vocab)  # int32 words, one bit per token
+    for j, i in enumerate(rows):
+        fill_next_token_bitmask(seqs[i].matcher, bits, j)
+    allowed = ((bits.unsqueeze(-1) >> _BITS) & 1).bool().view(len(rows), -1)[:, :vocab].to(logits.device)
+    out = logits if inplace else logits.clone()
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    with torch.inference_mode():  # the runner's logits are inference tensors
+        out.index_copy_(0, index, out.index_select(0, index).masked_fill(~allowed, float("-inf")))
+    return out
+
+
+def consume(seq: Sequence, token_id: int) -> bool:
+    """Feed a recorded token to the request's matcher; True when the grammar is complete and admits nothing more
+    (the request ends). A token the grammar refuses cannot be sampled; if one is recorded anyway (a first token from
+    another worker), the matcher's error ends the request too."""
+    m = seq.matcher
+    if m is None:
+        return False
+    m.consume_token(token_id)
+    return m.is_stopped() or m.is_error()
