@@ -97,6 +97,36 @@ def test_stop_reason_names_the_stop_string_or_token_as_vllms_server_does(cluster
     assert (resp.stop_token_id, resp.stop_string) == (stop_id, "")
 
 
+def test_structured_outputs_across_the_prefill_decode_split(client, model):
+    """response_format json_schema, guided_choice and a streamed regex through a 1+1 cluster (the first token
+    constrained on the prefill worker, the rest on the decode worker): the text matches, and equals the offline
+    engine's for the same seed (they were refused with a 400)."""
+    import re
+
+    from pdserve import LLM, SamplingParams, StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                               "n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["colour", "n"], "additionalProperties": False}
+    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=40, seed=5, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    got = json.loads(out.choices[0].message.content)
+    assert got["colour"] in ("red", "green", "blue") and 1 <= got["n"] <= 9 and out.choices[0].finish_reason == "stop"
+    llm = LLM(model=model, num_blocks=64)
+    (want,) = llm.chat([CHAT], SamplingParams(max_tokens=40, seed=5, structured_outputs=StructuredOutputsParams(
+        json=schema)))
+    assert out.choices[0].message.content == want.outputs[0].text
+    choice = client.completions.create(model=model, prompt="Pick:", max_tokens=8, seed=1,
+                                       extra_body={"guided_choice": ["alpha", "beta", "gamma delta"]})
+    assert choice.choices[0].text in ("alpha", "beta", "gamma delta")
+    chunks = list(client.completions.create(model=model, prompt="Code:", max_tokens=12, seed=2, stream=True,
+                                            extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}}))
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", "".join(c.choices[0].text for c in chunks))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=model, prompt="a", max_tokens=3, extra_body={"guided_regex": "a("})
+    assert "structured_outputs.regex" in e.value.body["message"]
+
+
 def test_prompt_forms_and_n(client, model):
     ids = [5, 6, 7, 8]
     for prompt, num_prompts in (("a", 1), (["a", "bb"], 2), (ids, 1), ([ids, ids[:2]], 2)):
