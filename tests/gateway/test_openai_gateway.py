@@ -59,11 +59,12 @@ def test_penalties_cross_the_prefill_decode_split_as_offline(client, model):
     from pdserve import LLM, SamplingParams
 
     pen = {"presence_penalty": 0.5, "frequency_penalty": 1.5, "repetition_penalty": 1.25, "min_tokens": 6}
-    got = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0,
+    prompt = "A penalized tale of the sea, never asked before"  # over --local-prefill-tokens: a remote prefill
+    got = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0,
                                     extra_body={"return_token_ids": True, **pen})
     llm = LLM(model=model, num_blocks=64)
-    (want,) = llm.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0, **pen))
-    (plain,) = llm.generate("Once upon a time", SamplingParams(max_tokens=10, temperature=0))
+    (want,) = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0, **pen))
+    (plain,) = llm.generate(prompt, SamplingParams(max_tokens=10, temperature=0))
     assert got.choices[0].token_ids == list(want.outputs[0].token_ids) != list(plain.outputs[0].token_ids)
     assert got.choices[0].text == want.outputs[0].text
     with pytest.raises(openai.BadRequestError) as e:
@@ -97,7 +98,7 @@ def test_stop_reason_names_the_stop_string_or_token_as_vllms_server_does(cluster
     assert (resp.stop_token_id, resp.stop_string) == (stop_id, "")
 
 
-def test_structured_outputs_across_the_prefill_decode_split(client, model):
+def test_structured_outputs_across_the_prefill_decode_split(cluster, client, model):
     """response_format json_schema, guided_choice and a streamed regex through a 1+1 cluster (the first token
     constrained on the prefill worker, the rest on the decode worker): the text matches, and equals the offline
     engine's for the same seed (they were refused with a 400)."""
@@ -108,14 +109,19 @@ def test_structured_outputs_across_the_prefill_decode_split(client, model):
     schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
                                                "n": {"type": "integer", "minimum": 1, "maximum": 9}},
               "required": ["colour", "n"], "additionalProperties": False}
-    out = client.chat.completions.create(model=model, messages=CHAT, max_tokens=40, seed=5, response_format={
-        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    msgs = [{"role": "user", "content": "Describe one colour as JSON, with a small number too."}]  # not cached:
+    out = client.chat.completions.create(model=model, messages=msgs, max_tokens=40, seed=5, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})  # a remote prefill
     got = json.loads(out.choices[0].message.content)
     assert got["colour"] in ("red", "green", "blue") and 1 <= got["n"] <= 9 and out.choices[0].finish_reason == "stop"
     llm = LLM(model=model, num_blocks=64)
-    (want,) = llm.chat([CHAT], SamplingParams(max_tokens=40, seed=5, structured_outputs=StructuredOutputsParams(
-        json=schema)))
+    constrained = SamplingParams(max_tokens=40, seed=5, structured_outputs=StructuredOutputsParams(json=schema))
+    (want,) = llm.chat([msgs], constrained)
     assert out.choices[0].message.content == want.outputs[0].text
+    prompt = "A story, told as JSON, about a lighthouse keeper"
+    resp = grpc_call(cluster.router_address, "Complete", pb.GenerateRequest(prompt=prompt, sampling=S(
+        max_tokens=40, seed=5, structured_outputs=pb.StructuredOutputs(json=json.dumps(schema)))))
+    assert resp.prefill_worker and resp.text == llm.generate(prompt, constrained)[0].outputs[0].text
     choice = client.completions.create(model=model, prompt="Pick:", max_tokens=8, seed=1,
                                        extra_body={"guided_choice": ["alpha", "beta", "gamma delta"]})
     assert choice.choices[0].text in ("alpha", "beta", "gamma delta")
