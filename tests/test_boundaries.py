@@ -20,7 +20,7 @@ PACKAGES = ("engine", "kvtransfer", "prefill", "decode", "router", "serving", "p
 # inside; every other bench module uses only the public API
 BENCH_BASELINES = {"engine_bench", "engine_ops", "gpu_check", "gpu_serving", "transfer_bench", "serving_bench",
                    "kv_port_flood", "semantic_cache_bench",  # times the embedder in-process
-                   "sampler_bench", "penalty_bench",  # time the engine's sampler in-process
+                   "sampler_bench", "penalty_bench", "structured_bench",  # time the engine's sampler in-process
                    "noop_workers"}
 PUBLIC_API = ("pdserve.protos", "pdserve.bench", "pdserve.deploy.local", "pdserve.serving.rpc")
 
