@@ -4,6 +4,7 @@ As vLLM and OpenAI define them (``SamplingParams``):
 - ``repetition_penalty`` r: every token in the prompt or the output has its logit divided by r when positive,
   multiplied by r when not;
 - ``frequency_penalty`` f and ``presence_penalty`` p: a token generated c times loses f * c + p * (c > 0);
+- ``logit_bias`` (OpenAI's) is added; ``allowed_token_ids`` (vLLM's) leaves every other token at -inf;
 - ``min_tokens`` m: EOS (unless ``ignore_eos``) and ``stop_token_ids`` cannot be drawn while fewer than m tokens
   were generated on this worker (a migration lowers ``min_tokens`` and ``max_tokens`` alike by what was streamed).
 
@@ -75,11 +76,23 @@ def apply(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int], i
     a copy."""
     penalized = {i: s for i, s in enumerate(seqs) if s.params.penalized}
     banned = {i: s for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens}
-    if not penalized and not banned:
+    biased = {i: s for i, s in enumerate(seqs) if s.params.logit_bias}
+    allowed = {i: s for i, s in enumerate(seqs) if s.params.allowed_token_ids}
+    if not (penalized or banned or biased or allowed):
         return logits
     out = logits if inplace else logits.clone()
     if penalized:
         _penalize(out, penalized)
+    if biased:  # OpenAI's logit_bias: added as it is
+        keys = _keys(biased, lambda q: [t for t, _ in q.params.logit_bias], logits.shape[-1], logits.device)
+        values = [b for q in biased.values() for t, b in q.params.logit_bias if t < logits.shape[-1]]
+        out.view(-1).index_add_(0, keys, torch.tensor(values, dtype=out.dtype, device=out.device))
+    if allowed:  # vLLM's allowed_token_ids: everything else at -inf
+        local = dict(enumerate(allowed.values()))  # the allowed rows only, renumbered
+        keep = torch.zeros(len(local), logits.shape[-1], dtype=torch.bool, device=out.device)
+        keep.view(-1)[_keys(local, lambda q: q.params.allowed_token_ids, logits.shape[-1], logits.device)] = True
+        rows = torch.tensor(list(allowed), dtype=torch.long, device=out.device)
+        out[rows] = out[rows].masked_fill(~keep, float("-inf"))
     if banned:
         vocab = logits.shape[-1]
         out.view(-1)[_keys(banned, _ends(eos_token_ids), vocab, logits.device)] = float("-inf")

@@ -27,7 +27,9 @@ class SamplingParams:
     occurrence); ``repetition_penalty`` > 0 divides a positive logit (multiplies a negative one) of every token in
     the prompt or the output; ``min_p`` in [0, 1] drops tokens less likely than ``min_p`` times the likeliest;
     ``min_tokens`` holds back EOS, ``stop_token_ids`` and stop strings until that many tokens were generated.
-    ``structured_outputs``: what the text must match (``engine.structured_outputs``; a dict of its fields works)."""
+    ``structured_outputs``: what the text must match (``engine.structured_outputs``; a dict of its fields works).
+    ``logit_bias`` (OpenAI's): {token id: bias in [-100, 100]} added to the logits; ``allowed_token_ids`` (vLLM's):
+    only these may be drawn. Both are kept as sorted tuples."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -45,6 +47,8 @@ class SamplingParams:
     min_p: float = 0.0
     min_tokens: int = 0
     structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: tuple[tuple[int, float], ...] | dict | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 128:
@@ -70,6 +74,7 @@ class SamplingParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs: must be an integer in [0, 20], got {self.logprobs!r}")
         self._check_penalties()
+        self._check_token_lists()
         so = self.structured_outputs
         if isinstance(so, dict):
             try:
@@ -101,6 +106,27 @@ class SamplingParams:
         if not isinstance(m, int) or isinstance(m, bool) or not 0 <= m <= self.max_tokens:
             raise ValueError(f"min_tokens: must be an integer in [0, max_tokens={self.max_tokens}], got {m!r}")
 
+    def _check_token_lists(self) -> None:
+        bias = self.logit_bias
+        if bias is not None:
+            try:
+                items = [(t, v) for t, v in (bias.items() if isinstance(bias, dict) else bias)]
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias: expected {{token id: bias}}, got {bias!r:.60}") from None
+            pairs = tuple(sorted((_token_id(t, "logit_bias"), _bias(v)) for t, v in items))
+            if len(pairs) > MAX_TOKEN_LIST:
+                raise ValueError(f"logit_bias: at most {MAX_TOKEN_LIST} tokens, got {len(pairs)}")
+            for t, v in pairs:
+                if not -100 <= v <= 100:  # NaN fails too
+                    raise ValueError(f"logit_bias: the bias of token {t} must be in [-100, 100], got {v}")
+            object.__setattr__(self, "logit_bias", pairs or None)
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            ids = tuple(sorted({_token_id(t, "allowed_token_ids") for t in _as_tuple("allowed_token_ids", allowed)}))
+            if not ids or len(ids) > MAX_TOKEN_LIST:
+                raise ValueError(f"allowed_token_ids: 1 to {MAX_TOKEN_LIST} token ids, got {len(ids)}")
+            object.__setattr__(self, "allowed_token_ids", ids)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -109,6 +135,29 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Whether a penalty changes this request's logits (``engine.penalties``)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def token_ids_used(self) -> tuple[int, ...]:
+        """Every token id the parameters name (the engine checks them against its vocabulary)."""
+        return (*self.stop_token_ids, *(t for t, _ in self.logit_bias or ()), *(self.allowed_token_ids or ()))
+
+
+MAX_TOKEN_LIST = 4096  # logit_bias entries, allowed_token_ids
+
+
+def _token_id(t, field: str) -> int:
+    """A token id from an int or its decimal string (OpenAI's logit_bias keys are strings)."""
+    if isinstance(t, str) and t.strip().lstrip("-").isdigit():
+        t = int(t)
+    if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+        raise ValueError(f"{field}: token ids must be non-negative integers, got {t!r:.40}")
+    return t
+
+
+def _bias(v) -> float:
+    if not _is_number(v):
+        raise ValueError(f"logit_bias: biases must be numbers, got {v!r:.40}")
+    return float(v)
 
 
 def _is_number(v) -> bool:

@@ -7,7 +7,7 @@ import socket
 
 from pdserve.engine import structured_outputs
 from pdserve.engine.layout import LayoutFingerprint
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import MAX_TOKEN_LIST, SamplingParams
 from pdserve.engine.stats import LoadStats
 from pdserve.engine.structured_outputs import StructuredOutputsParams
 from pdserve.protos import pdserve_pb2 as pb
@@ -28,6 +28,9 @@ def check_sampling_sizes(msg: pb.SamplingParams) -> None:
             raise ValueError(f"stop: stop strings must be at most {MAX_STOP_LEN} characters")
     if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {len(msg.stop_token_ids)}")
+    for name in ("logit_bias", "allowed_token_ids"):
+        if len(getattr(msg, name)) > MAX_TOKEN_LIST:
+            raise ValueError(f"{name}: at most {MAX_TOKEN_LIST} token ids, got {len(getattr(msg, name))}")
     so = msg.structured_outputs
     kind = so.WhichOneof("kind") if msg.HasField("structured_outputs") else None
     if kind == "choice" and len(so.choice.values) > structured_outputs.MAX_CHOICES:
@@ -58,6 +61,8 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         min_tokens=msg.min_tokens if msg.HasField("min_tokens") else 0,
         structured_outputs=structured_from_proto(msg.structured_outputs) if msg.HasField("structured_outputs")
         else None,
+        logit_bias=dict(msg.logit_bias) or None,
+        allowed_token_ids=tuple(msg.allowed_token_ids) or None,
     )
 
 
@@ -93,6 +98,10 @@ def sampling_to_proto(params: SamplingParams, num_sent: int = 0) -> pb.SamplingP
     )
     if params.structured_outputs is not None:
         msg.structured_outputs.CopyFrom(structured_to_proto(params.structured_outputs))
+    if params.logit_bias:
+        msg.logit_bias.update(dict(params.logit_bias))
+    if params.allowed_token_ids:
+        msg.allowed_token_ids.extend(params.allowed_token_ids)
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:

@@ -7,14 +7,15 @@ model name) are forwarded and refused there, so both APIs refuse the same things
 - ``n`` and a list of prompts fan out: choice ``i * n + j`` is prompt ``i``'s ``j``-th sample. With a
   ``seed``, sample ``j`` uses ``seed + j``, so the choices differ yet the request stays reproducible.
 - ``user`` is the router's tenant (with API keys, it must be the key's own tenant, else 403).
-- OpenAI's ``presence_penalty`` and ``frequency_penalty``, as OpenAI defines them (``engine.penalties``).
+- OpenAI's ``presence_penalty``, ``frequency_penalty`` and ``logit_bias``, as OpenAI defines them
+  (``engine.penalties``); vLLM's ``allowed_token_ids``.
 - Extensions (as vLLM names them): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``,
   ``stop_token_ids``, ``return_token_ids``; and pdserve's ``cache``: ``"use"`` (default), ``"bypass"`` or
   ``"refresh"``, the router's response cache mode.
 - Structured outputs: OpenAI's ``response_format`` (json_object, json_schema), vLLM's ``structured_outputs`` and
   ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` (``openai_structured``).
 - Fields with no equivalent are refused when set to anything but their default (``echo``, ``suffix``,
-  ``best_of``, ``logit_bias``, tools, and vLLM's other extensions: ``prompt_logprobs``, a custom
+  ``best_of``, tools, and vLLM's other extensions: ``prompt_logprobs``, a custom
   ``chat_template``...); unknown fields are ignored.
 """
 
@@ -141,7 +142,6 @@ def messages_of(body: dict) -> list[pb.ChatMessage]:
 _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
-    "logit_bias": lambda v: not v,
     "tools": lambda v: not v,
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none", "auto"),
@@ -156,7 +156,6 @@ _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     "return_tokens_as_token_ids": lambda v: v in (None, False),
     "prompt_logprobs": lambda v: v is None,
     "truncate_prompt_tokens": lambda v: v is None,
-    "allowed_token_ids": lambda v: not v,
     "bad_words": lambda v: not v,
     "logits_processors": lambda v: not v,
     "add_generation_prompt": lambda v: v in (None, True),  # chat: the router's template rendering adds it
@@ -202,6 +201,20 @@ def _sampling(body: dict, kind: str, default_max_tokens: int | None) -> tuple[pb
             raise bad_field("stop_token_ids", "expected a list of token ids")
         s.stop_token_ids.extend(ids)
     s.ignore_eos = _bool(body, "ignore_eos")
+    bias = body.get("logit_bias")
+    if bias is not None:  # OpenAI's: {"token id": bias}; ids and ranges are the router's to check
+        if not isinstance(bias, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                 and math.isfinite(v) for v in bias.values()):
+            raise bad_field("logit_bias", "expected an object of token id -> number")
+        try:
+            s.logit_bias.update({int(k): float(v) for k, v in bias.items()})
+        except (ValueError, OverflowError):
+            raise bad_field("logit_bias", "keys must be token ids") from None
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None:
+        if not isinstance(allowed, list) or not allowed or not _token_ids(allowed):
+            raise bad_field("allowed_token_ids", "expected a non-empty list of token ids")
+        s.allowed_token_ids.extend(allowed)
     constraint = structured_of(body)
     if constraint is not None:
         s.structured_outputs.CopyFrom(constraint)

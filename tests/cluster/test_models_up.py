@@ -85,8 +85,10 @@ def test_a_worker_refuses_a_missing_adapter_directory_before_it_starts():
 def test_router_model_flags():
     r = build_parser().parse_args(["router", "--model", "a=tiny", "--model", "tiny-qwen2", "--route", "x=a:1"])
     assert router_kwargs(r) == {"model": "tiny", "models": (("a", "tiny"), ("tiny-qwen2", "tiny-qwen2")),
-                                "routes": ("x=a:1",)}
+                                "routes": ("x=a:1",), "generation_config": "auto"}
     assert router_kwargs(build_parser().parse_args(["router", "--model", "tiny"]))["model"] == "tiny"
+    off = build_parser().parse_args(["router", "--generation-config", "none"])
+    assert router_kwargs(off)["generation_config"] == "none"
     with pytest.raises(UsageError, match="--route"):
         router_kwargs(build_parser().parse_args(["router", "--route", "x=a"]))
 

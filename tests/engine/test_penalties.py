@@ -42,6 +42,10 @@ def _reference(row: torch.Tensor, seq: Sequence, eos: set[int]) -> torch.Tensor:
             out[t] = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
     for t, c in Counter(generated).items():
         out[t] -= p.frequency_penalty * c + p.presence_penalty
+    for t, b in p.logit_bias or ():
+        out[t] += b
+    if p.allowed_token_ids:
+        out[[t for t in range(len(out)) if t not in p.allowed_token_ids]] = float("-inf")
     if len(seq.output_token_ids) < p.min_tokens:
         for t in set(p.stop_token_ids) | (set() if p.ignore_eos else eos):
             out[t] = float("-inf")
@@ -50,7 +54,7 @@ def _reference(row: torch.Tensor, seq: Sequence, eos: set[int]) -> torch.Tensor:
 
 def test_a_mixed_batch_is_penalized_as_each_row_alone():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(7, 40, generator=g) * 3
+    logits = torch.randn(9, 40, generator=g) * 3
     seqs = [
         _seq(SamplingParams()),  # nothing asked: untouched
         _seq(SamplingParams(repetition_penalty=1.5), prompt=(1, 4, 4, 9), output=(9, 11)),
@@ -60,6 +64,8 @@ def test_a_mixed_batch_is_penalized_as_each_row_alone():
         _seq(SamplingParams(min_tokens=3, stop_token_ids=(17,)), output=(4,)),
         _seq(SamplingParams(min_tokens=3, stop_token_ids=(17,), ignore_eos=True), output=(4,)),  # EOS allowed
         _seq(SamplingParams(min_tokens=1, presence_penalty=1), output=(6,)),  # min_tokens reached: no ban
+        _seq(SamplingParams(logit_bias={3: 5.0, 39: -100, 0: 0.5}, frequency_penalty=1), output=(3,)),
+        _seq(SamplingParams(allowed_token_ids=(1, 5, 17), logit_bias={5: 2.0}, min_tokens=2), output=(4,)),
     ]
     got = penalties.apply(logits, seqs, EOS)
     for i, seq in enumerate(seqs):
@@ -160,3 +166,20 @@ def test_min_tokens_holds_back_stop_tokens_and_stop_strings(llm):
     least = len(ids) + 2  # past the token that completed the stop string
     ids, got, _ = _run(llm, "minstr", PROMPT, dataclasses.replace(base, stop=(stop,), min_tokens=least))
     assert len(ids) >= least and ids[:least] == plain[:least]  # the stop string found before did not end it
+
+
+def test_logit_bias_and_allowed_token_ids_steer_the_engine(llm):
+    base = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    plain, _, _ = _run(llm, "plain", PROMPT, base)
+    forced = next(t for t in range(3, 300) if t not in plain)
+    ids, _, _ = _run(llm, "bias", PROMPT, dataclasses.replace(base, logit_bias=((forced, 100.0),)))
+    assert ids == [forced] * 6  # +100 outweighs any logit of this model
+    allowed = (forced, forced + 1)
+    ids, _, _ = _run(llm, "allowed", PROMPT, dataclasses.replace(base, temperature=1.0, seed=4,
+                                                                 allowed_token_ids=allowed))
+    assert set(ids) <= set(allowed)
+    vocab = llm.engine.vocab_size
+    for kw in (dict(logit_bias={vocab: 1.0}), dict(allowed_token_ids=[vocab]), dict(stop_token_ids=[vocab])):
+        with pytest.raises(ValueError, match=f"token id {vocab}"):
+            llm.engine.add_request("bad", PROMPT, SamplingParams(**kw))
+        assert_idle(llm.engine)

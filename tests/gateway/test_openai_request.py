@@ -224,10 +224,22 @@ VLLM_EXTRAS = {  # vLLM's sampling extensions the router has no equivalent for: 
     "use_beam_search": (True, False), "include_stop_str_in_output": (True, False),
     "skip_special_tokens": (False, True), "spaces_between_special_tokens": (False, True),
     "return_tokens_as_token_ids": (True, False), "prompt_logprobs": (1, None), "truncate_prompt_tokens": (8, None),
-    "allowed_token_ids": ([5, 6], []), "bad_words": (["x"], []), "add_generation_prompt": (False, True),
+    "bad_words": (["x"], []), "add_generation_prompt": (False, True),
     "continue_final_message": (True, False), "chat_template": ("{{ messages }}", None), "priority": (-1, 0),
     "chat_template_kwargs": ({"enable_thinking": False}, {}), "mm_processor_kwargs": ({"fps": 1}, None),
 }
+
+
+def test_logit_bias_and_allowed_token_ids_are_forwarded():
+    (req,) = parse({"prompt": "a", "logit_bias": {"50256": -100, "7": 2.5}, "allowed_token_ids": [7, 9]},
+                   "completion").requests
+    assert dict(req.sampling.logit_bias) == {50256: -100.0, 7: 2.5} and list(req.sampling.allowed_token_ids) == [7, 9]
+    for body, param in (({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"1": "high"}}, "logit_bias"),
+                        ({"logit_bias": [1]}, "logit_bias"), ({"allowed_token_ids": []}, "allowed_token_ids"),
+                        ({"allowed_token_ids": ["a"]}, "allowed_token_ids")):
+        with pytest.raises(GatewayError) as err:
+            parse({"prompt": "a", **body}, "completion")
+        assert err.value.status == 400 and err.value.param == param
 
 
 def test_penalties_min_p_and_min_tokens_are_forwarded():

@@ -74,6 +74,9 @@ def test_kv_events_become_domain_batches():
     SamplingParams(temperature=0.5, top_p=0.25, logprobs=3),
     SamplingParams(max_tokens=9, presence_penalty=-1.5, frequency_penalty=0.75, repetition_penalty=1.25, min_p=0.125,
                    min_tokens=4),
+    SamplingParams(logit_bias={7: -100, 3: 2.5}, allowed_token_ids=(9, 3, 7),
+                   structured_outputs={"json": {"type": "object"}}),
+    SamplingParams(structured_outputs={"choice": ["a", "b"]}),
 ])
 def test_forwarded_sampling_is_what_was_validated(params):
     msg = convert.sampling_to_proto(params)
