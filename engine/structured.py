@@ -11,10 +11,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pdserve.engine.sequence import Sequence
 from pdserve.engine.structured_outputs import StructuredOutputsParams, _llguidance
+
+logger = logging.getLogger(__name__)
 
 
 class Grammars:
@@ -81,5 +85,8 @@ def consume(seq: Sequence, token_id: int) -> bool:
     m = seq.matcher
     if m is None:
         return False
-    m.consume_token(token_id)
-    return m.is_stopped() or m.is_error()
+    if not m.consume_token(token_id):
+        logger.warning("[%s] token %d breaks its structured_outputs constraint (%s); ending it", seq.request_id,
+                       token_id, " ".join(m.get_error().split())[:200])
+        return True
+    return m.is_stopped()
