@@ -46,6 +46,8 @@ class EngineLoop:
 
     def start(self) -> EngineLoop:
         self._thread.start()
+        threading.Thread(target=self.engine.grammars.warm_up, name=f"{self._thread.name}-grammars",
+                         daemon=True).start()  # the first structured-outputs request must not stall the loop
         return self
 
     def stop(self, timeout: float = 5.0) -> None:

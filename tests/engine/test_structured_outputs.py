@@ -108,3 +108,27 @@ def test_bad_constraints_are_refused_naming_the_field_and_the_engine_serves_on(l
             StructuredOutputsParams(**kw)
     assert _texts(llm, StructuredOutputsParams(choice=["ok"]))[0] == ("ok", "stop")
     assert _grammar.cache_info().currsize >= 1  # grammars are compiled once per distinct constraint
+
+
+def test_a_worker_warms_the_grammar_tokenizer_up_off_the_engine_thread(llm, caplog):
+    """EngineLoop.start builds llguidance's view of the tokenizer on a thread of its own, so the first constrained
+    request does not stall the loop; a tokenizer llguidance cannot read is logged there, not raised."""
+    import time
+
+    from pdserve.engine.engine_loop import EngineLoop
+    from pdserve.engine.structured import Grammars
+
+    g = llm.engine.grammars
+    g._lltok = None
+    loop = EngineLoop(llm.engine).start()
+    try:
+        deadline = time.monotonic() + 30
+        while g._lltok is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert g._lltok is not None
+    finally:
+        loop.stop()
+    broken = Grammars(object(), 320, {2})  # not a fast tokenizer
+    with caplog.at_level("INFO", logger="pdserve.engine.structured"):
+        broken.warm_up()
+    assert "not warmed up" in caplog.text and broken._lltok is None
