@@ -74,7 +74,7 @@ class OutputProcessor:
         prompt = seq.prompt_token_ids
         prior = 0 if seq.prefill_only else min(seq.sample_offset, len(prompt))  # prefill-only: no text is read
         detok = IncrementalDetokenizer(self.tokenizer, prompt[: len(prompt) - prior])
-        stop = StopChecker(seq.params.stop)
+        stop = StopChecker(seq.params.stop, seq.params.include_stop_str_in_output)
         # the router lowers min_tokens by the tokens streamed: while some remain, none of these was checked
         check = seq.params.min_tokens == 0
         for token_id in prompt[len(prompt) - prior :]:

@@ -29,7 +29,8 @@ class SamplingParams:
     ``min_tokens`` holds back EOS, ``stop_token_ids`` and stop strings until that many tokens were generated.
     ``structured_outputs``: what the text must match (``engine.structured_outputs``; a dict of its fields works).
     ``logit_bias`` (OpenAI's): {token id: bias in [-100, 100]} added to the logits; ``allowed_token_ids`` (vLLM's):
-    only these may be drawn. Both are kept as sorted tuples."""
+    only these may be drawn. Both are kept as sorted tuples. ``include_stop_str_in_output``: the stop string that
+    ended the request stays at the end of its text."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -49,6 +50,7 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     logit_bias: tuple[tuple[int, float], ...] | dict | None = None
     allowed_token_ids: tuple[int, ...] | None = None
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 128:
@@ -69,8 +71,9 @@ class SamplingParams:
             raise ValueError(f"top_k: must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos: must be True or False, got {self.ignore_eos!r}")
+        for flag in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}: must be True or False, got {getattr(self, flag)!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs: must be an integer in [0, 20], got {self.logprobs!r}")
         self._check_penalties()

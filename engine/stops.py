@@ -4,8 +4,9 @@ from __future__ import annotations
 
 
 class StopChecker:
-    def __init__(self, stop: tuple[str, ...]):
+    def __init__(self, stop: tuple[str, ...], include: bool = False):
         self.stop = stop
+        self.include = include  # vLLM's include_stop_str_in_output: the matched stop string stays in the text
         self.text = ""
         self.emitted = 0
         self.hit = False
@@ -28,7 +29,7 @@ class StopChecker:
                 first, self.matched = i, s
         if first != -1:
             self.hit = True
-            self.text = self.text[:first]
+            self.text = self.text[: first + (len(self.matched) if self.include else 0)]
             return self._emit(len(self.text))
         return self._emit(len(self.text) - self._partial_len())
 

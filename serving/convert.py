@@ -63,6 +63,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         else None,
         logit_bias=dict(msg.logit_bias) or None,
         allowed_token_ids=tuple(msg.allowed_token_ids) or None,
+        include_stop_str_in_output=msg.include_stop_str_in_output,
     )
 
 
@@ -93,6 +94,7 @@ def sampling_to_proto(params: SamplingParams, num_sent: int = 0) -> pb.SamplingP
         stop=params.stop,
         stop_token_ids=params.stop_token_ids,
         ignore_eos=params.ignore_eos,
+        include_stop_str_in_output=params.include_stop_str_in_output,
         min_tokens=max(0, params.min_tokens - num_sent),
         **{name: getattr(params, name) for name in _FLOATS},
     )

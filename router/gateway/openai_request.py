@@ -10,8 +10,8 @@ model name) are forwarded and refused there, so both APIs refuse the same things
 - OpenAI's ``presence_penalty``, ``frequency_penalty`` and ``logit_bias``, as OpenAI defines them
   (``engine.penalties``); vLLM's ``allowed_token_ids``.
 - Extensions (as vLLM names them): ``top_k``, ``min_p``, ``min_tokens``, ``repetition_penalty``, ``ignore_eos``,
-  ``stop_token_ids``, ``return_token_ids``; and pdserve's ``cache``: ``"use"`` (default), ``"bypass"`` or
-  ``"refresh"``, the router's response cache mode.
+  ``include_stop_str_in_output``, ``stop_token_ids``, ``return_token_ids``; and pdserve's ``cache``: ``"use"``
+  (default), ``"bypass"`` or ``"refresh"``, the router's response cache mode.
 - Structured outputs: OpenAI's ``response_format`` (json_object, json_schema), vLLM's ``structured_outputs`` and
   ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` (``openai_structured``).
 - Fields with no equivalent are refused when set to anything but their default (``echo``, ``suffix``,
@@ -150,7 +150,6 @@ _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     # client sending them must hear they are not honoured, not get an unpenalized / unguided answer
     "length_penalty": lambda v: v in (None, 1),
     "use_beam_search": lambda v: v in (None, False),
-    "include_stop_str_in_output": lambda v: v in (None, False),
     "skip_special_tokens": lambda v: v in (None, True),  # the text never holds special tokens
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "return_tokens_as_token_ids": lambda v: v in (None, False),
@@ -201,6 +200,7 @@ def _sampling(body: dict, kind: str, default_max_tokens: int | None) -> tuple[pb
             raise bad_field("stop_token_ids", "expected a list of token ids")
         s.stop_token_ids.extend(ids)
     s.ignore_eos = _bool(body, "ignore_eos")
+    s.include_stop_str_in_output = _bool(body, "include_stop_str_in_output")
     bias = body.get("logit_bias")
     if bias is not None:  # OpenAI's: {"token id": bias}; ids and ranges are the router's to check
         if not isinstance(bias, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)

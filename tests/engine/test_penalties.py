@@ -183,3 +183,15 @@ def test_logit_bias_and_allowed_token_ids_steer_the_engine(llm):
         with pytest.raises(ValueError, match=f"token id {vocab}"):
             llm.engine.add_request("bad", PROMPT, SamplingParams(**kw))
         assert_idle(llm.engine)
+
+
+def test_include_stop_str_in_output_keeps_the_matched_stop_string(llm):
+    base = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    _, text, _ = _run(llm, "plain", PROMPT, base)
+    stop = text[4:6]
+    cut = text.find(stop)
+    assert stop.strip() and cut > 0
+    _, got, reason = _run(llm, "cut", PROMPT, dataclasses.replace(base, stop=(stop,)))
+    assert (got, reason) == (text[:cut], "stop")
+    _, got, reason = _run(llm, "kept", PROMPT, dataclasses.replace(base, stop=(stop,), include_stop_str_in_output=True))
+    assert (got, reason) == (text[:cut] + stop, "stop")

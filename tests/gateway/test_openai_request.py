@@ -221,7 +221,7 @@ def test_a_body_that_is_not_json_is_a_400(raw):
 
 VLLM_EXTRAS = {  # vLLM's sampling extensions the router has no equivalent for: field -> (a non-default, its default)
     "length_penalty": (0.5, 1.0),
-    "use_beam_search": (True, False), "include_stop_str_in_output": (True, False),
+    "use_beam_search": (True, False),
     "skip_special_tokens": (False, True), "spaces_between_special_tokens": (False, True),
     "return_tokens_as_token_ids": (True, False), "prompt_logprobs": (1, None), "truncate_prompt_tokens": (8, None),
     "bad_words": (["x"], []), "add_generation_prompt": (False, True),
@@ -250,6 +250,7 @@ def test_penalties_min_p_and_min_tokens_are_forwarded():
         (req,) = parse({**body, **sent}, kind).requests
         assert {k: getattr(req.sampling, k) for k in sent} == sent
         assert not any(parse(body, kind).requests[0].sampling.HasField(k) for k in sent)  # unset: the router's
+        assert parse({**body, "include_stop_str_in_output": True}, kind).requests[0].sampling.include_stop_str_in_output
 
 
 @pytest.mark.parametrize("field", list(VLLM_EXTRAS))

@@ -76,7 +76,7 @@ def test_kv_events_become_domain_batches():
                    min_tokens=4),
     SamplingParams(logit_bias={7: -100, 3: 2.5}, allowed_token_ids=(9, 3, 7),
                    structured_outputs={"json": {"type": "object"}}),
-    SamplingParams(structured_outputs={"choice": ["a", "b"]}),
+    SamplingParams(structured_outputs={"choice": ["a", "b"]}, stop=("x",), include_stop_str_in_output=True),
 ])
 def test_forwarded_sampling_is_what_was_validated(params):
     msg = convert.sampling_to_proto(params)
