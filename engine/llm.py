@@ -59,6 +59,14 @@ def _ranked(step: dict[int, float], num_top: int, greedy: bool, tokenizer) -> di
     return {t: Logprob(v, ranks[t], tokenizer.decode([t])) for t, v in step.items()}
 
 
+def _prompt_entry(e, tokenizer) -> dict[int, Logprob]:
+    """An engine.prompt_logprobs entry as vLLM gives it: the prompt token first, then the top alternatives."""
+    out = {e.token_id: Logprob(e.logprob, e.rank, tokenizer.decode([e.token_id]))}
+    for rank, (t, v) in enumerate(zip(e.top_ids, e.top_logprobs, strict=True), start=1):
+        out.setdefault(t, Logprob(v, rank, tokenizer.decode([t])))
+    return out
+
+
 @dataclass(slots=True)
 class CompletionOutput:
     index: int
@@ -87,7 +95,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     prompt: str | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
-    prompt_logprobs: None = None  # vLLM's, None unless asked for (and SamplingParams has no prompt_logprobs)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # vLLM's: None first, then one per prompt token
 
     @property
     def finished(self) -> bool:
@@ -188,6 +196,7 @@ class LLM:
         results: list[RequestOutput] = []
         completions: dict[str, CompletionOutput] = {}  # engine request id -> its completion
         owners: dict[str, RequestOutput] = {}  # engine request id -> the prompt's output
+        firsts: list = []  # each prompt's first sequence (its prompt logprobs)
         try:
             for i, prompt in enumerate(prompts):
                 p = per[i]
@@ -202,6 +211,7 @@ class LLM:
                     if j == 0:
                         results.append(RequestOutput(rid, list(seq.prompt_token_ids),
                                                      prompt=prompt if isinstance(prompt, str) else None))
+                        firsts.append(seq)
                     completions[seq.request_id] = CompletionOutput(j)
                     owners[seq.request_id] = results[-1]
                     results[-1].outputs.append(completions[seq.request_id])
@@ -223,7 +233,9 @@ class LLM:
                 self.engine.abort(rid)
             raise
         tok = self.engine.tokenizer
-        for r, p in zip(results, per, strict=True):
+        for r, p, seq in zip(results, per, firsts, strict=True):
+            if p.prompt_logprobs is not None:
+                r.prompt_logprobs = [None] + [_prompt_entry(e, tok) for e in seq.prompt_logprobs or ()]
             if p.logprobs is not None:
                 for o in r.outputs:
                     o.logprobs = [_ranked(step, p.logprobs, p.greedy, tok) for step in o.logprobs]

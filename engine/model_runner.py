@@ -201,7 +201,8 @@ class ModelRunner:
     def execute(
         self, items: list[BatchItem], layer_hook: Callable[[int], None] | None = None
     ) -> torch.Tensor:
-        """Run one flattened step. Returns float32 logits [num items with needs_logits, vocab]."""
+        """Run one flattened step. Returns float32 logits: one row per item with needs_logits, or n rows for an item
+        of n tokens with all_logits (engine.prompt_logprobs)."""
         # each item's LoRA slot after swapping in the step's adapters; None: no adapter, no LoRA work at all
         slots = self.lora_slots.activate([it.lora for it in items]) if self.lora_slots is not None else None
         if self.native is not None and layer_hook is None and self.native.is_decode(items):

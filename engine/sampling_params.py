@@ -30,7 +30,9 @@ class SamplingParams:
     ``structured_outputs``: what the text must match (``engine.structured_outputs``; a dict of its fields works).
     ``logit_bias`` (OpenAI's): {token id: bias in [-100, 100]} added to the logits; ``allowed_token_ids`` (vLLM's):
     only these may be drawn. Both are kept as sorted tuples. ``include_stop_str_in_output``: the stop string that
-    ended the request stays at the end of its text."""
+    ended the request stays at the end of its text. ``prompt_logprobs`` k: each prompt token's logprob (with its
+    rank) and the k likeliest alternatives, as vLLM's (``engine.prompt_logprobs``; the offline API only: the
+    cluster's proto does not carry them)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -51,6 +53,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] | dict | None = None
     allowed_token_ids: tuple[int, ...] | None = None
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= 128:
@@ -74,8 +77,10 @@ class SamplingParams:
         for flag in ("ignore_eos", "include_stop_str_in_output"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}: must be True or False, got {getattr(self, flag)!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs: must be an integer in [0, 20], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 20):
+                raise ValueError(f"{name}: must be an integer in [0, 20], got {v!r}")
         self._check_penalties()
         self._check_token_lists()
         so = self.structured_outputs

@@ -193,8 +193,8 @@ class Scheduler:
                     break
                 out, budget = self._preempt_scheduled(victim, out)
             hit: list[int] = []
-            if seq.num_computed_tokens == 0 and not seq.block_ids:
-                hit = self._prefix_hit(seq)
+            if seq.num_computed_tokens == 0 and not seq.block_ids and seq.params.prompt_logprobs is None:
+                hit = self._prefix_hit(seq)  # (prompt logprobs need every position computed: no hits)
             computed = seq.num_computed_tokens or len(hit) * self.block_size
             n = min(seq.num_tokens - computed, budget)
             need = self._blocks_for(computed + n) - len(seq.block_ids) - len(hit)

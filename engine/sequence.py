@@ -55,6 +55,7 @@ class Sequence:
     stop_hold: int = 0
     penalty_cache: torch.Tensor | None = None  # engine.penalties: the prompt's distinct ids, made once
     matcher: object = None  # engine.structured: its llguidance matcher when the request has structured_outputs
+    prompt_logprobs: list | None = None  # engine.prompt_logprobs: one entry per prompt token after the first
     first_token_time: float | None = None
     scheduled_time: float | None = None
 

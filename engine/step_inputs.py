@@ -19,6 +19,7 @@ class BatchItem:
     block_ids: list[int]
     needs_logits: bool
     lora: object | None = None  # the LoRAAdapter this sequence runs under (engine.lora), None for the base
+    all_logits: bool = False  # logits at every position (prompt logprobs), not only the last
 
 
 @dataclass(slots=True)
@@ -91,7 +92,9 @@ class InputPreparer:
                 slot_offsets += (list(range(bs)) * (last + 1 - first))[skip : skip + n]
                 prefill_idx.append(i)
             geom.append((start, n, ctx, (ctx + bs - 1) // bs))
-            if it.needs_logits:
+            if it.all_logits:
+                logit_rows += range(start, start + n)
+            elif it.needs_logits:
                 logit_rows.append(start + n - 1)
         num_tokens = len(input_ids)
         host = input_ids

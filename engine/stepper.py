@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pdserve.engine import prompt_logprobs
 from pdserve.engine.outputs import Recorded, StepOutput
 from pdserve.engine.sampler import SampleLaunch, SampleResult
 from pdserve.engine.scheduler import ScheduledSeq
@@ -46,6 +47,7 @@ def _batch_items(scheduled: list[ScheduledSeq]) -> list[BatchItem]:
             s.seq.block_ids,
             s.samples,
             s.seq.lora,
+            prompt_logprobs.wants(s.seq),
         )
         for s in scheduled
     ]
@@ -73,7 +75,7 @@ class Stepper:
             if scheduled:
                 layer_ready = e.kv_connector.layer_ready(scheduled) if e.kv_connector is not None else None
                 sampling = [s for s in scheduled if s.samples]
-                launched = self._launch(_batch_items(scheduled), layer_ready, sampling)
+                launched = self._launch(_batch_items(scheduled), layer_ready, sampling, scheduled)
         except BaseException:
             deliver(e.outputs.emit_all(recorded, e.finish))
             raise
@@ -91,10 +93,14 @@ class Stepper:
         self.last_step_s = time.perf_counter() - t0
         return collected
 
-    def _launch(self, items: list[BatchItem], layer_ready, sampling: list[ScheduledSeq]) -> SampleLaunch | None:
+    def _launch(self, items: list[BatchItem], layer_ready, sampling: list[ScheduledSeq],
+                scheduled: list[ScheduledSeq]) -> SampleLaunch | None:
         """The model and the sampler, queued: on CUDA nothing here waits for the device (the static decode step is
-        graph-ready, the sampler reads back only in ``results``); on CPU the work runs here."""
+        graph-ready, the sampler reads back only in ``results``); on CPU the work runs here. Prompt logprobs (a
+        step that has them) are read back here."""
         logits = self.engine.runner.execute(items, layer_hook=layer_ready)
+        if any(it.all_logits for it in items):
+            logits = prompt_logprobs.split(items, logits, [s.seq for s in scheduled])
         return self.engine.sampler.launch(logits, [s.seq for s in sampling]) if sampling else None
 
     def _record(self, scheduled: list[ScheduledSeq], sampling: list[ScheduledSeq],
