@@ -32,6 +32,7 @@ from pdserve.serving.convert import (
     fingerprint_from_proto,
     logprob_from_proto,
     logprob_to_proto,
+    prompt_logprobs_to_proto,
     sampling_from_proto,
     set_stop_reason,
 )
@@ -167,7 +168,7 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                 head = pb.DecodeChunk(
                     prefill_worker=request.prefill_address, prefill_s=leg.prefill_s, transfer_s=leg.transfer_s,
                     transfer_bytes=leg.transfer_bytes, transfer_wall_s=leg.transfer_wall_s,
-                    transfer_path=leg.transfer_path,
+                    transfer_path=leg.transfer_path, prompt_logprobs=leg.prompt_logprobs,
                 )
                 request.prefilled = True
                 request.first_token_id = leg.first_token_id
@@ -204,6 +205,8 @@ class DecodeServicer(WorkerServicer, pb_grpc.DecodeServicer):
                     num_cached_tokens=out.num_cached_tokens,
                 )
                 set_stop_reason(chunk, out.stop_reason)
+                if out.prompt_logprobs:  # a local prefill's (a remote one's came with the head)
+                    chunk.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_logprobs))
                 for tok, lp in zip(out.new_token_ids, out.logprobs, strict=False):
                     chunk.logprobs.append(logprob_to_proto(tok, lp))
                 if head is not None:

@@ -229,4 +229,5 @@ def merge_outputs(a: StepOutput, b: StepOutput) -> StepOutput:
         b.num_prompt_tokens,
         b.num_cached_tokens,
         b.stop_reason,
+        a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
     )

@@ -28,6 +28,7 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     stop_reason: int | str | None = None  # as vLLM's: the stop string or stop token id that ended it (EOS: None)
+    prompt_logprobs: list | None = None  # the first output of a request that asked: engine.prompt_logprobs entries
 
 
 @dataclass(slots=True)
@@ -128,6 +129,7 @@ class OutputProcessor:
             len(seq.prompt_token_ids),
             seq.num_cached_tokens,
             stop_reason,
+            seq.prompt_logprobs if r.count == 1 else None,
         )
 
     def emit_all(self, recorded: list[Recorded], finish: Callable[[Sequence, FinishReason | None], None]

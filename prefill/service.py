@@ -15,7 +15,7 @@ from pdserve.prefill.pusher import LayerPusher, TransferPlan
 from pdserve.protos import pdserve_pb2 as pb
 from pdserve.protos import pdserve_pb2_grpc as pb_grpc
 from pdserve.serving import tracing
-from pdserve.serving.convert import logprob_to_proto, sampling_from_proto
+from pdserve.serving.convert import logprob_to_proto, prompt_logprobs_to_proto, sampling_from_proto
 from pdserve.serving.errors import abort_with
 from pdserve.serving.worker import WorkerIdentity, WorkerServicer
 from pdserve.serving.worker_metrics import (
@@ -114,6 +114,8 @@ class PrefillServicer(WorkerServicer, pb_grpc.PrefillServicer):
             )
             if first.logprobs:
                 resp.first_logprob.CopyFrom(logprob_to_proto(first.new_token_ids[0], first.logprobs[0]))
+            if first.prompt_logprobs:
+                resp.prompt_logprobs.extend(prompt_logprobs_to_proto(first.prompt_logprobs))
             logger.info(
                 "[%s] prefilled %d tokens (%d cached), pushed %d bytes via %s",
                 rid, len(tokens), first.num_cached_tokens, stats.num_bytes, stats.path,

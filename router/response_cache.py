@@ -105,6 +105,7 @@ class _Recorder:
         if cur is None:
             cur = self.current = pb.GenerateResponse()
         cur.token_ids.extend(resp.token_ids)
+        cur.prompt_logprobs.extend(resp.prompt_logprobs)
         cur.logprobs.extend(resp.logprobs)
         self.texts.append(resp.text)
         if resp.finish_reason:

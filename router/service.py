@@ -112,7 +112,7 @@ class GenerationServicer:
             self.response_cache.drop_model(model)
 
     async def _run(self, parsed, token_texts: TokenTexts, time_remaining):
-        with_logprobs = parsed.sampling.logprobs is not None
+        with_logprobs = parsed.sampling.logprobs is not None or parsed.sampling.prompt_logprobs is not None
         async for resp in self.failover.run(parsed, time_remaining):
             if with_logprobs:
                 token_texts.fill(resp)

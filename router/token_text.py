@@ -30,7 +30,13 @@ class TokenTexts:
         return text
 
     def fill(self, resp: pb.GenerateResponse) -> None:
-        """Set ``token_text`` on every logprob entry of ``resp``: the sampled id and each alternative."""
+        """Set ``token_text`` on every logprob entry of ``resp`` (the sampled id and each alternative) and on every
+        prompt logprob entry."""
+        for entry in resp.prompt_logprobs:
+            texts = entry.token_text
+            texts[entry.token_id] = self.text(entry.token_id)
+            for token_id in entry.top_ids:
+                texts[token_id] = self.text(token_id)
         for lp in resp.logprobs:
             texts = lp.token_text
             texts[lp.token_id] = self.text(lp.token_id)

@@ -64,6 +64,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logit_bias=dict(msg.logit_bias) or None,
         allowed_token_ids=tuple(msg.allowed_token_ids) or None,
         include_stop_str_in_output=msg.include_stop_str_in_output,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
     )
 
 
@@ -104,11 +105,19 @@ def sampling_to_proto(params: SamplingParams, num_sent: int = 0) -> pb.SamplingP
         msg.logit_bias.update(dict(params.logit_bias))
     if params.allowed_token_ids:
         msg.allowed_token_ids.extend(params.allowed_token_ids)
+    if params.prompt_logprobs is not None and not num_sent:  # a migration: the client has them already
+        msg.prompt_logprobs = params.prompt_logprobs
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
     return msg
+
+
+def prompt_logprobs_to_proto(entries) -> list[pb.PromptLogprob]:
+    """engine.prompt_logprobs entries (duck-typed: this module stays torch-free) -> their messages."""
+    return [pb.PromptLogprob(token_id=e.token_id, logprob=e.logprob, rank=e.rank, top_ids=e.top_ids,
+                             top_logprobs=e.top_logprobs) for e in entries]
 
 
 def set_stop_reason(msg, reason: int | str | None) -> None:

@@ -14,9 +14,10 @@ model name) are forwarded and refused there, so both APIs refuse the same things
   (default), ``"bypass"`` or ``"refresh"``, the router's response cache mode.
 - Structured outputs: OpenAI's ``response_format`` (json_object, json_schema), vLLM's ``structured_outputs`` and
   ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` (``openai_structured``).
-- Fields with no equivalent are refused when set to anything but their default (``echo``, ``suffix``,
-  ``best_of``, tools, and vLLM's other extensions: ``prompt_logprobs``, a custom
-  ``chat_template``...); unknown fields are ignored.
+- Completions' ``echo`` (also with ``max_tokens: 0``, to score a prompt) and vLLM's ``prompt_logprobs``
+  (``openai_echo``).
+- Fields with no equivalent are refused when set to anything but their default (``suffix``, ``best_of``, tools,
+  and vLLM's other extensions: ``bad_words``, a custom ``chat_template``...); unknown fields are ignored.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class Plan:
     include_usage: bool
     logprobs: int | None  # alternatives per token; None: no logprobs
     return_token_ids: bool
+    echo: bool = False  # completions: the prompt before the text (router.gateway.openai_echo)
+    prompt_logprobs: int | None = None  # vLLM's: return the prompt's logprobs with this many alternatives
+    drop_generated: bool = False  # echo with max_tokens 0: the prompt alone
 
 
 def _is_int(v) -> bool:
@@ -140,7 +144,6 @@ def messages_of(body: dict) -> list[pb.ChatMessage]:
 
 
 _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
-    "echo": lambda v: v in (None, False),
     "suffix": lambda v: v in (None, ""),
     "tools": lambda v: not v,
     "functions": lambda v: not v,
@@ -153,7 +156,6 @@ _UNSUPPORTED = {  # field -> is its value the default (so it may be sent)?
     "skip_special_tokens": lambda v: v in (None, True),  # the text never holds special tokens
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "return_tokens_as_token_ids": lambda v: v in (None, False),
-    "prompt_logprobs": lambda v: v is None,
     "truncate_prompt_tokens": lambda v: v is None,
     "bad_words": lambda v: not v,
     "logits_processors": lambda v: not v,
@@ -305,7 +307,15 @@ def _parse(body, kind: str, default_chat_max_tokens: int | None) -> Plan:
     cache = body.get("cache", "use")
     if not isinstance(cache, str) or cache not in CACHE_MODES:
         raise bad_field("cache", f"expected one of {', '.join(map(repr, CACHE_MODES))}, got {cache!r}")
-    sampling, logprobs = _sampling(body, kind, default_chat_max_tokens if kind == "chat" else None)
+    echo = _bool(body, "echo")
+    if echo and kind == "chat":
+        raise bad_field("echo", "is only supported on completions")
+    asked = _int(body, "prompt_logprobs", 0, MAX_LOGPROBS)
+    drop = echo and body.get("max_tokens") == 0  # score the prompt alone (the router still generates one token)
+    sampling, logprobs = _sampling({**body, "max_tokens": 1} if drop else body, kind,
+                                   default_chat_max_tokens if kind == "chat" else None)
+    if echo or asked is not None:  # echo reads the prompt's token texts (and logprobs) from prompt logprobs
+        sampling.prompt_logprobs = max(asked or 0, logprobs or 0 if echo else 0)
     inputs: list = [messages_of(body)] if kind == "chat" else prompts_of(body)
     if len(inputs) * n > MAX_CHOICES:
         raise bad_field("n" if n > 1 else "prompt", f"prompts x n is at most {MAX_CHOICES}, got {len(inputs) * n}")
@@ -326,4 +336,4 @@ def _parse(body, kind: str, default_chat_max_tokens: int | None) -> Plan:
                 req.token_ids.extend(source)
             requests.append(req)
     return Plan(kind, rid, model or "", tuple(requests), n, stream, include_usage, logprobs,
-                _bool(body, "return_token_ids"))
+                _bool(body, "return_token_ids"), echo, asked, drop)

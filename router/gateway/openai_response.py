@@ -7,6 +7,13 @@ tokenizer. Usage counts each prompt once (not once per sample) and every choice'
 from __future__ import annotations
 
 from pdserve.protos import pdserve_pb2 as pb
+from pdserve.router.gateway.openai_echo import (
+    echo_logprobs,
+    echo_text,
+    joined,
+    prompt_logprobs_json,
+    without_generated,
+)
 from pdserve.router.gateway.openai_request import Plan
 
 
@@ -61,15 +68,15 @@ def _object(plan: Plan, chunk: bool) -> str:
 def full_response(plan: Plan, results: list[pb.GenerateResponse], created: int) -> dict:
     """Non-streamed answer from each choice's Complete result."""
     choices = []
+    if plan.drop_generated:
+        results = [without_generated(r) for r in results]
     for i, r in enumerate(results):
         choice: dict = {"index": i, "finish_reason": r.finish_reason or None, "stop_reason": _stop_reason(r)}
         if plan.kind == "chat":
             choice["message"] = {"role": "assistant", "content": r.text}
             choice["logprobs"] = chat_logprobs(r.logprobs, plan.logprobs) if plan.logprobs is not None else None
         else:
-            choice["text"] = r.text
-            choice["logprobs"] = (completion_logprobs(r.logprobs, plan.logprobs, 0)[0]
-                                  if plan.logprobs is not None else None)
+            _completion_text(plan, choice, plan.requests[i], r, True)
         if plan.return_token_ids:
             choice["token_ids"] = list(r.token_ids)
         _cache_note(choice, r)
@@ -82,6 +89,25 @@ def full_response(plan: Plan, results: list[pb.GenerateResponse], created: int) 
 def _stop_reason(resp: pb.GenerateResponse) -> int | str | None:
     """vLLM's ``stop_reason``: the stop string or stop token id that ended the choice (EOS, length: null)."""
     return resp.stop_string or (resp.stop_token_id if resp.HasField("stop_token_id") else None)
+
+
+def _completion_text(plan: Plan, choice: dict, req: pb.GenerateRequest, resp: pb.GenerateResponse, first: bool,
+                     offset: int = 0) -> int:
+    """A completion choice's text and logprobs (the prompt's first with echo, in the first message); vLLM's
+    prompt_logprobs when asked. Returns the text offset after this message."""
+    text, prompt_lp = resp.text, None
+    if first and plan.echo:
+        text = echo_text(req, resp.prompt_logprobs) + text
+        if plan.logprobs is not None:
+            prompt_lp, offset = echo_logprobs(resp.prompt_logprobs, plan.logprobs)
+    choice["text"] = text
+    choice["logprobs"] = None
+    if plan.logprobs is not None:
+        part, offset = completion_logprobs(resp.logprobs, plan.logprobs, offset)
+        choice["logprobs"] = joined(prompt_lp, part) if prompt_lp is not None else part
+    if first and plan.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = prompt_logprobs_json(resp.prompt_logprobs)
+    return offset
 
 
 def _cache_note(choice: dict, resp: pb.GenerateResponse) -> None:
@@ -104,6 +130,8 @@ class StreamChunks:
 
     def chunk(self, index: int, resp: pb.GenerateResponse) -> dict:
         plan = self.plan
+        if plan.drop_generated:
+            resp = without_generated(resp)
         choice: dict = {"index": index, "finish_reason": resp.finish_reason or None,
                         "stop_reason": _stop_reason(resp)}
         if plan.kind == "chat":
@@ -114,12 +142,10 @@ class StreamChunks:
             choice["delta"] = delta
             choice["logprobs"] = chat_logprobs(resp.logprobs, plan.logprobs) if plan.logprobs is not None else None
         else:
-            choice["text"] = resp.text
-            if plan.logprobs is not None:
-                choice["logprobs"], self.offsets[index] = completion_logprobs(
-                    resp.logprobs, plan.logprobs, self.offsets.get(index, 0))
-            else:
-                choice["logprobs"] = None
+            first = index not in self.started
+            self.started.add(index)
+            self.offsets[index] = _completion_text(plan, choice, plan.requests[index], resp, first,
+                                                   self.offsets.get(index, 0))
         if plan.return_token_ids:
             choice["token_ids"] = list(resp.token_ids)
         _cache_note(choice, resp)

@@ -133,6 +133,32 @@ def test_structured_outputs_across_the_prefill_decode_split(cluster, client, mod
     assert "structured_outputs.regex" in e.value.body["message"]
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_as_offline_prompt_logprobs(client, model):
+    """lm-evaluation-harness's local-completions asks {echo, logprobs, max_tokens: 0} to score a text: the answer is
+    the prompt, each token but the first with its logprob, equal to the offline engine's prompt_logprobs (echo and
+    prompt_logprobs were a 400)."""
+    from pdserve import LLM, SamplingParams
+
+    text = "In the beginning God created the heaven and the earth."  # over --local-prefill-tokens
+    out = client.completions.create(model=model, prompt=text, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    (choice,) = out.choices
+    assert choice.text == text and out.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and None not in lp.token_logprobs[1:]
+    (want,) = LLM(model=model, num_blocks=64).generate(text, SamplingParams(max_tokens=1, prompt_logprobs=1))
+    assert len(lp.tokens) == len(want.prompt_token_ids) == out.usage.prompt_tokens
+    for got, entry, token in zip(lp.token_logprobs[1:], want.prompt_logprobs[1:], want.prompt_token_ids[1:],
+                                 strict=True):
+        assert got == pytest.approx(entry[token].logprob, abs=1e-4)
+    listed = client.completions.create(model=model, prompt=text, max_tokens=2, temperature=0,
+                                       extra_body={"prompt_logprobs": 0})
+    plp = listed.choices[0].model_extra["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(want.prompt_token_ids)
+    token = str(want.prompt_token_ids[1])
+    assert plp[1][token]["logprob"] == pytest.approx(want.prompt_logprobs[1][int(token)].logprob, abs=1e-4)
+    assert plp[1][token]["rank"] == want.prompt_logprobs[1][int(token)].rank
+
+
 def test_prompt_forms_and_n(client, model):
     ids = [5, 6, 7, 8]
     for prompt, num_prompts in (("a", 1), (["a", "bb"], 2), (ids, 1), ([ids, ids[:2]], 2)):
@@ -224,7 +250,7 @@ def test_logprobs(client, model):
     (dict(n=0), "n"),
     (dict(logprobs=50), "logprobs"),
     (dict(extra_body={"stop": 5}), "stop"),
-    (dict(extra_body={"echo": True}), "echo"),
+    (dict(extra_body={"echo": "yes"}), "echo"),
     (dict(extra_body={"prompt": [[5, "x"]]}), "prompt"),
 ], ids=["temperature", "top_p", "max_tokens", "n", "logprobs", "stop", "echo", "prompt"])
 def test_a_bad_field_is_400_with_openai_error_json(client, model, kwargs, param):
