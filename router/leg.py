@@ -115,7 +115,8 @@ class DecodeLeg:
                 metrics.GENERATED_TOKENS.inc(len(chunk.token_ids))
                 st.num_cached_tokens = max(st.num_cached_tokens, chunk.num_cached_tokens)
                 resp = pb.GenerateResponse(request_id=st.client_id, token_ids=chunk.token_ids, text=chunk.text)
-                if chunk.prompt_logprobs:  # the first prompt token too, with no logprob (rank 0)
+                if req.sampling.prompt_logprobs is not None and len(st.sent) == len(chunk.token_ids):
+                    # the first message: the first prompt token too, with no logprob (rank 0)
                     resp.prompt_logprobs.append(pb.PromptLogprob(token_id=st.prompt[0]))
                     resp.prompt_logprobs.extend(chunk.prompt_logprobs)
                 if chunk.logprobs:
