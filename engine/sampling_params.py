@@ -146,8 +146,9 @@ class SamplingParams:
 
     @property
     def token_ids_used(self) -> tuple[int, ...]:
-        """Every token id the parameters name (the engine checks them against its vocabulary)."""
-        return (*self.stop_token_ids, *(t for t, _ in self.logit_bias or ()), *(self.allowed_token_ids or ()))
+        """The token ids ``logit_bias`` and ``allowed_token_ids`` name (the engine checks them against its vocabulary,
+        as vLLM does; a stop token id outside it can never be generated, so it is harmless and accepted)."""
+        return (*(t for t, _ in self.logit_bias or ()), *(self.allowed_token_ids or ()))
 
 
 MAX_TOKEN_LIST = 4096  # logit_bias entries, allowed_token_ids

@@ -34,8 +34,8 @@ class RequestValidator:
             )
         named = [t for t in params.token_ids_used if t >= self.vocab_size]
         if named:
-            raise InvalidRequestError(f"sampling: token id {named[0]} (in stop_token_ids, logit_bias or "
-                                      f"allowed_token_ids) is outside the vocabulary [0, {self.vocab_size})")
+            raise InvalidRequestError(f"sampling: token id {named[0]} (in logit_bias or allowed_token_ids) is outside "
+                                      f"the vocabulary [0, {self.vocab_size})")
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt: {len(token_ids)} tokens leaves no room to generate within max_model_len {self.max_model_len}"

@@ -179,10 +179,12 @@ def test_logit_bias_and_allowed_token_ids_steer_the_engine(llm):
                                                                  allowed_token_ids=allowed))
     assert set(ids) <= set(allowed)
     vocab = llm.engine.vocab_size
-    for kw in (dict(logit_bias={vocab: 1.0}), dict(allowed_token_ids=[vocab]), dict(stop_token_ids=[vocab])):
+    for kw in (dict(logit_bias={vocab: 1.0}), dict(allowed_token_ids=[vocab])):
         with pytest.raises(ValueError, match=f"token id {vocab}"):
             llm.engine.add_request("bad", PROMPT, SamplingParams(**kw))
         assert_idle(llm.engine)
+    # a stop token id past the vocabulary can never be generated: accepted, as before (clients send them)
+    assert _run(llm, "stop-past", PROMPT, dataclasses.replace(base, stop_token_ids=(vocab + 7,)))[0] == plain
 
 
 def test_include_stop_str_in_output_keeps_the_matched_stop_string(llm):

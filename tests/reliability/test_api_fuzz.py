@@ -19,6 +19,18 @@ NUM_REQUESTS = 10_000
 VOCAB, MAX_LEN = 320, 2048
 OK_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 
+STRUCTURED = {  # name -> (message, valid)
+    "none": (None, True),
+    "regex": (pb.StructuredOutputs(regex="[a-c]+"), True),
+    "bad regex": (pb.StructuredOutputs(regex="a("), False),
+    "choice": (pb.StructuredOutputs(choice=pb.Choices(values=["x", "yz"])), True),
+    "no choices": (pb.StructuredOutputs(choice=pb.Choices()), False),
+    "json": (pb.StructuredOutputs(json='{"type": "object"}'), True),
+    "not json": (pb.StructuredOutputs(json="{oops"), False),
+    "grammar": (pb.StructuredOutputs(grammar='root ::= "a" "b"'), True),
+    "bad grammar": (pb.StructuredOutputs(grammar="start: missing"), False),
+    "empty": (pb.StructuredOutputs(), False),
+}
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1.0, -0.0]))
 ints = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-3, 40))
 sampling = st.builds(
@@ -32,6 +44,16 @@ sampling = st.builds(
     stop_token_ids=st.lists(ints, max_size=5),
     ignore_eos=st.booleans(),
     logprobs=st.one_of(st.none(), st.integers(-3, 30)),
+    presence_penalty=st.one_of(st.none(), floats, st.floats(-3, 3, width=32)),
+    frequency_penalty=st.one_of(st.none(), st.floats(-3, 3, width=32)),
+    repetition_penalty=st.one_of(st.none(), floats, st.floats(0, 3, width=32)),
+    min_p=st.one_of(st.none(), floats, st.floats(-0.5, 1.5, width=32)),
+    min_tokens=st.one_of(st.none(), st.integers(-2, 4)),
+    logit_bias=st.dictionaries(st.integers(-5, VOCAB + 5), st.one_of(floats, st.floats(-150, 150, width=32)),
+                               max_size=3),
+    allowed_token_ids=st.lists(st.integers(-2, VOCAB + 2), max_size=4),
+    prompt_logprobs=st.one_of(st.none(), st.integers(-2, 22)),
+    structured=st.sampled_from(list(STRUCTURED)),
 )
 requests = st.builds(
     dict,
@@ -50,8 +72,13 @@ def to_proto(d: dict) -> pb.GenerateRequest:
     for k, v in d["sampling"].items():
         if v is None:
             continue
-        if k in ("stop", "stop_token_ids"):
+        if k in ("stop", "stop_token_ids", "allowed_token_ids"):
             getattr(s, k).extend(v)
+        elif k == "logit_bias":
+            s.logit_bias.update(v)
+        elif k == "structured":
+            if STRUCTURED[v][0] is not None:
+                s.structured_outputs.CopyFrom(STRUCTURED[v][0])
         else:
             setattr(s, k, v)
     return pb.GenerateRequest(request_id=d["request_id"], prompt=d["prompt"], token_ids=d["token_ids"],
@@ -80,7 +107,31 @@ def expected_valid(d: dict) -> bool:
         return False
     if any(x < 0 for x in s["stop_token_ids"]) or (s["logprobs"] is not None and not 0 <= s["logprobs"] <= 20):
         return False
-    return True
+    return _valid_extras(s)
+
+
+def _in(v, lo: float, hi: float) -> bool:
+    return v is None or (not math.isnan(v) and lo <= v <= hi)
+
+
+def _valid_extras(s: dict) -> bool:
+    """Penalties, min_p, min_tokens (against the max_tokens the test sends: at most 2), logit_bias,
+    allowed_token_ids, prompt_logprobs and structured outputs."""
+    if not (_in(s["presence_penalty"], -2, 2) and _in(s["frequency_penalty"], -2, 2) and _in(s["min_p"], 0, 1)):
+        return False
+    r = s["repetition_penalty"]
+    if r is not None and (math.isnan(r) or not 0 < r < math.inf):
+        return False
+    sent_max = 2 if s["max_tokens"] is None else min(s["max_tokens"], 2)
+    if s["min_tokens"] is not None and not 0 <= s["min_tokens"] <= sent_max:
+        return False
+    if any(not 0 <= t < VOCAB or math.isnan(v) or not -100 <= v <= 100 for t, v in s["logit_bias"].items()):
+        return False
+    if any(not 0 <= t < VOCAB for t in s["allowed_token_ids"]):
+        return False
+    if s["prompt_logprobs"] is not None and not 0 <= s["prompt_logprobs"] <= 20:
+        return False
+    return STRUCTURED[s["structured"]][1]
 
 
 def test_fuzz_public_api():
