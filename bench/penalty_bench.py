@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
-import time
 
 import torch
 
 from pdserve import SamplingParams
+from pdserve.bench.sampler_bench import timed
 from pdserve.engine import penalties
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sequence import Sequence
@@ -46,16 +45,6 @@ def per_row(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
     return out
-
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times) * 1000
 
 
 def main(argv=None) -> None:
