@@ -128,6 +128,7 @@ LIGHT = [
     "pdserve.engine.layout",
     "pdserve.engine.tokenizer",
     "pdserve.engine.models",
+    "pdserve.engine.structured_outputs",
     "pdserve.serving.errors",
     "pdserve.serving.convert",
 ]
