@@ -9,6 +9,7 @@ import shutil
 import time
 
 import grpc
+import openai
 import pytest
 
 from pdserve.deploy.local import LocalCluster
@@ -83,3 +84,13 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.gateway_url, api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
