@@ -33,6 +33,24 @@ STRUCTURED = {  # name -> (message, valid)
 }
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1.0, -0.0]))
 ints = st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-3, 40))
+
+
+def _one(name: str, strategy) -> st.SearchStrategy:
+    return st.builds(lambda v: {name: v}, strategy)
+
+
+EXTRAS = [  # one field each, valid about half the time
+    _one("presence_penalty", st.one_of(st.floats(-2, 2, width=32), floats, st.floats(-3, 3, width=32))),
+    _one("frequency_penalty", st.floats(-3, 3, width=32)),
+    _one("repetition_penalty", st.one_of(st.floats(0.5, 2, width=32), floats)),
+    _one("min_p", st.one_of(st.floats(0, 1, width=32), st.floats(-0.5, 1.5, width=32))),
+    _one("min_tokens", st.integers(-2, 4)),
+    _one("logit_bias", st.dictionaries(st.integers(-5, VOCAB + 5), st.one_of(floats, st.floats(-150, 150, width=32)),
+                                       max_size=3)),
+    _one("allowed_token_ids", st.lists(st.integers(-2, VOCAB + 2), max_size=4)),
+    _one("prompt_logprobs", st.integers(-2, 22)),
+    _one("structured", st.sampled_from(list(STRUCTURED))),
+]
 sampling = st.builds(
     dict,
     max_tokens=st.one_of(st.none(), st.integers(-5, 6), st.just(2**31 - 1)),
@@ -44,16 +62,8 @@ sampling = st.builds(
     stop_token_ids=st.lists(ints, max_size=5),
     ignore_eos=st.booleans(),
     logprobs=st.one_of(st.none(), st.integers(-3, 30)),
-    presence_penalty=st.one_of(st.none(), floats, st.floats(-3, 3, width=32)),
-    frequency_penalty=st.one_of(st.none(), st.floats(-3, 3, width=32)),
-    repetition_penalty=st.one_of(st.none(), floats, st.floats(0, 3, width=32)),
-    min_p=st.one_of(st.none(), floats, st.floats(-0.5, 1.5, width=32)),
-    min_tokens=st.one_of(st.none(), st.integers(-2, 4)),
-    logit_bias=st.dictionaries(st.integers(-5, VOCAB + 5), st.one_of(floats, st.floats(-150, 150, width=32)),
-                               max_size=3),
-    allowed_token_ids=st.lists(st.integers(-2, VOCAB + 2), max_size=4),
-    prompt_logprobs=st.one_of(st.none(), st.integers(-2, 22)),
-    structured=st.sampled_from(list(STRUCTURED)),
+    # some requests set one newer field (valid or not); most set none, so enough stay valid (> 100 OK)
+    extras=st.tuples(st.integers(0, 4), st.one_of(*EXTRAS)).map(lambda t: t[1] if t[0] == 0 else {}),
 )
 requests = st.builds(
     dict,
@@ -69,8 +79,8 @@ requests = st.builds(
 
 def to_proto(d: dict) -> pb.GenerateRequest:
     s = pb.SamplingParams()
-    for k, v in d["sampling"].items():
-        if v is None:
+    for k, v in [*d["sampling"].items(), *d["sampling"]["extras"].items()]:
+        if v is None or k == "extras":
             continue
         if k in ("stop", "stop_token_ids", "allowed_token_ids"):
             getattr(s, k).extend(v)
@@ -114,9 +124,12 @@ def _in(v, lo: float, hi: float) -> bool:
     return v is None or (not math.isnan(v) and lo <= v <= hi)
 
 
-def _valid_extras(s: dict) -> bool:
+def _valid_extras(sampling: dict) -> bool:
     """Penalties, min_p, min_tokens (against the max_tokens the test sends: at most 2), logit_bias,
-    allowed_token_ids, prompt_logprobs and structured outputs."""
+    allowed_token_ids, prompt_logprobs and structured outputs (a fifth of the requests carry them)."""
+    s = {"presence_penalty": None, "frequency_penalty": None, "repetition_penalty": None, "min_p": None,
+         "min_tokens": None, "logit_bias": {}, "allowed_token_ids": [], "prompt_logprobs": None, "structured": "none",
+         **sampling["extras"], "max_tokens": sampling["max_tokens"]}
     if not (_in(s["presence_penalty"], -2, 2) and _in(s["frequency_penalty"], -2, 2) and _in(s["min_p"], 0, 1)):
         return False
     r = s["repetition_penalty"]
