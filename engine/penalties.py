@@ -50,12 +50,10 @@ def _penalize(logits: torch.Tensor, seqs: dict[int, Sequence]) -> None:
     vocab = logits.shape[-1]
     flat = logits.view(-1)
     keys, counts = torch.unique(_keys(seqs, generated_ids, vocab, dev), return_counts=True)
-    factors = torch.zeros(logits.shape[0], 3, dtype=dtype)  # per row: repetition, frequency, presence
-    factors[:, 0] = 1.0
-    for row, seq in seqs.items():
-        p = seq.params
-        factors[row] = torch.tensor([p.repetition_penalty, p.frequency_penalty, p.presence_penalty], dtype=dtype)
-    factors = factors.to(dev)
+    none = (1.0, 0.0, 0.0)  # per row: repetition, frequency, presence (a row not listed: no penalty)
+    factors = torch.tensor([(q.params.repetition_penalty, q.params.frequency_penalty, q.params.presence_penalty)
+                            if (q := seqs.get(row)) is not None else none for row in range(logits.shape[0])],
+                           dtype=dtype, device=dev)  # one tensor from host data, not one per row
     repeated = {row: seq for row, seq in seqs.items() if seq.params.repetition_penalty != 1}
     if repeated:  # first, as vLLM: every token of the prompt or the output
         prompts = [row * vocab + ids[ids < vocab] for row, ids in ((r, _prompt_ids(q, dev)) for r, q in
